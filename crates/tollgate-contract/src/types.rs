@@ -1,0 +1,342 @@
+//! Request and response bodies of the contract's routes.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use time::OffsetDateTime;
+
+/// The sizes the generator renders. The wire form is `"256x256"` and so on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum ImageSize {
+    #[serde(rename = "256x256")]
+    S256,
+    #[default]
+    #[serde(rename = "512x512")]
+    S512,
+    #[serde(rename = "1024x1024")]
+    S1024,
+}
+
+impl ImageSize {
+    pub const ALL: [ImageSize; 3] = [ImageSize::S256, ImageSize::S512, ImageSize::S1024];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ImageSize::S256 => "256x256",
+            ImageSize::S512 => "512x512",
+            ImageSize::S1024 => "1024x1024",
+        }
+    }
+
+    /// The edge length in pixels (images are square).
+    pub const fn pixels(self) -> u32 {
+        match self {
+            ImageSize::S256 => 256,
+            ImageSize::S512 => 512,
+            ImageSize::S1024 => 1024,
+        }
+    }
+}
+
+impl fmt::Display for ImageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ImageSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ImageSize::ALL
+            .into_iter()
+            .find(|size| size.as_str() == s)
+            .ok_or_else(|| format!("size must be one of 256x256, 512x512, 1024x1024, not {s:?}"))
+    }
+}
+
+/// `POST /v1/images/generations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateGenerationRequest {
+    /// 1–4000 characters.
+    pub prompt: String,
+    /// 1–4 images; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u8>,
+    /// Default `512x512`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ImageSize>,
+    /// Makes the image reproducible; the server picks one when absent and reports it on the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+}
+
+impl CreateGenerationRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        CreateGenerationRequest { prompt: prompt.into(), n: None, size: None, seed: None }
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl TaskStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Canceled => "canceled",
+        }
+    }
+
+    /// Whether the task will not change any more.
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Canceled)
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "queued" => TaskStatus::Queued,
+            "running" => TaskStatus::Running,
+            "succeeded" => TaskStatus::Succeeded,
+            "failed" => TaskStatus::Failed,
+            "canceled" => TaskStatus::Canceled,
+            other => return Err(format!("unknown task status {other:?}")),
+        })
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One generated image of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ImageRef {
+    /// Path of the PNG, relative to the server: `/v1/tasks/{id}/images/{index}`.
+    pub url: String,
+}
+
+/// Why a task failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskError {
+    pub code: String,
+    pub message: String,
+}
+
+/// An image-generation task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Task {
+    /// `task_…`
+    pub id: String,
+    /// Always `"task"`.
+    pub object: String,
+    pub status: TaskStatus,
+    pub prompt: String,
+    pub n: u8,
+    pub size: ImageSize,
+    pub seed: i64,
+    /// Credits charged when the task was accepted.
+    pub cost: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub completed_at: Option<OffsetDateTime>,
+    /// After this instant every route that names the task answers 410.
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub expires_at: OffsetDateTime,
+    /// One entry per image once the task has succeeded; empty before.
+    pub images: Vec<ImageRef>,
+    pub error: Option<TaskError>,
+}
+
+/// A page of a list, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct List<T> {
+    /// Always `"list"`.
+    pub object: String,
+    pub data: Vec<T>,
+    /// Whether a next page exists: ask again with `after` set to the last item's id.
+    pub has_more: bool,
+}
+
+/// A per-account rate limit: a sustained rate and a burst (GCRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_minute: u32,
+    pub burst: u32,
+}
+
+/// An account as its holder and the operator see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Account {
+    /// `acct_…`
+    pub id: String,
+    pub name: String,
+    pub credits: u64,
+    /// The limit in force (the account's own, or the server's default).
+    pub rate_limit: RateLimit,
+}
+
+/// `POST /admin/accounts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccountRequest {
+    /// 1–200 characters.
+    pub name: String,
+    /// Opening balance; default 0.
+    #[serde(default)]
+    pub credits: u64,
+    /// Default: the server's default limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `201` answer of `POST /admin/accounts`: the key is shown this once.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedAccount {
+    pub account: Account,
+    pub api_key: String,
+}
+
+/// `201` answer of `POST /admin/accounts/{id}/keys`: the key is shown this once.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedKey {
+    /// `key_…`: what `DELETE /admin/keys/{key_id}` takes.
+    pub id: String,
+    pub api_key: String,
+}
+
+// Keys are secrets: a Debug that prints them would leak them into logs.
+impl fmt::Debug for CreatedAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedAccount")
+            .field("account", &self.account)
+            .field("api_key", &"tg_…(redacted)")
+            .finish()
+    }
+}
+
+impl fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedKey").field("id", &self.id).field("api_key", &"tg_…(redacted)").finish()
+    }
+}
+
+/// `POST /admin/accounts/{id}/credits`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AddCreditsRequest {
+    /// Credits to add; negative for a correction, which may not take the balance below zero.
+    pub amount: i64,
+    /// Kept on the ledger entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// `PATCH /admin/accounts/{id}` (extension): change the account's rate limit or name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAccountRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// One change of an account's balance (extension: `GET /v1/account/ledger`, `GET /admin/accounts/{id}/ledger`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LedgerEntry {
+    pub id: i64,
+    /// Always `"ledger_entry"`.
+    pub object: String,
+    /// Credits added (positive) or taken (negative).
+    pub delta: i64,
+    pub balance_after: u64,
+    /// `grant`, `charge`, `refund` or `adjust`.
+    pub kind: String,
+    pub task_id: Option<String>,
+    pub note: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub created_at: OffsetDateTime,
+}
+
+/// An API key as listed (extension: `GET /admin/accounts/{id}/keys`): never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct KeyInfo {
+    /// `key_…`
+    pub id: String,
+    /// The key's first characters, to recognise it.
+    pub prefix: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Health {
+    /// `ok`, or `draining` during shutdown.
+    pub status: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_trip() {
+        for size in ImageSize::ALL {
+            let json = serde_json::to_string(&size).unwrap();
+            assert_eq!(json, format!("\"{}\"", size.as_str()));
+            assert_eq!(size.as_str().parse::<ImageSize>().unwrap(), size);
+        }
+        assert!("300x300".parse::<ImageSize>().is_err());
+    }
+
+    #[test]
+    fn created_key_debug_hides_the_key() {
+        let k = CreatedKey { id: "key_1".into(), api_key: "tg_secret".into() };
+        assert!(!format!("{k:?}").contains("secret"));
+    }
+}

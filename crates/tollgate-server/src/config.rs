@@ -1,0 +1,127 @@
+//! The server's configuration, read once into typed values.
+//!
+//! The binary fills it from flags and `TOLLGATE_*` variables (see `tollgate serve --help`);
+//! tests build it directly. Secrets sit in [`Secret`], whose `Debug` prints nothing.
+
+use crate::domain::pricing::Prices;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+use tollgate_contract::RateLimit;
+
+/// A string that must never reach a log: `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it (hashing, sending).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+/// Everything `tollgate serve` needs to know.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// SQLite database and images live here.
+    pub data_dir: PathBuf,
+    /// Tasks older than this answer 410 and are purged.
+    pub retention: Duration,
+    /// Honour the `Tollgate-Simulate` headers.
+    pub simulate_errors: bool,
+    /// Credits per image by size.
+    pub prices: Prices,
+    /// The limit of accounts that have none of their own.
+    pub default_rate_limit: RateLimit,
+    /// Tasks generated at once.
+    pub workers: usize,
+    /// `TOLLGATE_ADMIN_TOKEN`; when `None` the server makes one on first start.
+    pub admin_token: Option<Secret>,
+    /// How long shutdown waits for in-flight requests before it stops anyway.
+    pub shutdown_grace: Duration,
+    /// `Retry-After` sent with 503 while shutting down.
+    pub shutdown_retry_after: Duration,
+    /// How often the retention purge runs.
+    pub purge_interval: Duration,
+    /// Where the 402 message sends people to top up (the dashboard's page).
+    pub top_up_url: String,
+}
+
+impl Config {
+    /// Defaults of the contract, with data under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: data_dir.into(),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            simulate_errors: false,
+            prices: Prices::default(),
+            default_rate_limit: RateLimit { requests_per_minute: 600, burst: 20 },
+            workers: 2,
+            admin_token: None,
+            shutdown_grace: Duration::from_secs(30),
+            shutdown_retry_after: Duration::from_secs(5),
+            purge_interval: Duration::from_secs(60),
+            top_up_url: "/dashboard/credits".to_owned(),
+        }
+    }
+
+    /// The purge runs often enough that a short retention (tests, demos) is honoured promptly.
+    pub fn effective_purge_interval(&self) -> Duration {
+        self.purge_interval.min(self.retention / 4).max(Duration::from_millis(200))
+    }
+}
+
+/// Parses durations like `30d`, `12h`, `15m`, `2s`, `500ms` (one number and one unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write a whole number and a unit, like 30d, 12h or 2s"))?;
+    let seconds_per_unit = match unit {
+        "ms" => return Ok(Duration::from_millis(number)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?} has an unknown unit: use ms, s, m, h or d")),
+    };
+    number
+        .checked_mul(seconds_per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config { admin_token: Some(Secret::new("hunter2")), ..Config::new("/tmp") };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

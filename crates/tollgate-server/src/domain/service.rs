@@ -1,0 +1,500 @@
+//! [`Tollgate`]: the domain facade. Every route of the API is one method here.
+
+use crate::config::Config;
+use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
+use crate::domain::ratelimit::{Admission, RateLimits};
+use crate::domain::secrets;
+use crate::error::{Error, Result};
+use crate::images::ImageStore;
+use crate::metrics::Metrics;
+use crate::store::{
+    now, AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount, StoredResponse,
+    Store, TaskRecord,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tollgate_contract::{
+    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount, CreatedKey, ErrorCode,
+    ImageRef, KeyInfo, LedgerEntry, List, RateLimit, Task, TaskError, TaskStatus, UpdateAccountRequest,
+};
+
+/// Who is calling, once their API key checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub account_id: String,
+    pub key_id: String,
+    /// The limit in force for this account.
+    pub rate_limit: RateLimit,
+}
+
+/// The domain: accounts, keys, credits, limits and tasks.
+pub struct Tollgate {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) images: Arc<dyn ImageStore>,
+    pub(crate) metrics: Metrics,
+    pub(crate) config: Config,
+    limits: RateLimits,
+    admin_token_hash: String,
+    /// Wakes a worker when a task is queued.
+    pub(crate) work_ready: Notify,
+}
+
+const MAX_PROMPT_CHARS: usize = 4000;
+const MAX_NAME_CHARS: usize = 200;
+const MAX_LIST_LIMIT: u32 = 100;
+
+impl Tollgate {
+    /// Builds the domain over a store. `admin_token_hash` is the hash the operator's token must match.
+    pub fn new(config: Config, store: Arc<dyn Store>, images: Arc<dyn ImageStore>, admin_token_hash: String) -> Self {
+        Tollgate {
+            store,
+            images,
+            metrics: Metrics::default(),
+            config,
+            limits: RateLimits::default(),
+            admin_token_hash,
+            work_ready: Notify::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    // ---------------------------------------------------------------- authentication
+
+    /// Checks an API key. Every call reads the key's current state from the store, so a
+    /// revocation takes effect on the very next request.
+    pub async fn authenticate(&self, api_key: Option<&str>) -> Result<Caller> {
+        let key = api_key.ok_or(Error::MissingCredential { admin: false })?;
+        if !key.starts_with(secrets::API_KEY_PREFIX) {
+            return Err(Error::InvalidCredential { admin: false });
+        }
+        let auth = self
+            .store
+            .authenticate(&secrets::hash_secret(key))
+            .await?
+            .ok_or(Error::InvalidCredential { admin: false })?;
+        Ok(Caller {
+            account_id: auth.account_id,
+            key_id: auth.key_id,
+            rate_limit: auth.rate_limit.unwrap_or(self.config.default_rate_limit),
+        })
+    }
+
+    /// Counts one request against the caller's rate limit.
+    pub fn admit(&self, caller: &Caller) -> Admission {
+        let admission = self.limits.check(&caller.account_id, caller.rate_limit);
+        if !admission.admitted() {
+            self.metrics.rate_limited.inc();
+        }
+        admission
+    }
+
+    /// Checks the operator's token.
+    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<()> {
+        let token = token.ok_or(Error::MissingCredential { admin: true })?;
+        if secrets::constant_time_eq(&secrets::hash_secret(token), &self.admin_token_hash) {
+            Ok(())
+        } else {
+            Err(Error::InvalidCredential { admin: true })
+        }
+    }
+
+    // ---------------------------------------------------------------- tasks
+
+    /// Validates, prices, charges and queues a generation: one transaction with its charge
+    /// (and with its idempotency record, when the request carried a key).
+    pub async fn create_generation(
+        &self,
+        caller: &Caller,
+        request: CreateGenerationRequest,
+        idempotency: Option<&IdempotencyScope>,
+    ) -> Result<Task> {
+        let prompt_chars = request.prompt.chars().count();
+        if request.prompt.trim().is_empty() || prompt_chars > MAX_PROMPT_CHARS {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "prompt",
+                format!("`prompt` must be 1 to {MAX_PROMPT_CHARS} characters and not blank; it has {prompt_chars}."),
+            ));
+        }
+        let n = request.n.unwrap_or(1);
+        if !(1..=4).contains(&n) {
+            return Err(Error::invalid(ErrorCode::InvalidValue, "n", format!("`n` must be 1 to 4, not {n}.")));
+        }
+        let size = request.size.unwrap_or_default();
+        let seed = match request.seed {
+            Some(seed) => seed,
+            None => i64::from(rand::random::<u32>()),
+        };
+        let record = TaskRecord {
+            id: secrets::new_id("task")?,
+            account_id: caller.account_id.clone(),
+            status: TaskStatus::Queued,
+            prompt: request.prompt,
+            n,
+            size,
+            seed,
+            cost: self.config.prices.cost(size, n)?,
+            created_at: now(),
+            started_at: None,
+            completed_at: None,
+            error_code: None,
+            error_message: None,
+            purged: false,
+        };
+        let task = self.task_view(&record);
+        let stored = match idempotency {
+            Some(scope) => {
+                let body = serde_json::to_vec(&task).map_err(Error::internal)?;
+                Some((scope, StoredResponse { status: 202, body }))
+            }
+            None => None,
+        };
+        self.store.create_task(&record, stored.as_ref().map(|(scope, response)| (*scope, response))).await?;
+        self.metrics.credits_charged.inc_by(record.cost);
+        self.work_ready.notify_one();
+        Ok(task)
+    }
+
+    /// A task of the caller's account: 404 for another account's or an unknown id, 410 once expired.
+    pub async fn get_task(&self, caller: &Caller, id: &str) -> Result<Task> {
+        let record = self.live_task(caller, id).await?;
+        Ok(self.task_view(&record))
+    }
+
+    /// The caller's tasks, newest first, `limit` (1–100, default 20) after the task `after`.
+    pub async fn list_tasks(&self, caller: &Caller, limit: Option<u32>, after: Option<&str>) -> Result<List<Task>> {
+        let limit = limit.unwrap_or(20);
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "limit",
+                format!("`limit` must be 1 to {MAX_LIST_LIMIT}, not {limit}."),
+            ));
+        }
+        let not_before = now() - self.config.retention;
+        let mut records = self
+            .store
+            .list_tasks(&caller.account_id, limit + 1, after, not_before)
+            .await?
+            .ok_or_else(|| {
+                Error::invalid(ErrorCode::InvalidValue, "after", "`after` must be the id of one of your tasks.")
+            })?;
+        let has_more = records.len() > limit as usize;
+        records.truncate(limit as usize);
+        Ok(List { object: "list".to_owned(), data: records.iter().map(|r| self.task_view(r)).collect(), has_more })
+    }
+
+    /// Cancels a queued task and refunds it; a cancelled task stays cancelled (no second refund).
+    pub async fn cancel_task(&self, caller: &Caller, id: &str) -> Result<Task> {
+        self.live_task(caller, id).await?;
+        match self.store.cancel_task(&caller.account_id, id, now()).await? {
+            CancelOutcome::Canceled(record) => {
+                self.metrics.credits_refunded.inc_by(record.cost);
+                self.metrics.task_finished(TaskStatus::Canceled.as_str());
+                Ok(self.task_view(&record))
+            }
+            CancelOutcome::AlreadyCanceled(record) => Ok(self.task_view(&record)),
+            CancelOutcome::NotCancelable(record) => Err(Error::NotCancelable { id: record.id, status: record.status }),
+            CancelOutcome::NotFound => Err(Error::NotFound { what: "task", id: id.to_owned() }),
+        }
+    }
+
+    /// The PNG bytes of image `index` of a task.
+    pub async fn task_image(&self, caller: &Caller, id: &str, index: &str) -> Result<Vec<u8>> {
+        let record = self.live_task(caller, id).await?;
+        let not_found = || Error::NotFound { what: "image", id: format!("{}/images/{}", record.id, shorten(index)) };
+        let index: u8 = index.parse().map_err(|_| not_found())?;
+        if record.status != TaskStatus::Succeeded || index >= record.n {
+            return Err(not_found());
+        }
+        self.images.get(&record.id, index).await?.ok_or_else(not_found)
+    }
+
+    async fn live_task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
+        let record = self
+            .store
+            .get_task(id)
+            .await?
+            .filter(|record| record.account_id == caller.account_id)
+            .ok_or_else(|| Error::NotFound { what: "task", id: shorten(id) })?;
+        if record.purged || now() >= self.expires_at(&record) {
+            return Err(Error::Gone { what: "task", id: record.id, retention: self.config.retention });
+        }
+        Ok(record)
+    }
+
+    fn expires_at(&self, record: &TaskRecord) -> OffsetDateTime {
+        record.created_at + self.config.retention
+    }
+
+    /// The wire form of a task.
+    pub(crate) fn task_view(&self, record: &TaskRecord) -> Task {
+        let images = if record.status == TaskStatus::Succeeded {
+            (0..record.n).map(|i| ImageRef { url: format!("/v1/tasks/{}/images/{i}", record.id) }).collect()
+        } else {
+            Vec::new()
+        };
+        let error = match (&record.error_code, &record.error_message) {
+            (Some(code), Some(message)) => Some(TaskError { code: code.clone(), message: message.clone() }),
+            _ => None,
+        };
+        Task {
+            id: record.id.clone(),
+            object: "task".to_owned(),
+            status: record.status,
+            prompt: record.prompt.clone(),
+            n: record.n,
+            size: record.size,
+            seed: record.seed,
+            cost: record.cost,
+            created_at: record.created_at,
+            completed_at: record.completed_at,
+            expires_at: self.expires_at(record),
+            images,
+            error,
+        }
+    }
+
+    // ---------------------------------------------------------------- accounts
+
+    /// The caller's own account.
+    pub async fn account(&self, account_id: &str) -> Result<Account> {
+        let record = self
+            .store
+            .get_account(account_id)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "account", id: shorten(account_id) })?;
+        Ok(self.account_view(&record))
+    }
+
+    fn account_view(&self, record: &AccountRecord) -> Account {
+        Account {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            credits: record.credits,
+            rate_limit: record.rate_limit.unwrap_or(self.config.default_rate_limit),
+        }
+    }
+
+    fn validate_name(name: &str) -> Result<()> {
+        let chars = name.chars().count();
+        if name.trim().is_empty() || chars > MAX_NAME_CHARS {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "name",
+                format!("`name` must be 1 to {MAX_NAME_CHARS} characters and not blank."),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_rate_limit(limit: Option<RateLimit>) -> Result<()> {
+        if let Some(limit) = limit {
+            if limit.requests_per_minute == 0 {
+                return Err(Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "rate_limit.requests_per_minute",
+                    "`rate_limit.requests_per_minute` must be at least 1.",
+                ));
+            }
+            if limit.burst == 0 {
+                return Err(Error::invalid(ErrorCode::InvalidValue, "rate_limit.burst", "`rate_limit.burst` must be at least 1."));
+            }
+        }
+        Ok(())
+    }
+
+    fn new_key(account_id: &str) -> Result<(KeyRecord, String)> {
+        let api_key = secrets::new_api_key()?;
+        let record = KeyRecord {
+            id: secrets::new_id("key")?,
+            account_id: account_id.to_owned(),
+            key_hash: secrets::hash_secret(&api_key),
+            prefix: secrets::key_prefix(&api_key),
+            created_at: now(),
+            revoked_at: None,
+        };
+        Ok((record, api_key))
+    }
+
+    /// Operator: a new account with its first key (shown once).
+    pub async fn create_account(&self, request: CreateAccountRequest) -> Result<CreatedAccount> {
+        Self::validate_name(&request.name)?;
+        Self::validate_rate_limit(request.rate_limit)?;
+        if i64::try_from(request.credits).is_err() {
+            return Err(Error::invalid(ErrorCode::InvalidValue, "credits", "`credits` is too large."));
+        }
+        let account = NewAccount {
+            id: secrets::new_id("acct")?,
+            name: request.name,
+            credits: request.credits,
+            rate_limit: request.rate_limit,
+            created_at: now(),
+        };
+        let (key, api_key) = Self::new_key(&account.id)?;
+        let record = self.store.create_account(&account, &key).await?;
+        Ok(CreatedAccount { account: self.account_view(&record), api_key })
+    }
+
+    pub async fn list_accounts(&self) -> Result<List<Account>> {
+        let records = self.store.list_accounts().await?;
+        Ok(List { object: "list".to_owned(), data: records.iter().map(|r| self.account_view(r)).collect(), has_more: false })
+    }
+
+    pub async fn update_account(&self, id: &str, request: UpdateAccountRequest) -> Result<Account> {
+        if let Some(name) = &request.name {
+            Self::validate_name(name)?;
+        }
+        Self::validate_rate_limit(request.rate_limit)?;
+        let record = self
+            .store
+            .update_account(id, request.name.as_deref(), request.rate_limit)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "account", id: shorten(id) })?;
+        Ok(self.account_view(&record))
+    }
+
+    /// Operator: another key for an account (shown once).
+    pub async fn create_key(&self, account_id: &str) -> Result<CreatedKey> {
+        let (key, api_key) = Self::new_key(account_id)?;
+        if !self.store.create_key(&key).await? {
+            return Err(Error::NotFound { what: "account", id: shorten(account_id) });
+        }
+        Ok(CreatedKey { id: key.id, api_key })
+    }
+
+    /// The account's ledger, newest first (`limit` 1–100, default 100).
+    pub async fn ledger(&self, account_id: &str, limit: Option<u32>) -> Result<List<LedgerEntry>> {
+        let limit = limit.unwrap_or(MAX_LIST_LIMIT);
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "limit",
+                format!("`limit` must be 1 to {MAX_LIST_LIMIT}, not {limit}."),
+            ));
+        }
+        self.account(account_id).await?;
+        let mut entries = self.store.ledger(account_id, limit + 1).await?;
+        let has_more = entries.len() > limit as usize;
+        entries.truncate(limit as usize);
+        let data = entries
+            .into_iter()
+            .map(|e| LedgerEntry {
+                id: e.id,
+                object: "ledger_entry".to_owned(),
+                delta: e.delta,
+                balance_after: e.balance_after,
+                kind: e.kind,
+                task_id: e.task_id,
+                note: e.note,
+                created_at: e.created_at,
+            })
+            .collect();
+        Ok(List { object: "list".to_owned(), data, has_more })
+    }
+
+    /// Operator: the account's keys (never the keys themselves).
+    pub async fn list_keys(&self, account_id: &str) -> Result<List<KeyInfo>> {
+        self.account(account_id).await?;
+        let data = self
+            .store
+            .list_keys(account_id)
+            .await?
+            .into_iter()
+            .map(|k| KeyInfo { id: k.id, prefix: k.prefix, created_at: k.created_at, revoked_at: k.revoked_at })
+            .collect();
+        Ok(List { object: "list".to_owned(), data, has_more: false })
+    }
+
+    /// Operator: revokes a key; the next request with it is refused.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<()> {
+        if self.store.revoke_key(key_id).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound { what: "key", id: shorten(key_id) })
+        }
+    }
+
+    /// Operator: adds (or, negative, removes) credits, with a ledger entry.
+    pub async fn add_credits(&self, account_id: &str, request: AddCreditsRequest) -> Result<Account> {
+        if request.amount == 0 {
+            return Err(Error::invalid(ErrorCode::InvalidValue, "amount", "`amount` must not be zero."));
+        }
+        if request.note.as_ref().is_some_and(|n| n.chars().count() > 500) {
+            return Err(Error::invalid(ErrorCode::InvalidValue, "note", "`note` must be at most 500 characters."));
+        }
+        let record = self
+            .store
+            .add_credits(account_id, request.amount, request.note.as_deref())
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "account", id: shorten(account_id) })?;
+        Ok(self.account_view(&record))
+    }
+
+    // ---------------------------------------------------------------- idempotency
+
+    pub async fn idempotency_begin(&self, scope: &IdempotencyScope) -> Result<IdempotencyBegin> {
+        let now = now();
+        self.store.idempotency_begin(scope, now, now - STALE_RESERVATION).await
+    }
+
+    pub async fn idempotency_complete(&self, scope: &IdempotencyScope, response: &StoredResponse) -> Result<()> {
+        self.store.idempotency_complete(scope, response).await
+    }
+
+    pub async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()> {
+        self.store.idempotency_release(scope).await
+    }
+
+    // ---------------------------------------------------------------- retention
+
+    /// Purges the data of expired tasks (keeping tombstones) and forgets old idempotency keys.
+    /// Returns how many tasks were purged.
+    pub async fn purge_expired(&self) -> Result<usize> {
+        let mut purged = 0;
+        loop {
+            let cutoff = now() - self.config.retention;
+            let ids = self.store.expired_tasks(cutoff, 200).await?;
+            if ids.is_empty() {
+                break;
+            }
+            for id in &ids {
+                self.images.delete_task(id).await?;
+            }
+            self.store.mark_purged(&ids).await?;
+            purged += ids.len();
+        }
+        self.store.idempotency_purge(now() - KEY_RETENTION).await?;
+        Ok(purged)
+    }
+
+    /// Refreshes gauges that are read from storage; called before metrics are rendered.
+    pub async fn refresh_gauges(&self) -> Result<()> {
+        let depth = self.store.queue_depth().await?;
+        self.metrics.queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
+    /// How long clients should wait before retrying during shutdown.
+    pub fn shutdown_retry_after(&self) -> Duration {
+        self.config.shutdown_retry_after
+    }
+}
+
+/// Ids echoed in messages come from the client: keep them short.
+fn shorten(id: &str) -> String {
+    if id.chars().count() <= 64 {
+        id.to_owned()
+    } else {
+        format!("{}…", id.chars().take(64).collect::<String>())
+    }
+}

@@ -1,0 +1,178 @@
+//! The one place where an error becomes the contract's envelope.
+//!
+//! [`Error`]'s `IntoResponse` picks status, type, code, message and headers; [`envelope`] writes
+//! the body, with the request id of the current request (a task-local set by the edge
+//! middleware). Internal causes are logged here, inside the request's span, and never sent.
+
+use crate::error::Error;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::time::Duration;
+use tollgate_contract::{headers as h, retry_after, ErrorBody, ErrorCode};
+
+/// Where the 402 message sends people to top up: the dashboard's credits page.
+pub const TOP_UP_PATH: &str = "/dashboard/credits";
+
+tokio::task_local! {
+    /// The `X-Request-Id` of the request being served.
+    pub static REQUEST_ID: String;
+}
+
+/// Marks a response whose body is already the envelope, so the edge leaves it alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Enveloped;
+
+/// Builds an error response in the envelope. Every error body of the server comes from here.
+pub fn envelope(code: ErrorCode, message: impl Into<String>, param: Option<String>, extra: HeaderMap) -> Response {
+    let mut body = ErrorBody::new(code, message);
+    body.error.param = param;
+    body.error.request_id = REQUEST_ID.try_with(Clone::clone).ok();
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":{}}".to_vec());
+    let mut response = (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response();
+    response.headers_mut().extend(extra);
+    response.extensions_mut().insert(Enveloped);
+    response
+}
+
+fn retry_after_header(wait: Duration) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&retry_after::format(wait)) {
+        headers.insert(h::RETRY_AFTER, value);
+    }
+    headers
+}
+
+fn www_authenticate() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    headers
+}
+
+/// "1 second", "3 seconds": a `Retry-After` in a message, rounded the same way as the header.
+fn seconds(wait: Duration) -> String {
+    human(Duration::from_secs(retry_after::whole_seconds_ceil(wait)))
+}
+
+/// "30 days", "2 seconds": the retention in a message.
+fn human(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    let (n, unit) = match secs {
+        s if s >= 86_400 && s % 86_400 == 0 => (s / 86_400, "day"),
+        s if s >= 3600 && s % 3600 == 0 => (s / 3600, "hour"),
+        s if s >= 60 && s % 60 == 0 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        let none = HeaderMap::new;
+        match self {
+            Error::InvalidRequest { message, param, .. } => envelope(code, message, param, none()),
+            Error::MissingCredential { admin: false } => envelope(
+                code,
+                "No API key was sent. Include it in the Authorization header as `Bearer tg_…`.",
+                None,
+                www_authenticate(),
+            ),
+            Error::MissingCredential { admin: true } => envelope(
+                code,
+                "This route needs the operator's token in the Authorization header as `Bearer <token>`.",
+                None,
+                www_authenticate(),
+            ),
+            Error::InvalidCredential { admin: false } => envelope(
+                code,
+                "The API key is not valid. Check that it is typed correctly and has not been revoked.",
+                None,
+                www_authenticate(),
+            ),
+            Error::InvalidCredential { admin: true } => {
+                envelope(code, "The operator token is not valid. Check TOLLGATE_ADMIN_TOKEN.", None, www_authenticate())
+            }
+            Error::InsufficientCredits { cost, balance } => envelope(
+                code,
+                format!(
+                    "This request costs {cost} credits but the balance is {balance}. \
+                     Top up credits in the Dashboard at {TOP_UP_PATH}."
+                ),
+                None,
+                none(),
+            ),
+            Error::NotFound { what, id } => {
+                envelope(code, format!("No {what} with id `{id}` was found. Check the id."), None, none())
+            }
+            Error::Gone { what, id, retention } => envelope(
+                code,
+                format!("The {what} `{id}` has expired: it is kept for {} after creation.", human(retention)),
+                None,
+                none(),
+            ),
+            Error::RateLimited { retry_after } => envelope(
+                code,
+                format!("Rate limit exceeded. Please slow down and retry after {}.", seconds(retry_after)),
+                None,
+                retry_after_header(retry_after),
+            ),
+            Error::IdempotencyKeyReused => envelope(
+                code,
+                "This Idempotency-Key was already used with a different request. Use a new key for a new request.",
+                Some("Idempotency-Key".to_owned()),
+                none(),
+            ),
+            Error::IdempotencyKeyInUse => envelope(
+                code,
+                "A request with this Idempotency-Key is still being processed. Retry in a moment.",
+                None,
+                none(),
+            ),
+            Error::NotCancelable { id, status } => envelope(
+                code,
+                format!("The task `{id}` is {status}; only a queued task can be cancelled."),
+                None,
+                none(),
+            ),
+            Error::Unavailable { reason, retry_after } => {
+                let mut headers = retry_after_header(retry_after);
+                if reason == "shutting down" {
+                    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                envelope(
+                    code,
+                    format!("The service is unavailable ({reason}). Retry after {}.", seconds(retry_after)),
+                    None,
+                    headers,
+                )
+            }
+            Error::Internal(cause) => {
+                tracing::error!(cause = %cause, "internal error");
+                internal_error()
+            }
+        }
+    }
+}
+
+/// The 500 a client sees, whatever the cause.
+pub fn internal_error() -> Response {
+    envelope(
+        ErrorCode::InternalError,
+        "The server failed to process the request. Retry after a moment; if it persists, contact support with the request id.",
+        None,
+        HeaderMap::new(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_reads_well() {
+        assert_eq!(human(Duration::from_secs(30 * 86_400)), "30 days");
+        assert_eq!(human(Duration::from_secs(2)), "2 seconds");
+        assert_eq!(human(Duration::from_secs(3600)), "1 hour");
+    }
+}

@@ -1,0 +1,171 @@
+//! Extractors whose rejections are the contract's errors, not axum's plain-text ones.
+
+use crate::error::Error;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+use tollgate_contract::ErrorCode;
+
+/// The largest request body accepted (413 above).
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// A JSON body; malformed JSON, missing fields, wrong types and unknown fields answer 400 with `param`.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                body_too_large()
+            } else {
+                Error::InvalidRequest {
+                    code: ErrorCode::InvalidJson,
+                    message: "The request body could not be read.".to_owned(),
+                    param: None,
+                }
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+pub fn body_too_large() -> Error {
+    Error::InvalidRequest {
+        code: ErrorCode::BodyTooLarge,
+        message: format!("The request body is larger than {} MiB; send a smaller one.", BODY_LIMIT / (1024 * 1024)),
+        param: None,
+    }
+}
+
+/// Parses JSON into `T`, naming the offending field in the error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::InvalidRequest {
+            code: ErrorCode::InvalidJson,
+            message: "The request body is empty; send a JSON object.".to_owned(),
+            param: None,
+        });
+    }
+    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let text = strip_position(&inner.to_string());
+        if !inner.is_data() {
+            return Error::InvalidRequest {
+                code: ErrorCode::InvalidJson,
+                message: format!("The request body is not valid JSON: {text}."),
+                param: None,
+            };
+        }
+        let join = |field: &str| if path == "." { field.to_owned() } else { format!("{path}.{field}") };
+        if let Some(field) = quoted(&text, "missing field `") {
+            let param = join(field);
+            return Error::InvalidRequest {
+                code: ErrorCode::MissingField,
+                message: format!("`{param}` is required."),
+                param: Some(param),
+            };
+        }
+        if let Some(field) = quoted(&text, "unknown field `") {
+            let param = join(field);
+            return Error::InvalidRequest {
+                code: ErrorCode::UnknownField,
+                message: format!("`{param}` is not a field of this request ({text})."),
+                param: Some(param),
+            };
+        }
+        if path == "." {
+            return Error::InvalidRequest {
+                code: ErrorCode::InvalidValue,
+                message: format!("The request body must be a JSON object of the documented shape ({text})."),
+                param: None,
+            };
+        }
+        Error::InvalidRequest {
+            code: ErrorCode::InvalidValue,
+            message: format!("`{path}` has the wrong type or value: {text}."),
+            param: Some(path),
+        }
+    })
+}
+
+/// serde_json appends " at line 1 column 9": useful to a parser, noise in a message.
+fn strip_position(text: &str) -> String {
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+fn quoted<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = text.strip_prefix(prefix)?;
+    rest.split('`').next()
+}
+
+/// The credential of `Authorization: Bearer <credential>`; `Err` for another scheme.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ()> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value.to_str().map_err(|_| ())?.trim();
+    let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(());
+    }
+    let credential = credential.trim();
+    Ok((!credential.is_empty()).then_some(credential))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_contract::CreateGenerationRequest;
+
+    fn err(body: &str) -> (ErrorCode, Option<String>) {
+        match parse_json::<CreateGenerationRequest>(body.as_bytes()) {
+            Err(Error::InvalidRequest { code, param, .. }) => (code, param),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn classifies_json_errors() {
+        assert_eq!(err("{\"prompt\": "), (ErrorCode::InvalidJson, None));
+        assert_eq!(err("not json"), (ErrorCode::InvalidJson, None));
+        assert_eq!(err(""), (ErrorCode::InvalidJson, None));
+        assert_eq!(err("{}"), (ErrorCode::MissingField, Some("prompt".into())));
+        assert_eq!(err(r#"{"prompt":"x","n":"two"}"#), (ErrorCode::InvalidValue, Some("n".into())));
+        assert_eq!(err(r#"{"prompt":"x","n":300}"#), (ErrorCode::InvalidValue, Some("n".into())));
+        assert_eq!(err(r#"{"prompt":"x","size":"300x300"}"#), (ErrorCode::InvalidValue, Some("size".into())));
+        assert_eq!(err(r#"{"prompt":"x","sise":"512x512"}"#), (ErrorCode::UnknownField, Some("sise".into())));
+        assert_eq!(err("[1,2]"), (ErrorCode::InvalidValue, None));
+    }
+
+    #[test]
+    fn nested_paths() {
+        let e = parse_json::<tollgate_contract::CreateAccountRequest>(br#"{"name":"a","rate_limit":{"requests_per_minute":1}}"#);
+        match e {
+            Err(Error::InvalidRequest { code, param, .. }) => {
+                assert_eq!(code, ErrorCode::MissingField);
+                assert_eq!(param.as_deref(), Some("rate_limit.burst"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), Ok(None));
+        h.insert(header::AUTHORIZATION, "Bearer tg_abc".parse().unwrap());
+        assert_eq!(bearer(&h), Ok(Some("tg_abc")));
+        h.insert(header::AUTHORIZATION, "bearer   ".parse().unwrap());
+        assert_eq!(bearer(&h), Ok(None));
+        h.insert(header::AUTHORIZATION, "Basic dXNlcg==".parse().unwrap());
+        assert_eq!(bearer(&h), Err(()));
+    }
+}

@@ -1,0 +1,84 @@
+//! The HTTP layer: routes, extractors, middleware and the mapping of errors to the envelope.
+//!
+//! **Invariant:** this is the only module that knows about HTTP. It parses requests into domain
+//! calls and domain answers into JSON; the domain never sees a header or a status code.
+
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod openapi;
+pub mod routes;
+
+use crate::domain::service::Tollgate;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
+use axum::routing::{delete, get, post, MethodRouter};
+use axum::Router;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+
+/// What every handler and middleware shares.
+pub struct AppState {
+    pub app: Arc<Tollgate>,
+    /// Set on shutdown: new requests get 503.
+    pub draining: AtomicBool,
+    /// Requests past the drain gate and not finished yet.
+    pub in_flight: AtomicUsize,
+}
+
+impl AppState {
+    pub fn new(app: Arc<Tollgate>) -> Self {
+        AppState { app, draining: AtomicBool::new(false), in_flight: AtomicUsize::new(0) }
+    }
+}
+
+/// The whole API.
+pub fn router(state: Arc<AppState>) -> Router {
+    use middleware as mw;
+    use routes as r;
+    // Per-method layers (not `Router::route_layer`), so a wrong method answers 405 before any
+    // credential is asked for.
+    let api_state = Arc::clone(&state);
+    let api = move |route: MethodRouter<Arc<AppState>>| {
+        route
+            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::simulate_delay))
+            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
+            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_auth))
+    };
+    let admin_state = Arc::clone(&state);
+    let admin = move |route: MethodRouter<Arc<AppState>>| {
+        route
+            .route_layer(from_fn_with_state(Arc::clone(&admin_state), mw::simulate_delay))
+            .route_layer(from_fn_with_state(Arc::clone(&admin_state), mw::idempotency))
+            .route_layer(from_fn_with_state(Arc::clone(&admin_state), mw::admin_auth))
+    };
+    let api = Router::new()
+        .route("/v1/images/generations", api(post(r::create_generation)))
+        .route("/v1/tasks", api(get(r::list_tasks)))
+        .route("/v1/tasks/{id}", api(get(r::get_task)))
+        .route("/v1/tasks/{id}/cancel", api(post(r::cancel_task)))
+        .route("/v1/tasks/{id}/images/{index}", api(get(r::task_image)))
+        .route("/v1/account", api(get(r::account)))
+        .route("/v1/account/ledger", api(get(r::account_ledger)));
+    let admin = Router::new()
+        .route("/admin/accounts", admin(post(r::create_account).get(r::list_accounts)))
+        .route("/admin/accounts/{id}", admin(get(r::get_account).patch(r::update_account)))
+        .route("/admin/accounts/{id}/keys", admin(post(r::create_key).get(r::list_keys)))
+        .route("/admin/accounts/{id}/credits", admin(post(r::add_credits)))
+        .route("/admin/accounts/{id}/ledger", admin(get(r::admin_ledger)))
+        .route("/admin/keys/{key_id}", admin(delete(r::revoke_key)));
+    let ops = Router::new()
+        .route("/healthz", get(r::healthz))
+        .route("/metrics", get(r::metrics))
+        .route("/openapi.json", get(r::openapi));
+    Router::new()
+        .merge(api)
+        .merge(admin)
+        .merge(ops)
+        .fallback(r::unknown_endpoint)
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(from_fn_with_state(Arc::clone(&state), mw::simulate))
+        .layer(from_fn_with_state(Arc::clone(&state), mw::drain_gate))
+        .layer(from_fn_with_state(Arc::clone(&state), mw::edge))
+        .with_state(state)
+}

@@ -1,0 +1,345 @@
+//! Handlers: each takes what the route names, calls one domain method, and shapes the answer.
+
+use super::error::Enveloped;
+use super::extract::JsonBody;
+use super::middleware::{IdempotencyReservation, IdempotencyStored};
+use super::AppState;
+use crate::domain::service::Caller;
+use crate::error::Error;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tollgate_contract::{
+    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount, CreatedKey, ErrorBody,
+    ErrorCode, Health, KeyInfo, LedgerEntry, List, Task, UpdateAccountRequest,
+};
+
+type AppResult<T> = Result<T, Error>;
+
+/// Query of `GET /v1/tasks`; parsed by hand so a bad `limit` names itself.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// 1–100, default 20.
+    limit: Option<String>,
+    /// The id of the last task of the previous page.
+    after: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/images/generations", tag = "tasks",
+    request_body = CreateGenerationRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII; a retry with the same key and body replays the first answer")),
+    responses(
+        (status = 202, description = "Accepted, charged and queued", body = Task),
+        (status = 400, description = "Malformed or invalid request; `param` names the field", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 402, description = "The balance does not cover the cost; nothing created or charged", body = ErrorBody),
+        (status = 409, description = "The first request with this Idempotency-Key is still running", body = ErrorBody),
+        (status = 413, description = "Body above 1 MiB", body = ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+        (status = 503, description = "Shutting down or overloaded; see Retry-After", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn create_generation(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    reservation: Option<Extension<IdempotencyReservation>>,
+    JsonBody(request): JsonBody<CreateGenerationRequest>,
+) -> AppResult<Response> {
+    let scope = reservation.as_ref().map(|Extension(IdempotencyReservation(scope))| scope);
+    let task = state.app.create_generation(&caller, request, scope).await?;
+    let mut response = (StatusCode::ACCEPTED, Json(task)).into_response();
+    if scope.is_some() {
+        response.extensions_mut().insert(IdempotencyStored);
+    }
+    Ok(response)
+}
+
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = String, Path, description = "task_…")),
+    responses(
+        (status = 200, description = "The task", body = Task),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such task for this account", body = ErrorBody),
+        (status = 410, description = "The task is older than the retention", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn get_task(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> AppResult<Json<Task>> {
+    Ok(Json(state.app.get_task(&caller, &id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
+    responses(
+        (status = 200, description = "The account's tasks, newest first", body = List<Task>),
+        (status = 400, description = "Bad `limit` or `after`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn list_tasks(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<ListQuery>,
+) -> AppResult<Json<List<Task>>> {
+    let limit = parse_limit(query.limit.as_deref())?;
+    Ok(Json(state.app.list_tasks(&caller, limit, query.after.as_deref()).await?))
+}
+
+fn parse_limit(limit: Option<&str>) -> AppResult<Option<u32>> {
+    limit
+        .map(|text| {
+            text.parse::<u32>().map_err(|_| {
+                Error::invalid(ErrorCode::InvalidValue, "limit", "`limit` must be a whole number from 1 to 100.")
+            })
+        })
+        .transpose()
+}
+
+/// Query of the ledger routes.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LimitQuery {
+    /// 1–100, default 100.
+    limit: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/account/ledger", tag = "account", params(LimitQuery),
+    responses(
+        (status = 200, description = "The caller's ledger, newest first (extension)", body = List<LedgerEntry>),
+        (status = 400, description = "Bad `limit`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn account_ledger(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<LimitQuery>,
+) -> AppResult<Json<List<LedgerEntry>>> {
+    Ok(Json(state.app.ledger(&caller.account_id, parse_limit(query.limit.as_deref())?).await?))
+}
+
+#[utoipa::path(get, path = "/admin/accounts/{id}/ledger", tag = "admin",
+    params(("id" = String, Path, description = "acct_…"), LimitQuery),
+    responses(
+        (status = 200, description = "The account's ledger, newest first (extension)", body = List<LedgerEntry>),
+        (status = 400, description = "Bad `limit`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn admin_ledger(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<LimitQuery>,
+) -> AppResult<Json<List<LedgerEntry>>> {
+    Ok(Json(state.app.ledger(&id, parse_limit(query.limit.as_deref())?).await?))
+}
+
+#[utoipa::path(get, path = "/admin/accounts/{id}/keys", tag = "admin",
+    params(("id" = String, Path, description = "acct_…")),
+    responses(
+        (status = 200, description = "The account's keys, without the secrets (extension)", body = List<KeyInfo>),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn list_keys(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> AppResult<Json<List<KeyInfo>>> {
+    Ok(Json(state.app.list_keys(&id).await?))
+}
+
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "task_…")),
+    responses(
+        (status = 200, description = "Cancelled and refunded (or already cancelled)", body = Task),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such task for this account", body = ErrorBody),
+        (status = 409, description = "Running or finished: cannot be cancelled", body = ErrorBody),
+        (status = 410, description = "The task is older than the retention", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn cancel_task(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> AppResult<Json<Task>> {
+    Ok(Json(state.app.cancel_task(&caller, &id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/tasks/{id}/images/{index}", tag = "tasks",
+    params(("id" = String, Path, description = "task_…"), ("index" = u8, Path, description = "0-based image index")),
+    responses(
+        (status = 200, description = "PNG bytes", content_type = "image/png", body = Vec<u8>),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such task or image (yet)", body = ErrorBody),
+        (status = 410, description = "The task is older than the retention", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn task_image(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, index)): Path<(String, String)>,
+) -> AppResult<Response> {
+    let png = state.app.task_image(&caller, &id, &index).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400, immutable")),
+        ],
+        png,
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/account", tag = "account",
+    responses(
+        (status = 200, description = "The caller's account", body = Account),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn account(State(state): State<Arc<AppState>>, Extension(caller): Extension<Caller>) -> AppResult<Json<Account>> {
+    Ok(Json(state.app.account(&caller.account_id).await?))
+}
+
+#[utoipa::path(post, path = "/admin/accounts", tag = "admin", request_body = CreateAccountRequest,
+    responses(
+        (status = 201, description = "Created; the API key is shown this once", body = CreatedAccount),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_account(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<CreateAccountRequest>,
+) -> AppResult<(StatusCode, Json<CreatedAccount>)> {
+    Ok((StatusCode::CREATED, Json(state.app.create_account(request).await?)))
+}
+
+#[utoipa::path(get, path = "/admin/accounts", tag = "admin",
+    responses(
+        (status = 200, description = "Every account", body = List<Account>),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn list_accounts(State(state): State<Arc<AppState>>) -> AppResult<Json<List<Account>>> {
+    Ok(Json(state.app.list_accounts().await?))
+}
+
+#[utoipa::path(get, path = "/admin/accounts/{id}", tag = "admin",
+    params(("id" = String, Path, description = "acct_…")),
+    responses(
+        (status = 200, description = "The account", body = Account),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn get_account(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> AppResult<Json<Account>> {
+    Ok(Json(state.app.account(&id).await?))
+}
+
+#[utoipa::path(patch, path = "/admin/accounts/{id}", tag = "admin", request_body = UpdateAccountRequest,
+    params(("id" = String, Path, description = "acct_…")),
+    responses(
+        (status = 200, description = "The updated account", body = Account),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn update_account(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<UpdateAccountRequest>,
+) -> AppResult<Json<Account>> {
+    Ok(Json(state.app.update_account(&id, request).await?))
+}
+
+#[utoipa::path(post, path = "/admin/accounts/{id}/keys", tag = "admin",
+    params(("id" = String, Path, description = "acct_…")),
+    responses(
+        (status = 201, description = "A new key, shown this once", body = CreatedKey),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_key(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> AppResult<(StatusCode, Json<CreatedKey>)> {
+    Ok((StatusCode::CREATED, Json(state.app.create_key(&id).await?)))
+}
+
+#[utoipa::path(delete, path = "/admin/keys/{key_id}", tag = "admin",
+    params(("key_id" = String, Path, description = "key_…")),
+    responses(
+        (status = 204, description = "Revoked; refused from the next request on"),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such live key", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn revoke_key(State(state): State<Arc<AppState>>, Path(key_id): Path<String>) -> AppResult<StatusCode> {
+    state.app.revoke_key(&key_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/admin/accounts/{id}/credits", tag = "admin", request_body = AddCreditsRequest,
+    params(("id" = String, Path, description = "acct_…")),
+    responses(
+        (status = 200, description = "The account with its new balance", body = Account),
+        (status = 400, description = "Invalid amount", body = ErrorBody),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn add_credits(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<AddCreditsRequest>,
+) -> AppResult<Json<Account>> {
+    Ok(Json(state.app.add_credits(&id, request).await?))
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses(
+        (status = 200, description = "Serving", body = Health),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    ))]
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
+    let status = if state.draining.load(Ordering::Acquire) { "draining" } else { "ok" };
+    Json(Health { status: status.to_owned() })
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+pub async fn metrics(State(state): State<Arc<AppState>>) -> AppResult<Response> {
+    state.app.refresh_gauges().await?;
+    let text = state.app.metrics().render();
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text).into_response())
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
+pub async fn openapi() -> Response {
+    let mut response = Json(super::openapi::document()).into_response();
+    response.extensions_mut().insert(Enveloped);
+    response
+}
+
+/// Any path no route matches.
+pub async fn unknown_endpoint() -> StatusCode {
+    // The edge turns a bare 404 into the envelope, naming the method and path.
+    StatusCode::NOT_FOUND
+}

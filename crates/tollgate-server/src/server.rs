@@ -1,0 +1,94 @@
+//! Assembles storage, the domain, the workers and the HTTP layer, and runs them until shutdown.
+
+use crate::config::{Config, Secret};
+use crate::domain::service::Tollgate;
+use crate::domain::{purge, secrets, worker};
+use crate::error::Result;
+use crate::http::{self, AppState};
+use crate::images::DiskImageStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A server whose storage is open and whose operator token is settled, ready to run.
+pub struct Server {
+    app: Arc<Tollgate>,
+    generated_admin_token: Option<Secret>,
+}
+
+impl Server {
+    /// Opens the data directory (SQLite, migrations, images) and settles the operator token:
+    /// `config.admin_token` if set; else the hash kept from an earlier start; else a new token,
+    /// of which only the hash is kept (see [`Server::generated_admin_token`]).
+    pub async fn open(config: Config) -> Result<Server> {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir).await?);
+        let images = Arc::new(DiskImageStore::new(config.data_dir.join("images"))?);
+        let (admin_hash, generated_admin_token) = match &config.admin_token {
+            Some(token) => (secrets::hash_secret(token.expose()), None),
+            None => match store.admin_token_hash().await? {
+                Some(hash) => (hash, None),
+                None => {
+                    let token = secrets::new_admin_token()?;
+                    let hash = secrets::hash_secret(&token);
+                    store.set_admin_token_hash(&hash).await?;
+                    (hash, Some(Secret::new(token)))
+                }
+            },
+        };
+        let requeued = store.requeue_running().await?;
+        if requeued > 0 {
+            tracing::warn!(tasks = requeued, "tasks left running by an earlier run are queued again");
+        }
+        let app = Arc::new(Tollgate::new(config, store, images, admin_hash));
+        Ok(Server { app, generated_admin_token })
+    }
+
+    /// The operator token made on this first start, to be shown once. `None` when it was
+    /// configured or made on an earlier start.
+    pub fn generated_admin_token(&self) -> Option<&Secret> {
+        self.generated_admin_token.as_ref()
+    }
+
+    /// The domain, for embedding and tests.
+    pub fn app(&self) -> &Arc<Tollgate> {
+        &self.app
+    }
+
+    /// Serves on `listener` until `shutdown` resolves. Then: new requests get 503 with
+    /// `Retry-After` while in-flight ones finish (up to `shutdown_grace`), the listener closes,
+    /// and workers stop after their current task. Queued tasks stay queued for the next start.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let config = self.app.config().clone();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let workers = worker::spawn(Arc::clone(&self.app), config.workers, stop_rx.clone());
+        let purger = purge::spawn(Arc::clone(&self.app), stop_rx);
+
+        let state = Arc::new(AppState::new(Arc::clone(&self.app)));
+        let router = http::router(Arc::clone(&state));
+        let drain_state = Arc::clone(&state);
+        let grace = config.shutdown_grace;
+        let drained = async move {
+            shutdown.await;
+            drain_state.draining.store(true, Ordering::Release);
+            tracing::info!("shutting down: new requests get 503; waiting for in-flight requests");
+            let deadline = Instant::now() + grace;
+            while drain_state.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        axum::serve(listener, router).with_graceful_shutdown(drained).await?;
+
+        let _ = stop_tx.send(true);
+        for handle in workers {
+            let _ = handle.await;
+        }
+        let _ = purger.await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

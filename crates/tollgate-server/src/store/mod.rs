@@ -1,0 +1,240 @@
+//! Storage behind one trait.
+//!
+//! [`Store`] is everything the domain asks of a database. Each engine implements it once
+//! ([`sqlite::SqliteStore`] is the embedded default); handlers and domain code never see SQL.
+//!
+//! **Invariants every implementation keeps** (the storage test suite checks them):
+//! - `create_task` charges and inserts in one transaction, with a guarded decrement
+//!   (`credits >= cost`): the balance never goes negative and no accepted task is uncharged.
+//! - Every balance change writes a ledger entry in the same transaction; a task is charged at
+//!   most once and refunded at most once (unique indexes, not just code).
+//! - `finish_task`/`cancel_task` move a task only from the state they expect, so a refund can
+//!   never race a completion.
+//! - The idempotency record of a task-creating request is written in the task's transaction.
+
+pub mod sqlite;
+
+use crate::error::Result;
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tollgate_contract::{ImageSize, RateLimit, TaskStatus};
+
+/// An account row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub id: String,
+    pub name: String,
+    pub credits: u64,
+    /// `None`: the server's default applies.
+    pub rate_limit: Option<RateLimit>,
+    pub created_at: OffsetDateTime,
+}
+
+/// A new account with its opening balance.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    pub id: String,
+    pub name: String,
+    pub credits: u64,
+    pub rate_limit: Option<RateLimit>,
+    pub created_at: OffsetDateTime,
+}
+
+/// An API key as stored: its hash, never the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub account_id: String,
+    pub key_hash: String,
+    pub prefix: String,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// What a valid key authenticates: its account and the account's limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAuth {
+    pub key_id: String,
+    pub account_id: String,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A task row; after the purge it is a tombstone (`purged`, prompt emptied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub id: String,
+    pub account_id: String,
+    pub status: TaskStatus,
+    pub prompt: String,
+    pub n: u8,
+    pub size: ImageSize,
+    pub seed: i64,
+    pub cost: u64,
+    pub created_at: OffsetDateTime,
+    pub started_at: Option<OffsetDateTime>,
+    pub completed_at: Option<OffsetDateTime>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub purged: bool,
+}
+
+/// How a running task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskOutcome {
+    Succeeded,
+    /// Failed: the task is refunded in the same transaction.
+    Failed { code: String, message: String },
+}
+
+/// What `cancel_task` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Was queued; now canceled and refunded.
+    Canceled(TaskRecord),
+    /// Already canceled: nothing to do.
+    AlreadyCanceled(TaskRecord),
+    /// Running or finished: left alone.
+    NotCancelable(TaskRecord),
+    /// No task with that id for that account.
+    NotFound,
+}
+
+/// One change of balance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub account_id: String,
+    pub delta: i64,
+    pub balance_after: u64,
+    /// `grant`, `charge`, `refund` or `adjust`.
+    pub kind: String,
+    pub task_id: Option<String>,
+    pub note: Option<String>,
+    pub created_at: OffsetDateTime,
+}
+
+/// Names one idempotent request: whose (`scope`), which key, and what it asked (`fingerprint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyScope {
+    pub scope: String,
+    pub key: String,
+    pub fingerprint: String,
+}
+
+/// A response kept for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// What `idempotency_begin` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// First use (or a stale reservation taken over): run the request.
+    Started,
+    /// Done before with the same request: send this again.
+    Replay(StoredResponse),
+    /// Done or running with a different request.
+    Mismatch,
+    /// The first request is still running.
+    InUse,
+}
+
+/// Everything the domain asks of a database.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- operator token ---
+    async fn admin_token_hash(&self) -> Result<Option<String>>;
+    async fn set_admin_token_hash(&self, hash: &str) -> Result<()>;
+
+    // --- accounts and keys ---
+    /// Creates the account, its first key and (when credits > 0) a `grant` ledger entry.
+    async fn create_account(&self, account: &NewAccount, key: &KeyRecord) -> Result<AccountRecord>;
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>>;
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>>;
+    /// `None` when there is no such account.
+    async fn update_account(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        rate_limit: Option<RateLimit>,
+    ) -> Result<Option<AccountRecord>>;
+    /// Adds `amount` (may be negative, never below zero) with a ledger entry.
+    /// `Ok(None)`: no such account; `Err(InvalidRequest)`: the balance would go negative.
+    async fn add_credits(&self, id: &str, amount: i64, note: Option<&str>) -> Result<Option<AccountRecord>>;
+    /// `false` when the account does not exist.
+    async fn create_key(&self, key: &KeyRecord) -> Result<bool>;
+    /// `false` when there is no such live key.
+    async fn revoke_key(&self, key_id: &str) -> Result<bool>;
+    async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>>;
+    /// The account of a live key, by the key's hash.
+    async fn authenticate(&self, key_hash: &str) -> Result<Option<KeyAuth>>;
+
+    // --- tasks ---
+    /// Charges `task.cost` and inserts the task (and, if given, completes the idempotency record
+    /// with `response`), all in one transaction. `Err(InsufficientCredits)` changes nothing.
+    async fn create_task(
+        &self,
+        task: &TaskRecord,
+        idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
+    ) -> Result<TaskRecord>;
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
+    /// The account's live tasks (created after `not_before`, not purged), newest first, strictly
+    /// older than `after` (an id of the account). `Ok(None)`: `after` is not a task of this account.
+    async fn list_tasks(
+        &self,
+        account_id: &str,
+        limit: u32,
+        after: Option<&str>,
+        not_before: OffsetDateTime,
+    ) -> Result<Option<Vec<TaskRecord>>>;
+    /// Cancels a queued task and refunds it, in one transaction.
+    async fn cancel_task(&self, account_id: &str, id: &str, now: OffsetDateTime) -> Result<CancelOutcome>;
+    /// Takes the oldest queued task and marks it running.
+    async fn claim_next_task(&self, now: OffsetDateTime) -> Result<Option<TaskRecord>>;
+    /// Ends a running task; a failure is refunded in the same transaction.
+    /// `false` when the task was not running or was purged meanwhile (nothing changed).
+    async fn finish_task(&self, id: &str, outcome: &TaskOutcome, now: OffsetDateTime) -> Result<bool>;
+    /// After a crash: puts tasks left `running` back in the queue (their charge stands).
+    async fn requeue_running(&self) -> Result<u64>;
+    async fn queue_depth(&self) -> Result<u64>;
+    /// Ids of tasks created before `cutoff` whose data is not purged yet, oldest first.
+    async fn expired_tasks(&self, cutoff: OffsetDateTime, limit: u32) -> Result<Vec<String>>;
+    /// Turns the tasks into tombstones (data dropped, id kept). A task still queued is cancelled
+    /// and refunded on the way: it expired before it could run.
+    async fn mark_purged(&self, ids: &[String]) -> Result<()>;
+
+    // --- ledger ---
+    /// The account's ledger, newest first.
+    async fn ledger(&self, account_id: &str, limit: u32) -> Result<Vec<LedgerEntry>>;
+
+    // --- idempotency ---
+    /// Looks the key up and, on first use, reserves it. A reservation older than `stale_before`
+    /// is taken over (its request died without finishing).
+    async fn idempotency_begin(
+        &self,
+        scope: &IdempotencyScope,
+        now: OffsetDateTime,
+        stale_before: OffsetDateTime,
+    ) -> Result<IdempotencyBegin>;
+    async fn idempotency_complete(&self, scope: &IdempotencyScope, response: &StoredResponse) -> Result<()>;
+    /// Drops a reservation whose request failed, so a retry runs again.
+    async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()>;
+    /// Forgets keys created before `cutoff`.
+    async fn idempotency_purge(&self, cutoff: OffsetDateTime) -> Result<u64>;
+}
+
+/// Unix milliseconds, the storage form of time.
+pub(crate) fn to_millis(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn from_millis(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Now, truncated to milliseconds so a value survives a round trip through storage unchanged.
+pub fn now() -> OffsetDateTime {
+    from_millis(to_millis(OffsetDateTime::now_utc()))
+}

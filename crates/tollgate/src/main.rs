@@ -1,0 +1,34 @@
+//! The `tollgate` binary: glue over the library crates.
+//!
+//! `serve` runs the server ([`tollgate_server`]); every other command is a client of a running
+//! server through the SDK ([`tollgate_client`]). Errors print as one line and exit with a code per
+//! class (see `tollgate --help`).
+
+mod client_cmd;
+mod serve_cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Self-hosted API platform for paid, asynchronous image generation", after_help = client_cmd::EXIT_CODES_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (SQLite and files under --data-dir by default).
+    Serve(serve_cmd::ServeArgs),
+    #[command(flatten)]
+    Client(client_cmd::ClientCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve_cmd::run(args),
+        Command::Client(cmd) => client_cmd::run(cmd),
+    }
+}

@@ -1,0 +1,121 @@
+//! `tollgate serve`: flags and `TOLLGATE_*` variables into a [`Config`], then run until SIGTERM.
+
+use clap::Args;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tollgate_contract::RateLimit;
+use tollgate_server::{parse_duration, Config, Prices, Secret, Server};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "TOLLGATE_ADDR", default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Where the SQLite database and the images are kept.
+    #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
+    data_dir: PathBuf,
+    /// How long tasks are kept; older ones answer 410 and their data is purged (30d, 12h, 2s…).
+    #[arg(long, env = "TOLLGATE_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    retention: Duration,
+    /// Let requests ask for a failure with `Tollgate-Simulate: 429|500|503|panic`
+    /// (and a delay with `Tollgate-Simulate-Delay-Ms`), to test clients against a real server.
+    #[arg(long, env = "TOLLGATE_SIMULATE_ERRORS")]
+    simulate_errors: bool,
+    /// Tasks generated at once (0: accept and queue tasks but run none here).
+    #[arg(long, env = "TOLLGATE_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// Credits per image by size, e.g. `256x256=1,512x512=2,1024x1024=4`.
+    #[arg(long, env = "TOLLGATE_PRICES", default_value = "256x256=1,512x512=2,1024x1024=4", value_parser = Prices::parse)]
+    prices: Prices,
+    /// Rate limit of accounts without one of their own: sustained requests per minute.
+    #[arg(long, env = "TOLLGATE_DEFAULT_RPM", default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..))]
+    default_rpm: u32,
+    /// Rate limit of accounts without one of their own: burst.
+    #[arg(long, env = "TOLLGATE_DEFAULT_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    default_burst: u32,
+    /// How long shutdown waits for in-flight requests.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+}
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    // A panic is logged as an event inside the request's span, so it carries the request id.
+    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = Config::new(&args.data_dir);
+    config.retention = args.retention;
+    config.simulate_errors = args.simulate_errors;
+    config.workers = args.workers;
+    config.prices = args.prices;
+    config.default_rate_limit = RateLimit { requests_per_minute: args.default_rpm, burst: args.default_burst };
+    config.shutdown_grace = args.shutdown_grace;
+    // Not a flag: a flag would show the token to everyone who can list processes.
+    config.admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Secret::new);
+
+    let server = Server::open(config).await?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await.map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
+    let local = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        if let Some(token) = server.generated_admin_token() {
+            writeln!(out, "admin token (shown once; only its hash is kept): {}", token.expose())?;
+        }
+        writeln!(out, "listening on http://{local}")?;
+        out.flush()?;
+    }
+    tracing::info!(addr = %local, data_dir = %args.data_dir.display(), retention_secs = args.retention.as_secs(), "serving");
+    server.run(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
