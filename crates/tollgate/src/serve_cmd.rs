@@ -69,7 +69,10 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .init();
     // A panic is logged as an event inside the request's span, so it carries the request id.
-    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(panic = info.payload_as_str().unwrap_or("non-string payload"), %location, "panic");
+    }));
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {

@@ -71,7 +71,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
             };
         }
         if let Some(field) = quoted(&text, "unknown field `") {
-            let param = join(field);
+            // Here the path already ends with the unknown field itself.
+            let param = if path == "." { field.to_owned() } else { path.clone() };
             return Error::InvalidRequest {
                 code: ErrorCode::UnknownField,
                 message: format!("`{param}` is not a field of this request ({text})."),

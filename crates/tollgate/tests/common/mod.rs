@@ -1,0 +1,209 @@
+//! Test harness: the real `tollgate` binary on 127.0.0.1 port 0 with its own data directory,
+//! driven over real HTTP. Shared by the `server_*` test files.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// A running `tollgate serve`.
+pub struct TestServer {
+    child: Child,
+    pub base: String,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    pub http: reqwest::Client,
+}
+
+/// An account made through the operator API.
+#[derive(Debug, Clone)]
+pub struct TestAccount {
+    pub id: String,
+    pub key: String,
+}
+
+impl TestServer {
+    /// Starts a server on a data dir of its own (kept under the returned tempdir).
+    pub fn start(args: &[&str]) -> (tempfile::TempDir, TestServer) {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = TestServer::start_in(tmp.path(), args);
+        (tmp, server)
+    }
+
+    /// Starts a server on `dir` (restarts reuse it).
+    pub fn start_in(dir: &Path, args: &[&str]) -> TestServer {
+        let log = dir.join(format!("server-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("TOLLGATE_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
+            .arg("serve")
+            .args(["--addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(args)
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TOLLGATE_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(base) => base,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        };
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        TestServer { child, base, dir: dir.to_owned(), log, http }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "server did not exit in {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop, as an operator would do before a restart.
+    pub fn stop(mut self) {
+        self.terminate();
+        let status = self.wait(Duration::from_secs(30));
+        assert!(status.success(), "server exited with {status}");
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut request = self.http.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// A new account with `credits` and a generous rate limit unless one is given.
+    pub async fn account(&self, credits: u64) -> TestAccount {
+        self.account_with_limit(credits, 100_000, 10_000).await
+    }
+
+    pub async fn account_with_limit(&self, credits: u64, rpm: u32, burst: u32) -> TestAccount {
+        let response = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/accounts",
+                Some(json!({"name": "test", "credits": credits, "rate_limit": {"requests_per_minute": rpm, "burst": burst}})),
+            )
+            .await;
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.unwrap();
+        TestAccount {
+            id: body["account"]["id"].as_str().unwrap().to_owned(),
+            key: body["api_key"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub fn get(&self, key: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path)).bearer_auth(key)
+    }
+
+    pub fn post(&self, key: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(path)).bearer_auth(key)
+    }
+
+    /// Creates a task and returns its JSON (asserting 202).
+    pub async fn create_task(&self, key: &str, body: Value) -> Value {
+        let response = self.post(key, "/v1/images/generations").json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+        response.json().await.unwrap()
+    }
+
+    /// Polls a task until it is in a final state.
+    pub async fn wait_task(&self, key: &str, id: &str) -> Value {
+        for _ in 0..600 {
+            let task: Value = self.get(key, &format!("/v1/tasks/{id}")).send().await.unwrap().json().await.unwrap();
+            if matches!(task["status"].as_str(), Some("succeeded" | "failed" | "canceled")) {
+                return task;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("task {id} did not finish");
+    }
+
+    pub async fn balance(&self, key: &str) -> u64 {
+        let account: Value = self.get(key, "/v1/account").send().await.unwrap().json().await.unwrap();
+        account["credits"].as_u64().unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Checks a response is the contract's envelope with this status, type and code, and returns
+/// its headers and `error` object.
+pub async fn expect_error(response: reqwest::Response, status: u16, error_type: &str, code: &str) -> (reqwest::header::HeaderMap, Value) {
+    let headers = response.headers().clone();
+    let actual = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, status, "body: {text}");
+    assert_eq!(headers.get("content-type").unwrap(), "application/json", "body: {text}");
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    let object = body.as_object().unwrap();
+    assert_eq!(object.keys().collect::<Vec<_>>(), vec!["error"], "only `error` at the top: {text}");
+    let error = &body["error"];
+    assert_eq!(error["type"], error_type, "{text}");
+    assert_eq!(error["code"], code, "{text}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.len() > 10 && message.ends_with('.'), "a sentence: {message:?}");
+    let request_id = headers.get("x-request-id").expect("X-Request-Id").to_str().unwrap();
+    assert_eq!(error["request_id"], request_id);
+    for leak in ["sqlx", "SQLITE", "panicked", "/tmp/", "src/"] {
+        assert!(!text.contains(leak), "internals in {text}");
+    }
+    (headers, error.clone())
+}
