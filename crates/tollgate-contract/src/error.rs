@@ -195,7 +195,14 @@ mod tests {
     fn table_matches_the_contract() {
         let rows: Vec<(u16, &str, &str, bool)> = ErrorCode::ALL
             .iter()
-            .map(|c| (c.status(), c.error_type().as_str(), c.as_str(), c.is_retryable()))
+            .map(|c| {
+                (
+                    c.status(),
+                    c.error_type().as_str(),
+                    c.as_str(),
+                    c.is_retryable(),
+                )
+            })
             .collect();
         assert!(rows.contains(&(429, "rate_limit_error", "rate_limit_exceeded", true)));
         assert!(rows.contains(&(402, "billing_error", "insufficient_credits", false)));
@@ -214,7 +221,10 @@ mod tests {
 
     #[test]
     fn envelope_has_exactly_the_contract_shape() {
-        let body = ErrorBody::new(ErrorCode::RateLimitExceeded, "Rate limit exceeded. Please slow down.");
+        let body = ErrorBody::new(
+            ErrorCode::RateLimitExceeded,
+            "Rate limit exceeded. Please slow down.",
+        );
         let json = serde_json::to_value(&body).unwrap();
         assert_eq!(
             json,

@@ -49,7 +49,10 @@ pub enum GiveUp {
 /// What to do after an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Retry { delay: Duration, source: DelaySource },
+    Retry {
+        delay: Duration,
+        source: DelaySource,
+    },
     GiveUp(GiveUp),
 }
 
@@ -94,7 +97,12 @@ impl RetryPolicy {
     pub fn is_retryable(&self, outcome: &Outcome<'_>) -> bool {
         match *outcome {
             Outcome::Transport => true,
-            Outcome::Response { status, error_type, code, .. } => self.classify(status, error_type, code),
+            Outcome::Response {
+                status,
+                error_type,
+                code,
+                ..
+            } => self.classify(status, error_type, code),
         }
     }
 
@@ -111,12 +119,18 @@ impl RetryPolicy {
     /// The capped exponential part of retry `k`'s wait: `min(base · 2^k, cap)`.
     pub fn backoff(&self, k: u32) -> Duration {
         let factor = 2u32.checked_pow(k).unwrap_or(u32::MAX);
-        self.base.checked_mul(factor).map_or(self.cap, |d| d.min(self.cap))
+        self.base
+            .checked_mul(factor)
+            .map_or(self.cap, |d| d.min(self.cap))
     }
 
     /// A uniform jitter in `[0, max_jitter)` from a number in `[0, 1)`.
     pub fn jitter_from_unit(&self, unit: f64) -> Duration {
-        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let jitter = self.max_jitter.mul_f64(unit);
         // `unit` < 1 keeps us below max_jitter; clamp anyway so a caller's 1.0 cannot reach it.
         if jitter >= self.max_jitter && !self.max_jitter.is_zero() {
@@ -141,14 +155,24 @@ impl RetryPolicy {
         if k >= self.max_retries {
             return Decision::GiveUp(GiveUp::AttemptsExhausted);
         }
-        if let Outcome::Response { retry_after: Some(wait), .. } = *outcome {
+        if let Outcome::Response {
+            retry_after: Some(wait),
+            ..
+        } = *outcome
+        {
             if wait > self.max_retry_after {
                 return Decision::GiveUp(GiveUp::RetryAfterTooLong(wait));
             }
-            return Decision::Retry { delay: wait + jitter, source: DelaySource::RetryAfter(wait) };
+            return Decision::Retry {
+                delay: wait + jitter,
+                source: DelaySource::RetryAfter(wait),
+            };
         }
         let backoff = self.backoff(k);
-        Decision::Retry { delay: backoff + jitter, source: DelaySource::Backoff(backoff) }
+        Decision::Retry {
+            delay: backoff + jitter,
+            source: DelaySource::Backoff(backoff),
+        }
     }
 }
 
@@ -157,7 +181,12 @@ mod tests {
     use super::*;
 
     fn status(s: u16) -> Outcome<'static> {
-        Outcome::Response { status: s, error_type: None, code: None, retry_after: None }
+        Outcome::Response {
+            status: s,
+            error_type: None,
+            code: None,
+            retry_after: None,
+        }
     }
 
     #[test]
@@ -172,7 +201,11 @@ mod tests {
     fn never_retries_client_errors() {
         let p = RetryPolicy::default();
         for s in [400, 401, 402, 404, 405, 410, 413] {
-            assert_eq!(p.decide(0, &status(s), Duration::ZERO), Decision::GiveUp(GiveUp::NotRetryable), "{s}");
+            assert_eq!(
+                p.decide(0, &status(s), Duration::ZERO),
+                Decision::GiveUp(GiveUp::NotRetryable),
+                "{s}"
+            );
         }
     }
 
@@ -181,16 +214,27 @@ mod tests {
         let p = RetryPolicy::default();
         for o in [status(429), status(500), status(503), Outcome::Transport] {
             for k in 0..5 {
-                assert!(matches!(p.decide(k, &o, Duration::ZERO), Decision::Retry { .. }));
+                assert!(matches!(
+                    p.decide(k, &o, Duration::ZERO),
+                    Decision::Retry { .. }
+                ));
             }
-            assert_eq!(p.decide(5, &o, Duration::ZERO), Decision::GiveUp(GiveUp::AttemptsExhausted));
+            assert_eq!(
+                p.decide(5, &o, Duration::ZERO),
+                Decision::GiveUp(GiveUp::AttemptsExhausted)
+            );
         }
     }
 
     #[test]
     fn retry_after_is_a_floor_and_has_a_ceiling() {
         let p = RetryPolicy::default();
-        let o = Outcome::Response { status: 429, error_type: None, code: None, retry_after: Some(Duration::from_secs(3)) };
+        let o = Outcome::Response {
+            status: 429,
+            error_type: None,
+            code: None,
+            retry_after: Some(Duration::from_secs(3)),
+        };
         assert_eq!(
             p.decide(4, &o, Duration::from_millis(250)),
             Decision::Retry {
@@ -198,7 +242,12 @@ mod tests {
                 source: DelaySource::RetryAfter(Duration::from_secs(3))
             }
         );
-        let long = Outcome::Response { status: 503, error_type: None, code: None, retry_after: Some(Duration::from_secs(61)) };
+        let long = Outcome::Response {
+            status: 503,
+            error_type: None,
+            code: None,
+            retry_after: Some(Duration::from_secs(61)),
+        };
         assert_eq!(
             p.decide(0, &long, Duration::ZERO),
             Decision::GiveUp(GiveUp::RetryAfterTooLong(Duration::from_secs(61)))
@@ -219,9 +268,19 @@ mod tests {
     fn code_overrides_win() {
         let mut p = RetryPolicy::default();
         p.code_overrides.insert("insufficient_credits".into(), true);
-        let o = Outcome::Response { status: 402, error_type: None, code: Some("insufficient_credits"), retry_after: None };
+        let o = Outcome::Response {
+            status: 402,
+            error_type: None,
+            code: Some("insufficient_credits"),
+            retry_after: None,
+        };
         assert!(p.is_retryable(&o));
-        let in_use = Outcome::Response { status: 409, error_type: None, code: Some("idempotency_key_in_use"), retry_after: None };
+        let in_use = Outcome::Response {
+            status: 409,
+            error_type: None,
+            code: Some("idempotency_key_in_use"),
+            retry_after: None,
+        };
         assert!(RetryPolicy::default().is_retryable(&in_use));
     }
 
@@ -237,7 +296,15 @@ mod tests {
         assert!(p.classify(418, None, None));
         assert!(!p.classify(500, Some("server_error"), Some("internal_error")));
         assert!(p.classify(500, Some("server_error"), Some("something_new")));
-        let o = Outcome::Response { status: 500, error_type: None, code: Some("internal_error"), retry_after: None };
-        assert_eq!(p.decide(0, &o, Duration::ZERO), Decision::GiveUp(GiveUp::NotRetryable));
+        let o = Outcome::Response {
+            status: 500,
+            error_type: None,
+            code: Some("internal_error"),
+            retry_after: None,
+        };
+        assert_eq!(
+            p.decide(0, &o, Duration::ZERO),
+            Decision::GiveUp(GiveUp::NotRetryable)
+        );
     }
 }

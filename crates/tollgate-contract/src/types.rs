@@ -75,7 +75,12 @@ pub struct CreateGenerationRequest {
 
 impl CreateGenerationRequest {
     pub fn new(prompt: impl Into<String>) -> Self {
-        CreateGenerationRequest { prompt: prompt.into(), n: None, size: None, seed: None }
+        CreateGenerationRequest {
+            prompt: prompt.into(),
+            n: None,
+            size: None,
+            seed: None,
+        }
     }
 }
 
@@ -104,7 +109,10 @@ impl TaskStatus {
 
     /// Whether the task will not change any more.
     pub const fn is_terminal(self) -> bool {
-        matches!(self, TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Canceled)
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Canceled
+        )
     }
 }
 
@@ -250,7 +258,10 @@ impl fmt::Debug for CreatedAccount {
 
 impl fmt::Debug for CreatedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CreatedKey").field("id", &self.id).field("api_key", &"tg_…(redacted)").finish()
+        f.debug_struct("CreatedKey")
+            .field("id", &self.id)
+            .field("api_key", &"tg_…(redacted)")
+            .finish()
     }
 }
 
@@ -336,7 +347,10 @@ mod tests {
 
     #[test]
     fn created_key_debug_hides_the_key() {
-        let k = CreatedKey { id: "key_1".into(), api_key: "tg_secret".into() };
+        let k = CreatedKey {
+            id: "key_1".into(),
+            api_key: "tg_secret".into(),
+        };
         assert!(!format!("{k:?}").contains("secret"));
     }
 }

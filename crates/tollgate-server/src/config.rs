@@ -65,7 +65,10 @@ impl Config {
             retention: Duration::from_secs(30 * 24 * 3600),
             simulate_errors: false,
             prices: Prices::default(),
-            default_rate_limit: RateLimit { requests_per_minute: 600, burst: 20 },
+            default_rate_limit: RateLimit {
+                requests_per_minute: 600,
+                burst: 20,
+            },
             workers: 2,
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
@@ -77,25 +80,33 @@ impl Config {
 
     /// The purge runs often enough that a short retention (tests, demos) is honoured promptly.
     pub fn effective_purge_interval(&self) -> Duration {
-        self.purge_interval.min(self.retention / 4).max(Duration::from_millis(200))
+        self.purge_interval
+            .min(self.retention / 4)
+            .max(Duration::from_millis(200))
     }
 }
 
 /// Parses durations like `30d`, `12h`, `15m`, `2s`, `500ms` (one number and one unit).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write a whole number and a unit, like 30d, 12h or 2s"))?;
+    let number: u64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a duration: write a whole number and a unit, like 30d, 12h or 2s")
+    })?;
     let seconds_per_unit = match unit {
         "ms" => return Ok(Duration::from_millis(number)),
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("{text:?} has an unknown unit: use ms, s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit: use ms, s, m, h or d"
+            ))
+        }
     };
     number
         .checked_mul(seconds_per_unit)
@@ -109,8 +120,14 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
-        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("12h").unwrap(),
+            Duration::from_secs(12 * 3600)
+        );
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("2").is_err());
@@ -121,7 +138,10 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = Config { admin_token: Some(Secret::new("hunter2")), ..Config::new("/tmp") };
+        let c = Config {
+            admin_token: Some(Secret::new("hunter2")),
+            ..Config::new("/tmp")
+        };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

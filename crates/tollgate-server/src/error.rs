@@ -13,7 +13,11 @@ use tollgate_contract::ErrorCode;
 pub enum Error {
     /// The request is malformed or a value is out of range: 400 (or 413), `param` names the field.
     #[error("{message}")]
-    InvalidRequest { code: ErrorCode, message: String, param: Option<String> },
+    InvalidRequest {
+        code: ErrorCode,
+        message: String,
+        param: Option<String>,
+    },
     /// No credential was sent (`admin`: the route wanted the operator's token).
     #[error("missing credential")]
     MissingCredential { admin: bool },
@@ -28,7 +32,11 @@ pub enum Error {
     NotFound { what: &'static str, id: String },
     /// The resource existed but is past the retention.
     #[error("{what} {id} expired")]
-    Gone { what: &'static str, id: String, retention: Duration },
+    Gone {
+        what: &'static str,
+        id: String,
+        retention: Duration,
+    },
     /// The account's rate limit is spent; `retry_after` is the exact wait until the next admission.
     #[error("rate limited for {retry_after:?}")]
     RateLimited { retry_after: Duration },
@@ -40,10 +48,16 @@ pub enum Error {
     IdempotencyKeyInUse,
     /// The task is running or finished and so cannot be cancelled.
     #[error("task {id} is {status} and cannot be cancelled")]
-    NotCancelable { id: String, status: tollgate_contract::TaskStatus },
+    NotCancelable {
+        id: String,
+        status: tollgate_contract::TaskStatus,
+    },
     /// Shutting down or overloaded.
     #[error("service unavailable: {reason}")]
-    Unavailable { reason: &'static str, retry_after: Duration },
+    Unavailable {
+        reason: &'static str,
+        retry_after: Duration,
+    },
     /// A bug or a broken dependency. The message goes to the log, never to the client.
     #[error("internal error: {0}")]
     Internal(String),
@@ -54,7 +68,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A 400 with `param`.
     pub fn invalid(code: ErrorCode, param: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidRequest { code, message: message.into(), param: Some(param.into()) }
+        Error::InvalidRequest {
+            code,
+            message: message.into(),
+            param: Some(param.into()),
+        }
     }
 
     /// A 500 whose cause is logged, not shown.
@@ -85,9 +103,10 @@ impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match e {
             // A pool that cannot hand out a connection in time is overload, not a bug.
-            sqlx::Error::PoolTimedOut => {
-                Error::Unavailable { reason: "database busy", retry_after: Duration::from_secs(1) }
-            }
+            sqlx::Error::PoolTimedOut => Error::Unavailable {
+                reason: "database busy",
+                retry_after: Duration::from_secs(1),
+            },
             other => Error::Internal(format!("database: {other}")),
         }
     }

@@ -30,21 +30,54 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("tollgate");
         let http_requests = Family::<Labels, Counter>::default();
-        let http_duration = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let http_duration =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let rate_limited = Counter::default();
         let credits_charged = Counter::default();
         let credits_refunded = Counter::default();
         let queue_depth = Gauge::default();
         let task_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let tasks_finished = Family::<Labels, Counter>::default();
-        registry.register("http_requests", "HTTP requests by route, method and status", http_requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency by route", http_duration.clone());
-        registry.register("rate_limit_rejections", "Requests refused with 429", rate_limited.clone());
-        registry.register("credits_charged", "Credits charged for accepted tasks", credits_charged.clone());
-        registry.register("credits_refunded", "Credits refunded for failed or cancelled tasks", credits_refunded.clone());
-        registry.register("task_queue_depth", "Tasks waiting to run", queue_depth.clone());
-        registry.register("task_duration_seconds", "Time from start to end of a task run", task_duration.clone());
-        registry.register("tasks_finished", "Tasks that reached a final state, by status", tasks_finished.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            http_duration.clone(),
+        );
+        registry.register(
+            "rate_limit_rejections",
+            "Requests refused with 429",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "credits_charged",
+            "Credits charged for accepted tasks",
+            credits_charged.clone(),
+        );
+        registry.register(
+            "credits_refunded",
+            "Credits refunded for failed or cancelled tasks",
+            credits_refunded.clone(),
+        );
+        registry.register(
+            "task_queue_depth",
+            "Tasks waiting to run",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "task_duration_seconds",
+            "Time from start to end of a task run",
+            task_duration.clone(),
+        );
+        registry.register(
+            "tasks_finished",
+            "Tasks that reached a final state, by status",
+            tasks_finished.clone(),
+        );
         Metrics {
             registry,
             http_requests,
@@ -62,13 +95,21 @@ impl Default for Metrics {
 impl Metrics {
     pub fn observe_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
         self.http_requests
-            .get_or_create(&vec![("route", route.to_owned()), ("method", method.to_owned()), ("status", status.to_string())])
+            .get_or_create(&vec![
+                ("route", route.to_owned()),
+                ("method", method.to_owned()),
+                ("status", status.to_string()),
+            ])
             .inc();
-        self.http_duration.get_or_create(&vec![("route", route.to_owned())]).observe(seconds);
+        self.http_duration
+            .get_or_create(&vec![("route", route.to_owned())])
+            .observe(seconds);
     }
 
     pub fn task_finished(&self, status: &str) {
-        self.tasks_finished.get_or_create(&vec![("status", status.to_owned())]).inc();
+        self.tasks_finished
+            .get_or_create(&vec![("status", status.to_owned())])
+            .inc();
     }
 
     /// The text exposition format.

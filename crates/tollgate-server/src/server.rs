@@ -42,10 +42,16 @@ impl Server {
         };
         let requeued = store.requeue_running().await?;
         if requeued > 0 {
-            tracing::warn!(tasks = requeued, "tasks left running by an earlier run are queued again");
+            tracing::warn!(
+                tasks = requeued,
+                "tasks left running by an earlier run are queued again"
+            );
         }
         let app = Arc::new(Tollgate::new(config, store, images, admin_hash));
-        Ok(Server { app, generated_admin_token })
+        Ok(Server {
+            app,
+            generated_admin_token,
+        })
     }
 
     /// The operator token made on this first start, to be shown once. `None` when it was
@@ -62,7 +68,11 @@ impl Server {
     /// Serves on `listener` until `shutdown` resolves. Then: new requests get 503 with
     /// `Retry-After` while in-flight ones finish (up to `shutdown_grace`), the listener closes,
     /// and workers stop after their current task. Queued tasks stay queued for the next start.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let config = self.app.config().clone();
         let (stop_tx, stop_rx) = watch::channel(false);
         let workers = worker::spawn(Arc::clone(&self.app), config.workers, stop_rx.clone());
@@ -81,7 +91,9 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        axum::serve(listener, router).with_graceful_shutdown(drained).await?;
+        axum::serve(listener, router)
+            .with_graceful_shutdown(drained)
+            .await?;
 
         let _ = stop_tx.send(true);
         for handle in workers {

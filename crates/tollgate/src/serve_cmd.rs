@@ -43,7 +43,10 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> ExitCode {
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("tollgate: cannot start the async runtime: {e}");
@@ -70,7 +73,10 @@ fn init_logging() {
         .init();
     // A panic is logged as an event inside the request's span, so it carries the request id.
     std::panic::set_hook(Box::new(|info| {
-        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         tracing::error!(panic = info.payload_as_str().unwrap_or("non-string payload"), %location, "panic");
     }));
 }
@@ -81,18 +87,30 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.simulate_errors = args.simulate_errors;
     config.workers = args.workers;
     config.prices = args.prices;
-    config.default_rate_limit = RateLimit { requests_per_minute: args.default_rpm, burst: args.default_burst };
+    config.default_rate_limit = RateLimit {
+        requests_per_minute: args.default_rpm,
+        burst: args.default_burst,
+    };
     config.shutdown_grace = args.shutdown_grace;
     // Not a flag: a flag would show the token to everyone who can list processes.
-    config.admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Secret::new);
+    config.admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
 
     let server = Server::open(config).await?;
-    let listener = tokio::net::TcpListener::bind(args.addr).await.map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let local = listener.local_addr()?;
     {
         let mut out = std::io::stdout().lock();
         if let Some(token) = server.generated_admin_token() {
-            writeln!(out, "admin token (shown once; only its hash is kept): {}", token.expose())?;
+            writeln!(
+                out,
+                "admin token (shown once; only its hash is kept): {}",
+                token.expose()
+            )?;
         }
         writeln!(out, "listening on http://{local}")?;
         out.flush()?;

@@ -8,7 +8,14 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 async fn ledger(server: &TestServer, key: &str) -> Vec<Value> {
-    let body: Value = server.get(key, "/v1/account/ledger?limit=100").send().await.unwrap().json().await.unwrap();
+    let body: Value = server
+        .get(key, "/v1/account/ledger?limit=100")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["has_more"], false);
     body["data"].as_array().unwrap().clone()
 }
@@ -44,13 +51,25 @@ async fn two_hundred_concurrent_creates_against_fifty_credits() {
     assert_eq!(charges.len(), 50);
     let sum: i64 = entries.iter().map(|e| e["delta"].as_i64().unwrap()).sum();
     assert_eq!(sum, 0, "grant 50 minus 50 charges");
-    assert!(entries.iter().all(|e| e["balance_after"].as_i64().unwrap() >= 0));
+    assert!(entries
+        .iter()
+        .all(|e| e["balance_after"].as_i64().unwrap() >= 0));
 
-    let tasks: Value = server.get(&acct.key, "/v1/tasks?limit=100").send().await.unwrap().json().await.unwrap();
+    let tasks: Value = server
+        .get(&acct.key, "/v1/tasks?limit=100")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let tasks = tasks["data"].as_array().unwrap();
     assert_eq!(tasks.len(), 50);
     // Every task has exactly one charge, and every charge names a task.
-    let mut charged: Vec<&str> = charges.iter().map(|e| e["task_id"].as_str().unwrap()).collect();
+    let mut charged: Vec<&str> = charges
+        .iter()
+        .map(|e| e["task_id"].as_str().unwrap())
+        .collect();
     let mut listed: Vec<&str> = tasks.iter().map(|t| t["id"].as_str().unwrap()).collect();
     charged.sort_unstable();
     listed.sort_unstable();
@@ -61,19 +80,35 @@ async fn two_hundred_concurrent_creates_against_fifty_credits() {
 async fn cancel_refunds_a_queued_task_once() {
     let (_tmp, server) = TestServer::start(&["--workers", "0"]);
     let acct = server.account(10).await;
-    let task = server.create_task(&acct.key, json!({"prompt": "to cancel", "n": 2, "size": "512x512"})).await;
+    let task = server
+        .create_task(
+            &acct.key,
+            json!({"prompt": "to cancel", "n": 2, "size": "512x512"}),
+        )
+        .await;
     assert_eq!(task["cost"], 4);
     assert_eq!(server.balance(&acct.key).await, 6);
     let id = task["id"].as_str().unwrap();
     for _ in 0..2 {
-        let response = server.post(&acct.key, &format!("/v1/tasks/{id}/cancel")).send().await.unwrap();
+        let response = server
+            .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         let canceled: Value = response.json().await.unwrap();
         assert_eq!(canceled["status"], "canceled");
     }
-    assert_eq!(server.balance(&acct.key).await, 10, "refunded once, not twice");
+    assert_eq!(
+        server.balance(&acct.key).await,
+        10,
+        "refunded once, not twice"
+    );
     let entries = ledger(&server, &acct.key).await;
-    let kinds: Vec<&str> = entries.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, vec!["refund", "charge", "grant"]);
 }
 
@@ -81,11 +116,17 @@ async fn cancel_refunds_a_queued_task_once() {
 async fn a_finished_task_cannot_be_cancelled_and_keeps_its_charge() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
-    let task = server.create_task(&acct.key, json!({"prompt": "quick", "size": "256x256"})).await;
+    let task = server
+        .create_task(&acct.key, json!({"prompt": "quick", "size": "256x256"}))
+        .await;
     let id = task["id"].as_str().unwrap();
     let done = server.wait_task(&acct.key, id).await;
     assert_eq!(done["status"], "succeeded");
-    let response = server.post(&acct.key, &format!("/v1/tasks/{id}/cancel")).send().await.unwrap();
+    let response = server
+        .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 409, "conflict_error", "task_not_cancelable").await;
     assert_eq!(server.balance(&acct.key).await, 9);
 }
@@ -95,20 +136,43 @@ async fn operator_grants_and_corrections_are_ledger_entries_and_never_overdraw()
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(5).await;
     let path = format!("/admin/accounts/{}/credits", acct.id);
-    let response = server.admin(reqwest::Method::POST, &path, Some(json!({"amount": 50, "note": "top-up"}))).await;
+    let response = server
+        .admin(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"amount": 50, "note": "top-up"})),
+        )
+        .await;
     assert_eq!(response.status(), 200);
     let account: Value = response.json().await.unwrap();
     assert_eq!(account["credits"], 55);
-    let response = server.admin(reqwest::Method::POST, &path, Some(json!({"amount": -60}))).await;
+    let response = server
+        .admin(reqwest::Method::POST, &path, Some(json!({"amount": -60})))
+        .await;
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "amount");
-    let response = server.admin(reqwest::Method::POST, &path, Some(json!({"amount": -5, "note": "correction"}))).await;
+    let response = server
+        .admin(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"amount": -5, "note": "correction"})),
+        )
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(server.balance(&acct.key).await, 50);
     let entries = ledger(&server, &acct.key).await;
-    let notes: Vec<&str> = entries.iter().map(|e| e["note"].as_str().unwrap_or("")).collect();
+    let notes: Vec<&str> = entries
+        .iter()
+        .map(|e| e["note"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(notes, vec!["correction", "top-up", "opening balance"]);
-    let response = server.admin(reqwest::Method::POST, &path, Some(json!({"amount": "lots"}))).await;
+    let response = server
+        .admin(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"amount": "lots"})),
+        )
+        .await;
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "amount");
 }

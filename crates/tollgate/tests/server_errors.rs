@@ -13,12 +13,34 @@ async fn row_400_invalid_json_missing_field_invalid_value_with_param() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(100).await;
     let post = |body: &'static str| {
-        server.post(&acct.key, "/v1/images/generations").header("content-type", "application/json").body(body).send()
+        server
+            .post(&acct.key, "/v1/images/generations")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
-    expect_error(post("{\"prompt\": ").await.unwrap(), 400, "invalid_request_error", "invalid_json").await;
-    expect_error(post("").await.unwrap(), 400, "invalid_request_error", "invalid_json").await;
+    expect_error(
+        post("{\"prompt\": ").await.unwrap(),
+        400,
+        "invalid_request_error",
+        "invalid_json",
+    )
+    .await;
+    expect_error(
+        post("").await.unwrap(),
+        400,
+        "invalid_request_error",
+        "invalid_json",
+    )
+    .await;
 
-    let (_, e) = expect_error(post("{}").await.unwrap(), 400, "invalid_request_error", "missing_field").await;
+    let (_, e) = expect_error(
+        post("{}").await.unwrap(),
+        400,
+        "invalid_request_error",
+        "missing_field",
+    )
+    .await;
     assert_eq!(e["param"], "prompt");
 
     for (body, param) in [
@@ -29,15 +51,33 @@ async fn row_400_invalid_json_missing_field_invalid_value_with_param() {
         (r#"{"prompt":""}"#, "prompt"),
         (r#"{"prompt":42}"#, "prompt"),
     ] {
-        let (_, e) = expect_error(post(body).await.unwrap(), 400, "invalid_request_error", "invalid_value").await;
+        let (_, e) = expect_error(
+            post(body).await.unwrap(),
+            400,
+            "invalid_request_error",
+            "invalid_value",
+        )
+        .await;
         assert_eq!(e["param"], param, "{body}");
     }
     let long = json!({"prompt": "x".repeat(4001)});
-    let response = server.post(&acct.key, "/v1/images/generations").json(&long).send().await.unwrap();
+    let response = server
+        .post(&acct.key, "/v1/images/generations")
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "prompt");
-    let (_, e) =
-        expect_error(post(r#"{"prompt":"a cat","sise":"256x256"}"#).await.unwrap(), 400, "invalid_request_error", "unknown_field").await;
+    let (_, e) = expect_error(
+        post(r#"{"prompt":"a cat","sise":"256x256"}"#)
+            .await
+            .unwrap(),
+        400,
+        "invalid_request_error",
+        "unknown_field",
+    )
+    .await;
     assert_eq!(e["param"], "sise");
 
     // Nothing was charged for any of it.
@@ -56,7 +96,13 @@ async fn row_400_idempotency_key_reused() {
             .send()
     };
     assert_eq!(send("a cat").await.unwrap().status(), 202);
-    let (_, e) = expect_error(send("a dog").await.unwrap(), 400, "invalid_request_error", "idempotency_key_reused").await;
+    let (_, e) = expect_error(
+        send("a dog").await.unwrap(),
+        400,
+        "invalid_request_error",
+        "idempotency_key_reused",
+    )
+    .await;
     assert_eq!(e["param"], "Idempotency-Key");
     assert_eq!(server.balance(&acct.key).await, 99);
 }
@@ -65,22 +111,43 @@ async fn row_400_idempotency_key_reused() {
 async fn row_401_missing_and_invalid_api_key() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
-    let response = server.http.get(server.url("/v1/account")).send().await.unwrap();
+    let response = server
+        .http
+        .get(server.url("/v1/account"))
+        .send()
+        .await
+        .unwrap();
     let (headers, _) = expect_error(response, 401, "authentication_error", "missing_api_key").await;
     assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
 
     let wrong = format!("{}x", acct.key);
     for key in [wrong.as_str(), "tg_nope", "not-even-a-tollgate-key"] {
         let response = server.get(key, "/v1/account").send().await.unwrap();
-        let (headers, _) = expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+        let (headers, _) =
+            expect_error(response, 401, "authentication_error", "invalid_api_key").await;
         assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
     }
-    let response = server.http.get(server.url("/v1/account")).basic_auth("user", Some("pw")).send().await.unwrap();
+    let response = server
+        .http
+        .get(server.url("/v1/account"))
+        .basic_auth("user", Some("pw"))
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
     // The operator routes want the admin token, not an API key.
-    let response = server.get(&acct.key, "/admin/accounts").send().await.unwrap();
+    let response = server
+        .get(&acct.key, "/admin/accounts")
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
-    let response = server.http.get(server.url("/admin/accounts")).send().await.unwrap();
+    let response = server
+        .http
+        .get(server.url("/admin/accounts"))
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 401, "authentication_error", "missing_api_key").await;
 }
 
@@ -98,13 +165,34 @@ async fn row_402_insufficient_credits_creates_and_charges_nothing() {
     let message = e["message"].as_str().unwrap();
     assert!(message.contains("costs 4 credits"), "{message}");
     assert!(message.contains("balance is 3"), "{message}");
-    assert!(message.contains("Dashboard") && message.contains("/dashboard/credits"), "{message}");
+    assert!(
+        message.contains("Dashboard") && message.contains("/dashboard/credits"),
+        "{message}"
+    );
 
     assert_eq!(server.balance(&acct.key).await, 3);
-    let list: Value = server.get(&acct.key, "/v1/tasks").send().await.unwrap().json().await.unwrap();
+    let list: Value = server
+        .get(&acct.key, "/v1/tasks")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["data"].as_array().unwrap().len(), 0);
-    let ledger: Value = server.get(&acct.key, "/v1/account/ledger").send().await.unwrap().json().await.unwrap();
-    assert_eq!(ledger["data"].as_array().unwrap().len(), 1, "only the opening grant: {ledger}");
+    let ledger: Value = server
+        .get(&acct.key, "/v1/account/ledger")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger["data"].as_array().unwrap().len(),
+        1,
+        "only the opening grant: {ledger}"
+    );
 }
 
 #[tokio::test]
@@ -115,26 +203,63 @@ async fn row_404_unknown_endpoint_and_resource_not_found() {
         let response = server.get(&acct.key, path).send().await.unwrap();
         expect_error(response, 404, "not_found_error", "unknown_endpoint").await;
     }
-    let response = server.get(&acct.key, "/v1/tasks/task_000000000000000000000000").send().await.unwrap();
+    let response = server
+        .get(&acct.key, "/v1/tasks/task_000000000000000000000000")
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
-    let response = server.admin(reqwest::Method::GET, "/admin/accounts/acct_nope", None).await;
+    let response = server
+        .admin(reqwest::Method::GET, "/admin/accounts/acct_nope", None)
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
-    let response = server.admin(reqwest::Method::DELETE, "/admin/keys/key_nope", None).await;
+    let response = server
+        .admin(reqwest::Method::DELETE, "/admin/keys/key_nope", None)
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
 }
 
 #[tokio::test]
 async fn row_405_method_not_allowed_with_allow() {
     let (_tmp, server) = TestServer::start(&[]);
-    let response = server.http.put(server.url("/v1/tasks")).send().await.unwrap();
-    let (headers, _) = expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
-    assert!(headers.get("allow").unwrap().to_str().unwrap().contains("GET"));
-    let response = server.http.get(server.url("/v1/images/generations")).send().await.unwrap();
-    let (headers, _) = expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
+    let response = server
+        .http
+        .put(server.url("/v1/tasks"))
+        .send()
+        .await
+        .unwrap();
+    let (headers, _) =
+        expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
+    assert!(headers
+        .get("allow")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .contains("GET"));
+    let response = server
+        .http
+        .get(server.url("/v1/images/generations"))
+        .send()
+        .await
+        .unwrap();
+    let (headers, _) =
+        expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
     assert_eq!(headers.get("allow").unwrap(), "POST");
-    let response = server.http.delete(server.url("/admin/accounts")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
-    let (headers, _) = expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
-    assert!(headers.get("allow").unwrap().to_str().unwrap().contains("POST"));
+    let response = server
+        .http
+        .delete(server.url("/admin/accounts"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let (headers, _) =
+        expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
+    assert!(headers
+        .get("allow")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .contains("POST"));
 }
 
 #[tokio::test]
@@ -150,15 +275,32 @@ async fn row_409_idempotency_key_in_use_while_the_first_runs() {
         .send();
     let second = async {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        server.post(&acct.key, "/v1/images/generations").header("Idempotency-Key", "k-409").json(&body).send().await
+        server
+            .post(&acct.key, "/v1/images/generations")
+            .header("Idempotency-Key", "k-409")
+            .json(&body)
+            .send()
+            .await
     };
     let (first, second) = tokio::join!(first, second);
-    expect_error(second.unwrap(), 409, "conflict_error", "idempotency_key_in_use").await;
+    expect_error(
+        second.unwrap(),
+        409,
+        "conflict_error",
+        "idempotency_key_in_use",
+    )
+    .await;
     let first = first.unwrap();
     assert_eq!(first.status(), 202);
     let task: Value = first.json().await.unwrap();
     // Once the first is done, the same request replays it.
-    let replay = server.post(&acct.key, "/v1/images/generations").header("Idempotency-Key", "k-409").json(&body).send().await.unwrap();
+    let replay = server
+        .post(&acct.key, "/v1/images/generations")
+        .header("Idempotency-Key", "k-409")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(replay.status(), 202);
     assert_eq!(replay.headers().get("idempotent-replayed").unwrap(), "true");
     let again: Value = replay.json().await.unwrap();
@@ -171,7 +313,12 @@ async fn row_413_body_too_large() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
     let big = json!({"prompt": "x".repeat(1024 * 1024 + 10)});
-    let response = server.post(&acct.key, "/v1/images/generations").json(&big).send().await.unwrap();
+    let response = server
+        .post(&acct.key, "/v1/images/generations")
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 413, "invalid_request_error", "body_too_large").await;
     let response = server
         .post(&acct.key, "/v1/images/generations")
@@ -191,43 +338,123 @@ async fn row_429_exact_retry_after_and_ratelimit_headers() {
     let acct = server.account_with_limit(10, 30, 1).await;
     let first = server.get(&acct.key, "/v1/account").send().await.unwrap();
     assert_eq!(first.status(), 200);
-    assert_eq!(first.headers().get("ratelimit-policy").unwrap(), "\"default\";q=1;w=2");
-    assert_eq!(first.headers().get("ratelimit").unwrap(), "\"default\";r=0;t=2");
+    assert_eq!(
+        first.headers().get("ratelimit-policy").unwrap(),
+        "\"default\";q=1;w=2"
+    );
+    assert_eq!(
+        first.headers().get("ratelimit").unwrap(),
+        "\"default\";r=0;t=2"
+    );
 
     let refused = server.get(&acct.key, "/v1/account").send().await.unwrap();
     let (headers, e) = expect_error(refused, 429, "rate_limit_error", "rate_limit_exceeded").await;
-    let retry_after: u64 = headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = headers
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(retry_after, 2);
-    assert!(headers.get("ratelimit").unwrap().to_str().unwrap().starts_with("\"default\";r=0;"));
+    assert!(headers
+        .get("ratelimit")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("\"default\";r=0;"));
     assert!(headers.get("ratelimit-policy").is_some());
     assert!(e["message"].as_str().unwrap().contains("2 seconds"));
 
     // Waiting exactly Retry-After is enough: never earlier than the server can admit.
     tokio::time::sleep(Duration::from_secs(retry_after)).await;
-    assert_eq!(server.get(&acct.key, "/v1/account").send().await.unwrap().status(), 200);
+    assert_eq!(
+        server
+            .get(&acct.key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     // Other accounts are not affected.
     let other = server.account_with_limit(10, 30, 1).await;
-    assert_eq!(server.get(&other.key, "/v1/account").send().await.unwrap().status(), 200);
+    assert_eq!(
+        server
+            .get(&other.key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn row_429_limits_are_set_by_the_operator_and_apply_at_once() {
     let (_tmp, server) = TestServer::start(&["--default-rpm", "60", "--default-burst", "2"]);
-    let response = server.admin(reqwest::Method::POST, "/admin/accounts", Some(json!({"name": "defaults"}))).await;
+    let response = server
+        .admin(
+            reqwest::Method::POST,
+            "/admin/accounts",
+            Some(json!({"name": "defaults"})),
+        )
+        .await;
     let created: Value = response.json().await.unwrap();
-    assert_eq!(created["account"]["rate_limit"], json!({"requests_per_minute": 60, "burst": 2}));
+    assert_eq!(
+        created["account"]["rate_limit"],
+        json!({"requests_per_minute": 60, "burst": 2})
+    );
     let key = created["api_key"].as_str().unwrap().to_owned();
     let id = created["account"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(server.get(&key, "/v1/account").send().await.unwrap().status(), 200);
-    assert_eq!(server.get(&key, "/v1/account").send().await.unwrap().status(), 200);
-    assert_eq!(server.get(&key, "/v1/account").send().await.unwrap().status(), 429);
+    assert_eq!(
+        server
+            .get(&key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        server
+            .get(&key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        server
+            .get(&key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
 
     let patch = json!({"rate_limit": {"requests_per_minute": 6000, "burst": 50}});
-    let response = server.admin(reqwest::Method::PATCH, &format!("/admin/accounts/{id}"), Some(patch)).await;
+    let response = server
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/accounts/{id}"),
+            Some(patch),
+        )
+        .await;
     assert_eq!(response.status(), 200);
     for _ in 0..20 {
-        assert_eq!(server.get(&key, "/v1/account").send().await.unwrap().status(), 200);
+        assert_eq!(
+            server
+                .get(&key, "/v1/account")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
 }
 
@@ -236,42 +463,85 @@ async fn row_500_panic_is_caught_enveloped_and_logged_with_the_request_id() {
     let (_tmp, server) = TestServer::start(&["--simulate-errors"]);
     let acct = server.account(10).await;
     for simulate in ["500", "panic"] {
-        let response = server.get(&acct.key, "/v1/account").header("Tollgate-Simulate", simulate).send().await.unwrap();
+        let response = server
+            .get(&acct.key, "/v1/account")
+            .header("Tollgate-Simulate", simulate)
+            .send()
+            .await
+            .unwrap();
         let (_, e) = expect_error(response, 500, "server_error", "internal_error").await;
         let request_id = e["request_id"].as_str().unwrap().to_owned();
         // The log has the cause under the request id; the client saw none of it.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let logs = server.logs();
-        let line = logs.lines().find(|l| l.contains(&request_id) && l.contains("ERROR")).unwrap_or_else(|| panic!("{logs}"));
+        let line = logs
+            .lines()
+            .find(|l| l.contains(&request_id) && l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("{logs}"));
         assert!(line.contains("simulated"), "{line}");
     }
     // The server is still serving.
-    assert_eq!(server.get(&acct.key, "/v1/account").send().await.unwrap().status(), 200);
+    assert_eq!(
+        server
+            .get(&acct.key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn row_503_simulated_and_on_shutdown_with_retry_after() {
     let (_tmp, mut server) = TestServer::start(&["--simulate-errors"]);
     let acct = server.account(10).await;
-    let response = server.get(&acct.key, "/v1/account").header("Tollgate-Simulate", "503").send().await.unwrap();
+    let response = server
+        .get(&acct.key, "/v1/account")
+        .header("Tollgate-Simulate", "503")
+        .send()
+        .await
+        .unwrap();
     let (headers, _) = expect_error(response, 503, "server_error", "service_unavailable").await;
-    assert!(headers.get("retry-after").unwrap().to_str().unwrap().parse::<u64>().unwrap() >= 1);
-    let response = server.get(&acct.key, "/v1/account").header("Tollgate-Simulate", "429").send().await.unwrap();
+    assert!(
+        headers
+            .get("retry-after")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let response = server
+        .get(&acct.key, "/v1/account")
+        .header("Tollgate-Simulate", "429")
+        .send()
+        .await
+        .unwrap();
     let (headers, _) = expect_error(response, 429, "rate_limit_error", "rate_limit_exceeded").await;
     assert_eq!(headers.get("retry-after").unwrap(), "1");
 
     // Graceful shutdown: an in-flight request finishes; a new one gets 503 with Retry-After.
-    let slow = server.get(&acct.key, "/v1/account").header("Tollgate-Simulate-Delay-Ms", "1500").send();
+    let slow = server
+        .get(&acct.key, "/v1/account")
+        .header("Tollgate-Simulate-Delay-Ms", "1500")
+        .send();
     let during = async {
         tokio::time::sleep(Duration::from_millis(400)).await;
         server.terminate();
         tokio::time::sleep(Duration::from_millis(200)).await;
         // A fresh client: a new connection, as a new caller would open.
-        reqwest::Client::new().get(server.url("/v1/account")).bearer_auth(&acct.key).send().await
+        reqwest::Client::new()
+            .get(server.url("/v1/account"))
+            .bearer_auth(&acct.key)
+            .send()
+            .await
     };
     let started = Instant::now();
     let (slow, during) = tokio::join!(slow, during);
-    let (headers, _) = expect_error(during.unwrap(), 503, "server_error", "service_unavailable").await;
+    let (headers, _) =
+        expect_error(during.unwrap(), 503, "server_error", "service_unavailable").await;
     assert!(headers.get("retry-after").is_some());
     let slow = slow.unwrap();
     assert_eq!(slow.status(), 200);
@@ -283,13 +553,42 @@ async fn row_503_simulated_and_on_shutdown_with_retry_after() {
 #[tokio::test]
 async fn every_response_carries_a_request_id_and_incoming_ids_are_kept() {
     let (_tmp, server) = TestServer::start(&[]);
-    for path in ["/healthz", "/metrics", "/openapi.json", "/nope", "/v1/account"] {
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/openapi.json",
+        "/nope",
+        "/v1/account",
+    ] {
         let response = server.http.get(server.url(path)).send().await.unwrap();
-        let id = response.headers().get("x-request-id").unwrap().to_str().unwrap();
+        let id = response
+            .headers()
+            .get("x-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap();
         assert!(id.starts_with("req_"), "{path}: {id}");
     }
-    let response = server.http.get(server.url("/healthz")).header("X-Request-Id", "trace-abc-123").send().await.unwrap();
-    assert_eq!(response.headers().get("x-request-id").unwrap(), "trace-abc-123");
-    let response = server.http.get(server.url("/healthz")).header("X-Request-Id", "bad id with spaces").send().await.unwrap();
-    assert_ne!(response.headers().get("x-request-id").unwrap(), "bad id with spaces");
+    let response = server
+        .http
+        .get(server.url("/healthz"))
+        .header("X-Request-Id", "trace-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers().get("x-request-id").unwrap(),
+        "trace-abc-123"
+    );
+    let response = server
+        .http
+        .get(server.url("/healthz"))
+        .header("X-Request-Id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        response.headers().get("x-request-id").unwrap(),
+        "bad id with spaces"
+    );
 }

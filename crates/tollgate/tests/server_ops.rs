@@ -9,16 +9,39 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn healthz_and_metrics() {
     let (_tmp, server) = TestServer::start(&[]);
-    let health: Value = server.http.get(server.url("/healthz")).send().await.unwrap().json().await.unwrap();
+    let health: Value = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health, json!({"status": "ok"}));
 
     let acct = server.account_with_limit(100, 60, 1).await;
-    let task = server.create_task(&acct.key, json!({"prompt": "metered", "size": "256x256"})).await;
+    let task = server
+        .create_task(&acct.key, json!({"prompt": "metered", "size": "256x256"}))
+        .await;
     let _ = server.get(&acct.key, "/v1/account").send().await.unwrap(); // 429
-    server.wait_task(&acct.key, task["id"].as_str().unwrap()).await;
+    server
+        .wait_task(&acct.key, task["id"].as_str().unwrap())
+        .await;
 
-    let response = server.http.get(server.url("/metrics")).send().await.unwrap();
-    assert!(response.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/plain"));
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let text = response.text().await.unwrap();
     for needle in [
         "tollgate_http_requests_total{route=\"/v1/images/generations\",method=\"POST\",status=\"202\"} 1",
@@ -47,25 +70,63 @@ async fn healthz_and_metrics() {
 #[tokio::test]
 async fn openapi_documents_every_route_and_error_response() {
     let (_tmp, server) = TestServer::start(&[]);
-    let doc: Value = server.http.get(server.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let doc: Value = server
+        .http
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let expected: &[(&str, &str, &[&str])] = &[
-        ("post", "/v1/images/generations", &["202", "400", "401", "402", "409", "413", "429", "500", "503"]),
-        ("get", "/v1/tasks/{id}", &["200", "401", "404", "410", "429"]),
+        (
+            "post",
+            "/v1/images/generations",
+            &[
+                "202", "400", "401", "402", "409", "413", "429", "500", "503",
+            ],
+        ),
+        (
+            "get",
+            "/v1/tasks/{id}",
+            &["200", "401", "404", "410", "429"],
+        ),
         ("get", "/v1/tasks", &["200", "400", "401", "429"]),
-        ("post", "/v1/tasks/{id}/cancel", &["200", "401", "404", "409", "410", "429"]),
-        ("get", "/v1/tasks/{id}/images/{index}", &["200", "401", "404", "410", "429"]),
+        (
+            "post",
+            "/v1/tasks/{id}/cancel",
+            &["200", "401", "404", "409", "410", "429"],
+        ),
+        (
+            "get",
+            "/v1/tasks/{id}/images/{index}",
+            &["200", "401", "404", "410", "429"],
+        ),
         ("get", "/v1/account", &["200", "401", "429"]),
         ("get", "/v1/account/ledger", &["200", "400", "401", "429"]),
         ("post", "/admin/accounts", &["201", "400", "401"]),
         ("get", "/admin/accounts", &["200", "401"]),
         ("get", "/admin/accounts/{id}", &["200", "401", "404"]),
-        ("patch", "/admin/accounts/{id}", &["200", "400", "401", "404"]),
+        (
+            "patch",
+            "/admin/accounts/{id}",
+            &["200", "400", "401", "404"],
+        ),
         ("post", "/admin/accounts/{id}/keys", &["201", "401", "404"]),
         ("get", "/admin/accounts/{id}/keys", &["200", "401", "404"]),
         ("delete", "/admin/keys/{key_id}", &["204", "401", "404"]),
-        ("post", "/admin/accounts/{id}/credits", &["200", "400", "401", "404"]),
-        ("get", "/admin/accounts/{id}/ledger", &["200", "400", "401", "404"]),
+        (
+            "post",
+            "/admin/accounts/{id}/credits",
+            &["200", "400", "401", "404"],
+        ),
+        (
+            "get",
+            "/admin/accounts/{id}/ledger",
+            &["200", "400", "401", "404"],
+        ),
         ("get", "/healthz", &["200", "503"]),
         ("get", "/metrics", &["200"]),
         ("get", "/openapi.json", &["200"]),
@@ -74,7 +135,10 @@ async fn openapi_documents_every_route_and_error_response() {
     let mut documented = 0;
     for (path, item) in paths {
         documented += item.as_object().unwrap().len();
-        assert!(expected.iter().any(|(_, p, _)| p == path), "{path} is documented but not tested here");
+        assert!(
+            expected.iter().any(|(_, p, _)| p == path),
+            "{path} is documented but not tested here"
+        );
     }
     assert_eq!(documented, expected.len(), "one operation per route");
     for (method, path, statuses) in expected {
@@ -85,14 +149,28 @@ async fn openapi_documents_every_route_and_error_response() {
             assert!(response.is_object(), "{method} {path} {status} missing");
             if status.starts_with('4') || status.starts_with('5') {
                 let schema = &response["content"]["application/json"]["schema"]["$ref"];
-                assert_eq!(schema, "#/components/schemas/ErrorBody", "{method} {path} {status}");
+                assert_eq!(
+                    schema, "#/components/schemas/ErrorBody",
+                    "{method} {path} {status}"
+                );
             }
         }
         // The route really exists on the server: no 404 unknown_endpoint / 405 for it.
-        let url = server.url(&path.replace("{id}", "x").replace("{key_id}", "x").replace("{index}", "0"));
-        let request = server.http.request(method.to_uppercase().parse().unwrap(), url);
+        let url = server.url(
+            &path
+                .replace("{id}", "x")
+                .replace("{key_id}", "x")
+                .replace("{index}", "0"),
+        );
+        let request = server
+            .http
+            .request(method.to_uppercase().parse().unwrap(), url);
         let response = request.send().await.unwrap();
-        assert!(![404, 405].contains(&response.status().as_u16()) || path.contains('{'), "{method} {path}: {}", response.status());
+        assert!(
+            ![404, 405].contains(&response.status().as_u16()) || path.contains('{'),
+            "{method} {path}: {}",
+            response.status()
+        );
         if response.status() == 404 {
             let body: Value = response.json().await.unwrap();
             assert_ne!(body["error"]["code"], "unknown_endpoint", "{method} {path}");

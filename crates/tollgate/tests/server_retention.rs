@@ -12,7 +12,12 @@ use std::time::Duration;
 async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     let (tmp, server) = TestServer::start(&["--retention", "2s"]);
     let acct = server.account(100).await;
-    let task = server.create_task(&acct.key, json!({"prompt": "short-lived", "size": "256x256"})).await;
+    let task = server
+        .create_task(
+            &acct.key,
+            json!({"prompt": "short-lived", "size": "256x256"}),
+        )
+        .await;
     let id = task["id"].as_str().unwrap().to_owned();
     let done = server.wait_task(&acct.key, &id).await;
     assert_eq!(done["status"], "succeeded");
@@ -31,7 +36,11 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
         let base = server.base.clone();
         async move {
             for (method, path) in &routes {
-                let request = if *method == "GET" { http.get(format!("{base}{path}")) } else { http.post(format!("{base}{path}")) };
+                let request = if *method == "GET" {
+                    http.get(format!("{base}{path}"))
+                } else {
+                    http.post(format!("{base}{path}"))
+                };
                 let response = request.bearer_auth(&key).send().await.unwrap();
                 let (_, e) = expect_error(response, 410, "gone_error", "resource_expired").await;
                 assert!(e["message"].as_str().unwrap().contains("has expired"));
@@ -50,20 +59,43 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     assert!(!image_dir.exists(), "images purged");
     check(&server, acct.key.clone()).await;
     let never = "/v1/tasks/task_ffffffffffffffffffffffff";
-    expect_error(server.get(&acct.key, never).send().await.unwrap(), 404, "not_found_error", "resource_not_found").await;
+    expect_error(
+        server.get(&acct.key, never).send().await.unwrap(),
+        404,
+        "not_found_error",
+        "resource_not_found",
+    )
+    .await;
     // Expired tasks leave the list.
-    let list: serde_json::Value = server.get(&acct.key, "/v1/tasks").send().await.unwrap().json().await.unwrap();
+    let list: serde_json::Value = server
+        .get(&acct.key, "/v1/tasks")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["data"], json!([]));
     // Another account still gets 404 for it, not 410.
     let other = server.account(1).await;
-    let response = server.get(&other.key, &format!("/v1/tasks/{id}")).send().await.unwrap();
+    let response = server
+        .get(&other.key, &format!("/v1/tasks/{id}"))
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
 
     server.stop();
     // Restart with the default 30-day retention: the tombstone still says 410.
     let server = TestServer::start_in(tmp.path(), &[]);
     check(&server, acct.key.clone()).await;
-    expect_error(server.get(&acct.key, never).send().await.unwrap(), 404, "not_found_error", "resource_not_found").await;
+    expect_error(
+        server.get(&acct.key, never).send().await.unwrap(),
+        404,
+        "not_found_error",
+        "resource_not_found",
+    )
+    .await;
     assert!(server.logs().contains("retention purge") || !image_dir.exists());
 }
 
@@ -71,7 +103,12 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
 async fn a_task_that_expires_in_the_queue_is_refunded() {
     let (_tmp, server) = TestServer::start(&["--retention", "1s", "--workers", "0"]);
     let acct = server.account(10).await;
-    server.create_task(&acct.key, json!({"prompt": "never ran", "size": "1024x1024"})).await;
+    server
+        .create_task(
+            &acct.key,
+            json!({"prompt": "never ran", "size": "1024x1024"}),
+        )
+        .await;
     assert_eq!(server.balance(&acct.key).await, 6);
     let mut balance = 0;
     for _ in 0..100 {

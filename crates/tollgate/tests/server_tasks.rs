@@ -45,15 +45,28 @@ async fn a_task_runs_to_real_deterministic_pngs() {
     let again = server.create_task(&acct.key, body).await;
     let again_id = again["id"].as_str().unwrap();
     server.wait_task(&acct.key, again_id).await;
-    let second = server.get(&acct.key, &format!("/v1/tasks/{again_id}/images/0")).send().await.unwrap().bytes().await.unwrap();
+    let second = server
+        .get(&acct.key, &format!("/v1/tasks/{again_id}/images/0"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(first, second);
 
     for bad in ["2", "x", "-1", "999"] {
-        let response = server.get(&acct.key, &format!("/v1/tasks/{id}/images/{bad}")).send().await.unwrap();
+        let response = server
+            .get(&acct.key, &format!("/v1/tasks/{id}/images/{bad}"))
+            .send()
+            .await
+            .unwrap();
         expect_error(response, 404, "not_found_error", "resource_not_found").await;
     }
     // Without a seed the server picks one and says which.
-    let unseeded = server.create_task(&acct.key, json!({"prompt": "anything"})).await;
+    let unseeded = server
+        .create_task(&acct.key, json!({"prompt": "anything"}))
+        .await;
     assert!(unseeded["seed"].is_i64());
     assert_eq!(unseeded["size"], "512x512");
     assert_eq!(unseeded["n"], 1);
@@ -65,30 +78,72 @@ async fn listing_is_newest_first_with_a_cursor() {
     let acct = server.account(100).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let task = server.create_task(&acct.key, json!({"prompt": format!("p{i}"), "size": "256x256"})).await;
+        let task = server
+            .create_task(
+                &acct.key,
+                json!({"prompt": format!("p{i}"), "size": "256x256"}),
+            )
+            .await;
         ids.push(task["id"].as_str().unwrap().to_owned());
     }
     ids.reverse();
-    let page: Value = server.get(&acct.key, "/v1/tasks?limit=2").send().await.unwrap().json().await.unwrap();
+    let page: Value = server
+        .get(&acct.key, "/v1/tasks?limit=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["object"], "list");
     assert_eq!(page["has_more"], true);
-    let got: Vec<&str> = page["data"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
     assert_eq!(got, ids[..2]);
-    let next: Value =
-        server.get(&acct.key, &format!("/v1/tasks?limit=2&after={}", got[1])).send().await.unwrap().json().await.unwrap();
-    let got: Vec<&str> = next["data"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let next: Value = server
+        .get(&acct.key, &format!("/v1/tasks?limit=2&after={}", got[1]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<&str> = next["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
     assert_eq!(got, ids[2..4]);
-    let last: Value =
-        server.get(&acct.key, &format!("/v1/tasks?limit=2&after={}", got[1])).send().await.unwrap().json().await.unwrap();
+    let last: Value = server
+        .get(&acct.key, &format!("/v1/tasks?limit=2&after={}", got[1]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(last["has_more"], false);
     assert_eq!(last["data"].as_array().unwrap().len(), 1);
 
     for query in ["limit=0", "limit=101", "limit=ten"] {
-        let response = server.get(&acct.key, &format!("/v1/tasks?{query}")).send().await.unwrap();
+        let response = server
+            .get(&acct.key, &format!("/v1/tasks?{query}"))
+            .send()
+            .await
+            .unwrap();
         let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
         assert_eq!(e["param"], "limit");
     }
-    let response = server.get(&acct.key, "/v1/tasks?after=task_unknown").send().await.unwrap();
+    let response = server
+        .get(&acct.key, "/v1/tasks?after=task_unknown")
+        .send()
+        .await
+        .unwrap();
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "after");
 }
@@ -98,49 +153,122 @@ async fn another_accounts_task_is_404_never_403() {
     let (_tmp, server) = TestServer::start(&[]);
     let alice = server.account(100).await;
     let bob = server.account(100).await;
-    let task = server.create_task(&alice.key, json!({"prompt": "alice's", "size": "256x256"})).await;
+    let task = server
+        .create_task(&alice.key, json!({"prompt": "alice's", "size": "256x256"}))
+        .await;
     let id = task["id"].as_str().unwrap();
     server.wait_task(&alice.key, id).await;
-    for path in [format!("/v1/tasks/{id}"), format!("/v1/tasks/{id}/images/0")] {
+    for path in [
+        format!("/v1/tasks/{id}"),
+        format!("/v1/tasks/{id}/images/0"),
+    ] {
         let response = server.get(&bob.key, &path).send().await.unwrap();
         expect_error(response, 404, "not_found_error", "resource_not_found").await;
     }
-    let response = server.post(&bob.key, &format!("/v1/tasks/{id}/cancel")).send().await.unwrap();
+    let response = server
+        .post(&bob.key, &format!("/v1/tasks/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
-    let list: Value = server.get(&bob.key, "/v1/tasks").send().await.unwrap().json().await.unwrap();
+    let list: Value = server
+        .get(&bob.key, "/v1/tasks")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["data"], json!([]));
-    let response = server.get(&bob.key, &format!("/v1/tasks?after={id}")).send().await.unwrap();
+    let response = server
+        .get(&bob.key, &format!("/v1/tasks?after={id}"))
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     // Alice still sees it.
-    assert_eq!(server.get(&alice.key, &format!("/v1/tasks/{id}")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        server
+            .get(&alice.key, &format!("/v1/tasks/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn a_revoked_key_is_refused_on_the_very_next_request() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
-    let response = server.admin(reqwest::Method::POST, &format!("/admin/accounts/{}/keys", acct.id), None).await;
+    let response = server
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{}/keys", acct.id),
+            None,
+        )
+        .await;
     assert_eq!(response.status(), 201);
     let second: Value = response.json().await.unwrap();
     let second_key = second["api_key"].as_str().unwrap();
     let second_id = second["id"].as_str().unwrap();
     assert!(second_key.starts_with("tg_") && second_key.len() >= 3 + 32);
-    assert_eq!(server.get(second_key, "/v1/account").send().await.unwrap().status(), 200);
+    assert_eq!(
+        server
+            .get(second_key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
-    let response = server.admin(reqwest::Method::DELETE, &format!("/admin/keys/{second_id}"), None).await;
+    let response = server
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/admin/keys/{second_id}"),
+            None,
+        )
+        .await;
     assert_eq!(response.status(), 204);
     let response = server.get(second_key, "/v1/account").send().await.unwrap();
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
     // The account's other key is untouched.
-    assert_eq!(server.get(&acct.key, "/v1/account").send().await.unwrap().status(), 200);
+    assert_eq!(
+        server
+            .get(&acct.key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // Revoking twice: the key is no longer live.
-    let response = server.admin(reqwest::Method::DELETE, &format!("/admin/keys/{second_id}"), None).await;
+    let response = server
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/admin/keys/{second_id}"),
+            None,
+        )
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
     // The key list shows both, without secrets.
-    let keys: Value = server.admin(reqwest::Method::GET, &format!("/admin/accounts/{}/keys", acct.id), None).await.json().await.unwrap();
+    let keys: Value = server
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/accounts/{}/keys", acct.id),
+            None,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     let keys = keys["data"].as_array().unwrap();
     assert_eq!(keys.len(), 2);
-    assert!(keys.iter().any(|k| k["id"] == second_id && k["revoked_at"].is_string()));
+    assert!(keys
+        .iter()
+        .any(|k| k["id"] == second_id && k["revoked_at"].is_string()));
     assert!(!keys.iter().any(|k| k.to_string().contains(second_key)));
 }
 
@@ -150,7 +278,11 @@ async fn an_idempotent_retry_replays_and_never_charges_twice_even_after_a_restar
     let acct = server.account(10).await;
     let body = json!({"prompt": "once", "size": "512x512"});
     let send = |server: &TestServer| {
-        server.post(&acct.key, "/v1/images/generations").header("Idempotency-Key", "retry-me").json(&body).send()
+        server
+            .post(&acct.key, "/v1/images/generations")
+            .header("Idempotency-Key", "retry-me")
+            .json(&body)
+            .send()
     };
     let first = send(&server).await.unwrap();
     assert_eq!(first.status(), 202);
@@ -170,8 +302,13 @@ async fn an_idempotent_retry_replays_and_never_charges_twice_even_after_a_restar
     assert_eq!(server.balance(&acct.key).await, 8);
     // Same key, same body, but a different account: a separate key space.
     let other = server.account(10).await;
-    let response =
-        server.post(&other.key, "/v1/images/generations").header("Idempotency-Key", "retry-me").json(&body).send().await.unwrap();
+    let response = server
+        .post(&other.key, "/v1/images/generations")
+        .header("Idempotency-Key", "retry-me")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 202);
     assert_ne!(response.json::<Value>().await.unwrap()["id"], first["id"]);
     // A bad key is a 400 naming the header.
@@ -191,11 +328,33 @@ async fn a_failed_request_does_not_burn_its_idempotency_key() {
     let (_tmp, server) = TestServer::start(&["--workers", "0"]);
     let acct = server.account(1).await;
     let body = json!({"prompt": "pricey", "size": "1024x1024"});
-    let send = || server.post(&acct.key, "/v1/images/generations").header("Idempotency-Key", "after-top-up").json(&body).send();
-    expect_error(send().await.unwrap(), 402, "billing_error", "insufficient_credits").await;
+    let send = || {
+        server
+            .post(&acct.key, "/v1/images/generations")
+            .header("Idempotency-Key", "after-top-up")
+            .json(&body)
+            .send()
+    };
+    expect_error(
+        send().await.unwrap(),
+        402,
+        "billing_error",
+        "insufficient_credits",
+    )
+    .await;
     let top_up = json!({"amount": 10});
-    server.admin(reqwest::Method::POST, &format!("/admin/accounts/{}/credits", acct.id), Some(top_up)).await;
+    server
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{}/credits", acct.id),
+            Some(top_up),
+        )
+        .await;
     let response = send().await.unwrap();
-    assert_eq!(response.status(), 202, "the same key works once the account can pay");
+    assert_eq!(
+        response.status(),
+        202,
+        "the same key works once the account can pay"
+    );
     assert_eq!(server.balance(&acct.key).await, 7);
 }

@@ -19,10 +19,19 @@ pub fn render(prompt: &str, seed: i64, size: ImageSize, index: u8) -> Result<Vec
     let unit = |i: usize| f32::from(h[i]) / 255.0;
 
     let edge = size.pixels();
-    let palette: [[f32; 3]; 3] =
-        [[unit(0), unit(1), unit(2)], [unit(3), unit(4), unit(5)], [unit(6), unit(7), unit(8)]];
-    let freq = [2.0 + 10.0 * unit(9), 2.0 + 10.0 * unit(10), 1.0 + 8.0 * unit(11), 4.0 + 20.0 * unit(12)];
-    let phase = [unit(13) * 6.283, unit(14) * 6.283, unit(15) * 6.283];
+    let palette: [[f32; 3]; 3] = [
+        [unit(0), unit(1), unit(2)],
+        [unit(3), unit(4), unit(5)],
+        [unit(6), unit(7), unit(8)],
+    ];
+    let freq = [
+        2.0 + 10.0 * unit(9),
+        2.0 + 10.0 * unit(10),
+        1.0 + 8.0 * unit(11),
+        4.0 + 20.0 * unit(12),
+    ];
+    let tau = std::f32::consts::TAU;
+    let phase = [unit(13) * tau, unit(14) * tau, unit(15) * tau];
     let (cx, cy) = (0.2 + 0.6 * unit(16), 0.2 + 0.6 * unit(17));
 
     let mut pixels = Vec::with_capacity((edge * edge * 3) as usize);
@@ -36,7 +45,11 @@ pub fn render(prompt: &str, seed: i64, size: ImageSize, index: u8) -> Result<Vec
                 + (freq[2] * (u + v) + phase[2]).sin()
                 + (freq[3] * r).sin();
             let t = (wave / 4.0 + 0.5).clamp(0.0, 1.0);
-            let (a, b, k) = if t < 0.5 { (palette[0], palette[1], t * 2.0) } else { (palette[1], palette[2], t * 2.0 - 1.0) };
+            let (a, b, k) = if t < 0.5 {
+                (palette[0], palette[1], t * 2.0)
+            } else {
+                (palette[1], palette[2], t * 2.0 - 1.0)
+            };
             for c in 0..3 {
                 pixels.push(((a[c] + (b[c] - a[c]) * k) * 255.0) as u8);
             }
@@ -48,9 +61,15 @@ pub fn render(prompt: &str, seed: i64, size: ImageSize, index: u8) -> Result<Vec
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     encoder.set_compression(png::Compression::Fast);
-    let mut writer = encoder.write_header().map_err(|e| Error::internal(format!("png header: {e}")))?;
-    writer.write_image_data(&pixels).map_err(|e| Error::internal(format!("png data: {e}")))?;
-    writer.finish().map_err(|e| Error::internal(format!("png finish: {e}")))?;
+    let mut writer = encoder
+        .write_header()
+        .map_err(|e| Error::internal(format!("png header: {e}")))?;
+    writer
+        .write_image_data(&pixels)
+        .map_err(|e| Error::internal(format!("png data: {e}")))?;
+    writer
+        .finish()
+        .map_err(|e| Error::internal(format!("png finish: {e}")))?;
     Ok(png_bytes)
 }
 

@@ -13,7 +13,11 @@ pub struct Prices {
 
 impl Default for Prices {
     fn default() -> Self {
-        Prices { s256: 1, s512: 2, s1024: 4 }
+        Prices {
+            s256: 1,
+            s512: 2,
+            s1024: 4,
+        }
     }
 }
 
@@ -30,18 +34,27 @@ impl Prices {
     pub fn cost(&self, size: ImageSize, n: u8) -> Result<u64> {
         self.per_image(size)
             .checked_mul(u64::from(n))
-            .ok_or_else(|| Error::invalid(ErrorCode::InvalidValue, "n", "The task would cost more credits than can be counted."))
+            .ok_or_else(|| {
+                Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "n",
+                    "The task would cost more credits than can be counted.",
+                )
+            })
     }
 
     /// Parses `256x256=1,512x512=2,1024x1024=4` (sizes left out keep their default).
     pub fn parse(text: &str) -> std::result::Result<Prices, String> {
         let mut prices = Prices::default();
         for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (size, credits) =
-                pair.split_once('=').ok_or_else(|| format!("{pair:?}: write SIZE=CREDITS, like 512x512=2"))?;
+            let (size, credits) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?}: write SIZE=CREDITS, like 512x512=2"))?;
             let size: ImageSize = size.trim().parse()?;
-            let credits: u64 =
-                credits.trim().parse().map_err(|_| format!("{pair:?}: the price must be a whole number of credits"))?;
+            let credits: u64 = credits
+                .trim()
+                .parse()
+                .map_err(|_| format!("{pair:?}: the price must be a whole number of credits"))?;
             match size {
                 ImageSize::S256 => prices.s256 = credits,
                 ImageSize::S512 => prices.s512 = credits,

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
 
-type Limiter = governor::RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+type Limiter =
+    governor::RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
 /// The verdict on one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +53,10 @@ pub struct RateLimits {
 
 impl Default for RateLimits {
     fn default() -> Self {
-        RateLimits { limiters: DashMap::new(), clock: DefaultClock::default() }
+        RateLimits {
+            limiters: DashMap::new(),
+            clock: DefaultClock::default(),
+        }
     }
 }
 
@@ -67,7 +71,12 @@ impl RateLimits {
         match limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
-                Admission { limit, remaining, reset: per * limit.burst.saturating_sub(remaining), retry_after: None }
+                Admission {
+                    limit,
+                    remaining,
+                    reset: per * limit.burst.saturating_sub(remaining),
+                    retry_after: None,
+                }
             }
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
@@ -87,10 +96,15 @@ impl RateLimits {
                 return Arc::clone(&entry.1);
             }
         }
-        let quota = Quota::per_minute(NonZeroU32::new(limit.requests_per_minute).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN));
-        let limiter = Arc::new(governor::RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>());
-        self.limiters.insert(account_id.to_owned(), (limit, Arc::clone(&limiter)));
+        let quota = Quota::per_minute(
+            NonZeroU32::new(limit.requests_per_minute).unwrap_or(NonZeroU32::MIN),
+        )
+        .allow_burst(NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN));
+        let limiter = Arc::new(
+            governor::RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
+        );
+        self.limiters
+            .insert(account_id.to_owned(), (limit, Arc::clone(&limiter)));
         limiter
     }
 }
@@ -102,7 +116,10 @@ mod tests {
     #[test]
     fn burst_then_exact_wait() {
         let limits = RateLimits::default();
-        let limit = RateLimit { requests_per_minute: 60, burst: 3 };
+        let limit = RateLimit {
+            requests_per_minute: 60,
+            burst: 3,
+        };
         for expected in [2, 1, 0] {
             let a = limits.check("acct", limit);
             assert!(a.admitted());
@@ -110,10 +127,21 @@ mod tests {
         }
         let refused = limits.check("acct", limit);
         let wait = refused.retry_after.unwrap();
-        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         // Another account is not affected.
         assert!(limits.check("other", limit).admitted());
         // A new limit applies at once.
-        assert!(limits.check("acct", RateLimit { requests_per_minute: 60, burst: 10 }).admitted());
+        assert!(limits
+            .check(
+                "acct",
+                RateLimit {
+                    requests_per_minute: 60,
+                    burst: 10
+                }
+            )
+            .admitted());
     }
 }

@@ -9,7 +9,9 @@ pub const API_KEY_PREFIX: &str = "tg_";
 
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
-    rand::rngs::OsRng.try_fill_bytes(&mut bytes).map_err(|e| Error::internal(format!("OS random source: {e}")))?;
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| Error::internal(format!("OS random source: {e}")))?;
     Ok(bytes)
 }
 
@@ -57,7 +59,11 @@ pub fn key_prefix(key: &str) -> String {
 /// Compares two hashes without an early exit, so timing says nothing about how much matched.
 /// (Hand-rolled: five lines do not earn a dependency.)
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]

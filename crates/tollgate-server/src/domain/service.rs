@@ -8,16 +8,17 @@ use crate::error::{Error, Result};
 use crate::images::ImageStore;
 use crate::metrics::Metrics;
 use crate::store::{
-    now, AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount, StoredResponse,
-    Store, TaskRecord,
+    now, AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount,
+    Store, StoredResponse, TaskRecord,
 };
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tollgate_contract::{
-    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount, CreatedKey, ErrorCode,
-    ImageRef, KeyInfo, LedgerEntry, List, RateLimit, Task, TaskError, TaskStatus, UpdateAccountRequest,
+    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
+    CreatedKey, ErrorCode, ImageRef, KeyInfo, LedgerEntry, List, RateLimit, Task, TaskError,
+    TaskStatus, UpdateAccountRequest,
 };
 
 /// Who is calling, once their API key checked out.
@@ -47,7 +48,12 @@ const MAX_LIST_LIMIT: u32 = 100;
 
 impl Tollgate {
     /// Builds the domain over a store. `admin_token_hash` is the hash the operator's token must match.
-    pub fn new(config: Config, store: Arc<dyn Store>, images: Arc<dyn ImageStore>, admin_token_hash: String) -> Self {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        images: Arc<dyn ImageStore>,
+        admin_token_hash: String,
+    ) -> Self {
         Tollgate {
             store,
             images,
@@ -127,7 +133,11 @@ impl Tollgate {
         }
         let n = request.n.unwrap_or(1);
         if !(1..=4).contains(&n) {
-            return Err(Error::invalid(ErrorCode::InvalidValue, "n", format!("`n` must be 1 to 4, not {n}.")));
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "n",
+                format!("`n` must be 1 to 4, not {n}."),
+            ));
         }
         let size = request.size.unwrap_or_default();
         let seed = match request.seed {
@@ -158,7 +168,12 @@ impl Tollgate {
             }
             None => None,
         };
-        self.store.create_task(&record, stored.as_ref().map(|(scope, response)| (*scope, response))).await?;
+        self.store
+            .create_task(
+                &record,
+                stored.as_ref().map(|(scope, response)| (*scope, response)),
+            )
+            .await?;
         self.metrics.credits_charged.inc_by(record.cost);
         self.work_ready.notify_one();
         Ok(task)
@@ -171,7 +186,12 @@ impl Tollgate {
     }
 
     /// The caller's tasks, newest first, `limit` (1–100, default 20) after the task `after`.
-    pub async fn list_tasks(&self, caller: &Caller, limit: Option<u32>, after: Option<&str>) -> Result<List<Task>> {
+    pub async fn list_tasks(
+        &self,
+        caller: &Caller,
+        limit: Option<u32>,
+        after: Option<&str>,
+    ) -> Result<List<Task>> {
         let limit = limit.unwrap_or(20);
         if !(1..=MAX_LIST_LIMIT).contains(&limit) {
             return Err(Error::invalid(
@@ -186,37 +206,61 @@ impl Tollgate {
             .list_tasks(&caller.account_id, limit + 1, after, not_before)
             .await?
             .ok_or_else(|| {
-                Error::invalid(ErrorCode::InvalidValue, "after", "`after` must be the id of one of your tasks.")
+                Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "after",
+                    "`after` must be the id of one of your tasks.",
+                )
             })?;
         let has_more = records.len() > limit as usize;
         records.truncate(limit as usize);
-        Ok(List { object: "list".to_owned(), data: records.iter().map(|r| self.task_view(r)).collect(), has_more })
+        Ok(List {
+            object: "list".to_owned(),
+            data: records.iter().map(|r| self.task_view(r)).collect(),
+            has_more,
+        })
     }
 
     /// Cancels a queued task and refunds it; a cancelled task stays cancelled (no second refund).
     pub async fn cancel_task(&self, caller: &Caller, id: &str) -> Result<Task> {
         self.live_task(caller, id).await?;
-        match self.store.cancel_task(&caller.account_id, id, now()).await? {
+        match self
+            .store
+            .cancel_task(&caller.account_id, id, now())
+            .await?
+        {
             CancelOutcome::Canceled(record) => {
                 self.metrics.credits_refunded.inc_by(record.cost);
                 self.metrics.task_finished(TaskStatus::Canceled.as_str());
                 Ok(self.task_view(&record))
             }
             CancelOutcome::AlreadyCanceled(record) => Ok(self.task_view(&record)),
-            CancelOutcome::NotCancelable(record) => Err(Error::NotCancelable { id: record.id, status: record.status }),
-            CancelOutcome::NotFound => Err(Error::NotFound { what: "task", id: id.to_owned() }),
+            CancelOutcome::NotCancelable(record) => Err(Error::NotCancelable {
+                id: record.id,
+                status: record.status,
+            }),
+            CancelOutcome::NotFound => Err(Error::NotFound {
+                what: "task",
+                id: id.to_owned(),
+            }),
         }
     }
 
     /// The PNG bytes of image `index` of a task.
     pub async fn task_image(&self, caller: &Caller, id: &str, index: &str) -> Result<Vec<u8>> {
         let record = self.live_task(caller, id).await?;
-        let not_found = || Error::NotFound { what: "image", id: format!("{}/images/{}", record.id, shorten(index)) };
+        let not_found = || Error::NotFound {
+            what: "image",
+            id: format!("{}/images/{}", record.id, shorten(index)),
+        };
         let index: u8 = index.parse().map_err(|_| not_found())?;
         if record.status != TaskStatus::Succeeded || index >= record.n {
             return Err(not_found());
         }
-        self.images.get(&record.id, index).await?.ok_or_else(not_found)
+        self.images
+            .get(&record.id, index)
+            .await?
+            .ok_or_else(not_found)
     }
 
     async fn live_task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
@@ -225,9 +269,16 @@ impl Tollgate {
             .get_task(id)
             .await?
             .filter(|record| record.account_id == caller.account_id)
-            .ok_or_else(|| Error::NotFound { what: "task", id: shorten(id) })?;
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                id: shorten(id),
+            })?;
         if record.purged || now() >= self.expires_at(&record) {
-            return Err(Error::Gone { what: "task", id: record.id, retention: self.config.retention });
+            return Err(Error::Gone {
+                what: "task",
+                id: record.id,
+                retention: self.config.retention,
+            });
         }
         Ok(record)
     }
@@ -239,12 +290,19 @@ impl Tollgate {
     /// The wire form of a task.
     pub(crate) fn task_view(&self, record: &TaskRecord) -> Task {
         let images = if record.status == TaskStatus::Succeeded {
-            (0..record.n).map(|i| ImageRef { url: format!("/v1/tasks/{}/images/{i}", record.id) }).collect()
+            (0..record.n)
+                .map(|i| ImageRef {
+                    url: format!("/v1/tasks/{}/images/{i}", record.id),
+                })
+                .collect()
         } else {
             Vec::new()
         };
         let error = match (&record.error_code, &record.error_message) {
-            (Some(code), Some(message)) => Some(TaskError { code: code.clone(), message: message.clone() }),
+            (Some(code), Some(message)) => Some(TaskError {
+                code: code.clone(),
+                message: message.clone(),
+            }),
             _ => None,
         };
         Task {
@@ -272,7 +330,10 @@ impl Tollgate {
             .store
             .get_account(account_id)
             .await?
-            .ok_or_else(|| Error::NotFound { what: "account", id: shorten(account_id) })?;
+            .ok_or_else(|| Error::NotFound {
+                what: "account",
+                id: shorten(account_id),
+            })?;
         Ok(self.account_view(&record))
     }
 
@@ -307,7 +368,11 @@ impl Tollgate {
                 ));
             }
             if limit.burst == 0 {
-                return Err(Error::invalid(ErrorCode::InvalidValue, "rate_limit.burst", "`rate_limit.burst` must be at least 1."));
+                return Err(Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "rate_limit.burst",
+                    "`rate_limit.burst` must be at least 1.",
+                ));
             }
         }
         Ok(())
@@ -331,7 +396,11 @@ impl Tollgate {
         Self::validate_name(&request.name)?;
         Self::validate_rate_limit(request.rate_limit)?;
         if i64::try_from(request.credits).is_err() {
-            return Err(Error::invalid(ErrorCode::InvalidValue, "credits", "`credits` is too large."));
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "credits",
+                "`credits` is too large.",
+            ));
         }
         let account = NewAccount {
             id: secrets::new_id("acct")?,
@@ -342,12 +411,19 @@ impl Tollgate {
         };
         let (key, api_key) = Self::new_key(&account.id)?;
         let record = self.store.create_account(&account, &key).await?;
-        Ok(CreatedAccount { account: self.account_view(&record), api_key })
+        Ok(CreatedAccount {
+            account: self.account_view(&record),
+            api_key,
+        })
     }
 
     pub async fn list_accounts(&self) -> Result<List<Account>> {
         let records = self.store.list_accounts().await?;
-        Ok(List { object: "list".to_owned(), data: records.iter().map(|r| self.account_view(r)).collect(), has_more: false })
+        Ok(List {
+            object: "list".to_owned(),
+            data: records.iter().map(|r| self.account_view(r)).collect(),
+            has_more: false,
+        })
     }
 
     pub async fn update_account(&self, id: &str, request: UpdateAccountRequest) -> Result<Account> {
@@ -359,7 +435,10 @@ impl Tollgate {
             .store
             .update_account(id, request.name.as_deref(), request.rate_limit)
             .await?
-            .ok_or_else(|| Error::NotFound { what: "account", id: shorten(id) })?;
+            .ok_or_else(|| Error::NotFound {
+                what: "account",
+                id: shorten(id),
+            })?;
         Ok(self.account_view(&record))
     }
 
@@ -367,9 +446,15 @@ impl Tollgate {
     pub async fn create_key(&self, account_id: &str) -> Result<CreatedKey> {
         let (key, api_key) = Self::new_key(account_id)?;
         if !self.store.create_key(&key).await? {
-            return Err(Error::NotFound { what: "account", id: shorten(account_id) });
+            return Err(Error::NotFound {
+                what: "account",
+                id: shorten(account_id),
+            });
         }
-        Ok(CreatedKey { id: key.id, api_key })
+        Ok(CreatedKey {
+            id: key.id,
+            api_key,
+        })
     }
 
     /// The account's ledger, newest first (`limit` 1–100, default 100).
@@ -399,7 +484,11 @@ impl Tollgate {
                 created_at: e.created_at,
             })
             .collect();
-        Ok(List { object: "list".to_owned(), data, has_more })
+        Ok(List {
+            object: "list".to_owned(),
+            data,
+            has_more,
+        })
     }
 
     /// Operator: the account's keys (never the keys themselves).
@@ -410,9 +499,18 @@ impl Tollgate {
             .list_keys(account_id)
             .await?
             .into_iter()
-            .map(|k| KeyInfo { id: k.id, prefix: k.prefix, created_at: k.created_at, revoked_at: k.revoked_at })
+            .map(|k| KeyInfo {
+                id: k.id,
+                prefix: k.prefix,
+                created_at: k.created_at,
+                revoked_at: k.revoked_at,
+            })
             .collect();
-        Ok(List { object: "list".to_owned(), data, has_more: false })
+        Ok(List {
+            object: "list".to_owned(),
+            data,
+            has_more: false,
+        })
     }
 
     /// Operator: revokes a key; the next request with it is refused.
@@ -420,23 +518,45 @@ impl Tollgate {
         if self.store.revoke_key(key_id).await? {
             Ok(())
         } else {
-            Err(Error::NotFound { what: "key", id: shorten(key_id) })
+            Err(Error::NotFound {
+                what: "key",
+                id: shorten(key_id),
+            })
         }
     }
 
     /// Operator: adds (or, negative, removes) credits, with a ledger entry.
-    pub async fn add_credits(&self, account_id: &str, request: AddCreditsRequest) -> Result<Account> {
+    pub async fn add_credits(
+        &self,
+        account_id: &str,
+        request: AddCreditsRequest,
+    ) -> Result<Account> {
         if request.amount == 0 {
-            return Err(Error::invalid(ErrorCode::InvalidValue, "amount", "`amount` must not be zero."));
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "amount",
+                "`amount` must not be zero.",
+            ));
         }
-        if request.note.as_ref().is_some_and(|n| n.chars().count() > 500) {
-            return Err(Error::invalid(ErrorCode::InvalidValue, "note", "`note` must be at most 500 characters."));
+        if request
+            .note
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > 500)
+        {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "note",
+                "`note` must be at most 500 characters.",
+            ));
         }
         let record = self
             .store
             .add_credits(account_id, request.amount, request.note.as_deref())
             .await?
-            .ok_or_else(|| Error::NotFound { what: "account", id: shorten(account_id) })?;
+            .ok_or_else(|| Error::NotFound {
+                what: "account",
+                id: shorten(account_id),
+            })?;
         Ok(self.account_view(&record))
     }
 
@@ -444,10 +564,16 @@ impl Tollgate {
 
     pub async fn idempotency_begin(&self, scope: &IdempotencyScope) -> Result<IdempotencyBegin> {
         let now = now();
-        self.store.idempotency_begin(scope, now, now - STALE_RESERVATION).await
+        self.store
+            .idempotency_begin(scope, now, now - STALE_RESERVATION)
+            .await
     }
 
-    pub async fn idempotency_complete(&self, scope: &IdempotencyScope, response: &StoredResponse) -> Result<()> {
+    pub async fn idempotency_complete(
+        &self,
+        scope: &IdempotencyScope,
+        response: &StoredResponse,
+    ) -> Result<()> {
         self.store.idempotency_complete(scope, response).await
     }
 
@@ -480,7 +606,9 @@ impl Tollgate {
     /// Refreshes gauges that are read from storage; called before metrics are rendered.
     pub async fn refresh_gauges(&self) -> Result<()> {
         let depth = self.store.queue_depth().await?;
-        self.metrics.queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.metrics
+            .queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
         Ok(())
     }
 

@@ -20,7 +20,9 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Starts `count` workers (0: this process queues tasks but runs none); they stop when `stop` turns true, after their current task.
 pub fn spawn(app: Arc<Tollgate>, count: usize, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-    (0..count).map(|_| tokio::spawn(run(Arc::clone(&app), stop.clone()))).collect()
+    (0..count)
+        .map(|_| tokio::spawn(run(Arc::clone(&app), stop.clone())))
+        .collect()
 }
 
 async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
@@ -50,13 +52,16 @@ async fn run_task(app: &Tollgate, task: TaskRecord) {
             tracing::error!(task_id = %task.id, error = %e, "task failed; refunding");
             TaskOutcome::Failed {
                 code: "generation_failed".to_owned(),
-                message: "The image could not be generated; the task's credits were refunded.".to_owned(),
+                message: "The image could not be generated; the task's credits were refunded."
+                    .to_owned(),
             }
         }
     };
     match app.store.finish_task(&task.id, &outcome, now()).await {
         Ok(true) => {
-            app.metrics.task_duration.observe(started.elapsed().as_secs_f64());
+            app.metrics
+                .task_duration
+                .observe(started.elapsed().as_secs_f64());
             let status = match outcome {
                 TaskOutcome::Succeeded => TaskStatus::Succeeded,
                 TaskOutcome::Failed { .. } => {
@@ -73,14 +78,18 @@ async fn run_task(app: &Tollgate, task: TaskRecord) {
                 tracing::warn!(task_id = %task.id, error = %e, "could not delete images of a purged task");
             }
         }
-        Err(e) => tracing::error!(task_id = %task.id, error = %e, "could not record the end of a task"),
+        Err(e) => {
+            tracing::error!(task_id = %task.id, error = %e, "could not record the end of a task")
+        }
     }
 }
 
 async fn render_and_store(app: &Tollgate, task: &TaskRecord) -> Result<(), Error> {
     let (prompt, seed, size, n) = (task.prompt.clone(), task.seed, task.size, task.n);
     let images = tokio::task::spawn_blocking(move || {
-        (0..n).map(|index| generator::render(&prompt, seed, size, index)).collect::<Result<Vec<_>, Error>>()
+        (0..n)
+            .map(|index| generator::render(&prompt, seed, size, index))
+            .collect::<Result<Vec<_>, Error>>()
     })
     .await
     .map_err(|e| Error::internal(format!("generator thread: {e}")))??;

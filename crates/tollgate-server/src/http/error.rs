@@ -23,13 +23,26 @@ tokio::task_local! {
 pub struct Enveloped;
 
 /// Builds an error response in the envelope. Every error body of the server comes from here.
-pub fn envelope(code: ErrorCode, message: impl Into<String>, param: Option<String>, extra: HeaderMap) -> Response {
+pub fn envelope(
+    code: ErrorCode,
+    message: impl Into<String>,
+    param: Option<String>,
+    extra: HeaderMap,
+) -> Response {
     let mut body = ErrorBody::new(code, message);
     body.error.param = param;
     body.error.request_id = REQUEST_ID.try_with(Clone::clone).ok();
     let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":{}}".to_vec());
-    let mut response = (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response();
+    let mut response = (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response();
     response.headers_mut().extend(extra);
     response.extensions_mut().insert(Enveloped);
     response

@@ -35,7 +35,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 pub fn body_too_large() -> Error {
     Error::InvalidRequest {
         code: ErrorCode::BodyTooLarge,
-        message: format!("The request body is larger than {} MiB; send a smaller one.", BODY_LIMIT / (1024 * 1024)),
+        message: format!(
+            "The request body is larger than {} MiB; send a smaller one.",
+            BODY_LIMIT / (1024 * 1024)
+        ),
         param: None,
     }
 }
@@ -61,7 +64,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
                 param: None,
             };
         }
-        let join = |field: &str| if path == "." { field.to_owned() } else { format!("{path}.{field}") };
+        let join = |field: &str| {
+            if path == "." {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            }
+        };
         if let Some(field) = quoted(&text, "missing field `") {
             let param = join(field);
             return Error::InvalidRequest {
@@ -72,7 +81,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         }
         if let Some(field) = quoted(&text, "unknown field `") {
             // Here the path already ends with the unknown field itself.
-            let param = if path == "." { field.to_owned() } else { path.clone() };
+            let param = if path == "." {
+                field.to_owned()
+            } else {
+                path.clone()
+            };
             return Error::InvalidRequest {
                 code: ErrorCode::UnknownField,
                 message: format!("`{param}` is not a field of this request ({text})."),
@@ -82,7 +95,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         if path == "." {
             return Error::InvalidRequest {
                 code: ErrorCode::InvalidValue,
-                message: format!("The request body must be a JSON object of the documented shape ({text})."),
+                message: format!(
+                    "The request body must be a JSON object of the documented shape ({text})."
+                ),
                 param: None,
             };
         }
@@ -107,18 +122,34 @@ fn quoted<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     rest.split('`').next()
 }
 
-/// The credential of `Authorization: Bearer <credential>`; `Err` for another scheme.
-pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ()> {
+/// What the `Authorization` header holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// No header, or `Bearer` with nothing after it.
+    Missing,
+    /// `Bearer <credential>`.
+    Bearer(&'a str),
+    /// Another scheme (`Basic …`) or a header that is not text.
+    Unsupported,
+}
+
+/// Reads `Authorization: Bearer <credential>`.
+pub fn bearer(headers: &HeaderMap) -> Credential<'_> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Ok(None);
+        return Credential::Missing;
     };
-    let value = value.to_str().map_err(|_| ())?.trim();
+    let Ok(value) = value.to_str() else {
+        return Credential::Unsupported;
+    };
+    let value = value.trim();
     let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(());
+        return Credential::Unsupported;
     }
-    let credential = credential.trim();
-    Ok((!credential.is_empty()).then_some(credential))
+    match credential.trim() {
+        "" => Credential::Missing,
+        credential => Credential::Bearer(credential),
+    }
 }
 
 #[cfg(test)]
@@ -139,16 +170,30 @@ mod tests {
         assert_eq!(err("not json"), (ErrorCode::InvalidJson, None));
         assert_eq!(err(""), (ErrorCode::InvalidJson, None));
         assert_eq!(err("{}"), (ErrorCode::MissingField, Some("prompt".into())));
-        assert_eq!(err(r#"{"prompt":"x","n":"two"}"#), (ErrorCode::InvalidValue, Some("n".into())));
-        assert_eq!(err(r#"{"prompt":"x","n":300}"#), (ErrorCode::InvalidValue, Some("n".into())));
-        assert_eq!(err(r#"{"prompt":"x","size":"300x300"}"#), (ErrorCode::InvalidValue, Some("size".into())));
-        assert_eq!(err(r#"{"prompt":"x","sise":"512x512"}"#), (ErrorCode::UnknownField, Some("sise".into())));
+        assert_eq!(
+            err(r#"{"prompt":"x","n":"two"}"#),
+            (ErrorCode::InvalidValue, Some("n".into()))
+        );
+        assert_eq!(
+            err(r#"{"prompt":"x","n":300}"#),
+            (ErrorCode::InvalidValue, Some("n".into()))
+        );
+        assert_eq!(
+            err(r#"{"prompt":"x","size":"300x300"}"#),
+            (ErrorCode::InvalidValue, Some("size".into()))
+        );
+        assert_eq!(
+            err(r#"{"prompt":"x","sise":"512x512"}"#),
+            (ErrorCode::UnknownField, Some("sise".into()))
+        );
         assert_eq!(err("[1,2]"), (ErrorCode::InvalidValue, None));
     }
 
     #[test]
     fn nested_paths() {
-        let e = parse_json::<tollgate_contract::CreateAccountRequest>(br#"{"name":"a","rate_limit":{"requests_per_minute":1}}"#);
+        let e = parse_json::<tollgate_contract::CreateAccountRequest>(
+            br#"{"name":"a","rate_limit":{"requests_per_minute":1}}"#,
+        );
         match e {
             Err(Error::InvalidRequest { code, param, .. }) => {
                 assert_eq!(code, ErrorCode::MissingField);
@@ -161,12 +206,12 @@ mod tests {
     #[test]
     fn bearer_parsing() {
         let mut h = HeaderMap::new();
-        assert_eq!(bearer(&h), Ok(None));
+        assert_eq!(bearer(&h), Credential::Missing);
         h.insert(header::AUTHORIZATION, "Bearer tg_abc".parse().unwrap());
-        assert_eq!(bearer(&h), Ok(Some("tg_abc")));
+        assert_eq!(bearer(&h), Credential::Bearer("tg_abc"));
         h.insert(header::AUTHORIZATION, "bearer   ".parse().unwrap());
-        assert_eq!(bearer(&h), Ok(None));
+        assert_eq!(bearer(&h), Credential::Missing);
         h.insert(header::AUTHORIZATION, "Basic dXNlcg==".parse().unwrap());
-        assert_eq!(bearer(&h), Err(()));
+        assert_eq!(bearer(&h), Credential::Unsupported);
     }
 }

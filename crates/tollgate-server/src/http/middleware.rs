@@ -8,7 +8,7 @@
 //!    headers) or [`admin_auth`]; then [`idempotency`] on POSTs; then [`simulate_delay`].
 
 use super::error::{envelope, internal_error, Enveloped, REQUEST_ID};
-use super::extract::{bearer, body_too_large, BODY_LIMIT};
+use super::extract::{bearer, body_too_large, Credential, BODY_LIMIT};
 use super::AppState;
 use crate::domain::idempotency;
 use crate::domain::ratelimit::Admission;
@@ -44,7 +44,9 @@ fn new_request_id() -> String {
 fn sane_request_id(value: &HeaderValue) -> Option<String> {
     let text = value.to_str().ok()?;
     let ok = (1..=128).contains(&text.len())
-        && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     ok.then(|| text.to_owned())
 }
 
@@ -58,14 +60,25 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 pub async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let request_id = req.headers().get(h::REQUEST_ID).and_then(sane_request_id).unwrap_or_else(new_request_id);
+    let request_id = req
+        .headers()
+        .get(h::REQUEST_ID)
+        .and_then(sane_request_id)
+        .unwrap_or_else(new_request_id);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
-    let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
 
     let outcome = REQUEST_ID
-        .scope(request_id.clone(), AssertUnwindSafe(next.run(req)).catch_unwind())
+        .scope(
+            request_id.clone(),
+            AssertUnwindSafe(next.run(req)).catch_unwind(),
+        )
         .instrument(span.clone())
         .await;
 
@@ -84,7 +97,12 @@ pub async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    state.app.metrics().observe_request(route.as_deref().unwrap_or("unmatched"), method.as_str(), status, elapsed.as_secs_f64());
+    state.app.metrics().observe_request(
+        route.as_deref().unwrap_or("unmatched"),
+        method.as_str(),
+        status,
+        elapsed.as_secs_f64(),
+    );
     span.in_scope(|| tracing::info!(status, micros = elapsed.as_micros() as u64, "served"));
     response
 }
@@ -130,8 +148,11 @@ fn ensure_envelope(response: Response, method: &Method, path: &str) -> Response 
 
 pub async fn drain_gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if state.draining.load(Ordering::Acquire) {
-        return Error::Unavailable { reason: "shutting down", retry_after: state.app.shutdown_retry_after() }
-            .into_response();
+        return Error::Unavailable {
+            reason: "shutting down",
+            retry_after: state.app.shutdown_retry_after(),
+        }
+        .into_response();
     }
     state.in_flight.fetch_add(1, Ordering::AcqRel);
     // Decrements even if the request is cancelled or panics.
@@ -156,16 +177,33 @@ pub async fn simulate(State(state): State<Arc<AppState>>, req: Request, next: Ne
     };
     let one_second = Duration::from_secs(1);
     match value.as_bytes() {
-        b"429" => Error::RateLimited { retry_after: one_second }.into_response(),
-        b"500" => Error::Internal("simulated failure (Tollgate-Simulate: 500)".to_owned()).into_response(),
-        b"503" => Error::Unavailable { reason: "simulated outage", retry_after: one_second }.into_response(),
+        b"429" => Error::RateLimited {
+            retry_after: one_second,
+        }
+        .into_response(),
+        b"500" => {
+            Error::Internal("simulated failure (Tollgate-Simulate: 500)".to_owned()).into_response()
+        }
+        b"503" => Error::Unavailable {
+            reason: "simulated outage",
+            retry_after: one_second,
+        }
+        .into_response(),
         b"panic" => panic!("simulated panic (Tollgate-Simulate: panic)"),
-        _ => Error::invalid(ErrorCode::InvalidValue, "Tollgate-Simulate", "Tollgate-Simulate must be 429, 500, 503 or panic.")
-            .into_response(),
+        _ => Error::invalid(
+            ErrorCode::InvalidValue,
+            "Tollgate-Simulate",
+            "Tollgate-Simulate must be 429, 500, 503 or panic.",
+        )
+        .into_response(),
     }
 }
 
-pub async fn simulate_delay(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn simulate_delay(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if state.app.config().simulate_errors {
         if let Some(value) = req.headers().get(h::SIMULATE_DELAY_MS) {
             match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()).filter(|ms| *ms <= 10_000) {
@@ -184,10 +222,17 @@ pub async fn simulate_delay(State(state): State<Arc<AppState>>, req: Request, ne
     next.run(req).await
 }
 
-pub async fn api_auth(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+pub async fn api_auth(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let credential = match bearer(req.headers()) {
-        Ok(credential) => credential,
-        Err(()) => return Error::InvalidCredential { admin: false }.into_response(),
+        Credential::Missing => None,
+        Credential::Bearer(key) => Some(key),
+        Credential::Unsupported => {
+            return Error::InvalidCredential { admin: false }.into_response()
+        }
     };
     let caller = match state.app.authenticate(credential).await {
         Ok(caller) => caller,
@@ -209,7 +254,11 @@ pub async fn api_auth(State(state): State<Arc<AppState>>, mut req: Request, next
 /// burst, its window the time to refill it; `r` is what is left now, `t` the seconds until full.
 fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
     let window = retry_after::whole_seconds_ceil(admission.window());
-    let reset = if admission.reset.is_zero() { 0 } else { retry_after::whole_seconds_ceil(admission.reset) };
+    let reset = if admission.reset.is_zero() {
+        0
+    } else {
+        retry_after::whole_seconds_ceil(admission.reset)
+    };
     let policy = format!("\"default\";q={};w={window}", admission.limit.burst);
     let state = format!("\"default\";r={};t={reset}", admission.remaining);
     if let Ok(v) = HeaderValue::from_str(&policy) {
@@ -222,8 +271,9 @@ fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
 
 pub async fn admin_auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let verdict = match bearer(req.headers()) {
-        Ok(token) => state.app.authenticate_admin(token),
-        Err(()) => Err(Error::InvalidCredential { admin: true }),
+        Credential::Missing => state.app.authenticate_admin(None),
+        Credential::Bearer(token) => state.app.authenticate_admin(Some(token)),
+        Credential::Unsupported => Err(Error::InvalidCredential { admin: true }),
     };
     match verdict {
         Ok(()) => next.run(req).await,
@@ -268,7 +318,10 @@ pub async fn idempotency(State(state): State<Arc<AppState>>, req: Request, next:
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    let owner = req.extensions().get::<Caller>().map_or_else(|| "admin".to_owned(), |c| c.account_id.clone());
+    let owner = req
+        .extensions()
+        .get::<Caller>()
+        .map_or_else(|| "admin".to_owned(), |c| c.account_id.clone());
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(bytes) => bytes,
@@ -285,9 +338,13 @@ pub async fn idempotency(State(state): State<Arc<AppState>>, req: Request, next:
         Ok(IdempotencyBegin::InUse) => Error::IdempotencyKeyInUse.into_response(),
         Ok(IdempotencyBegin::Replay(stored)) => replay(stored),
         Ok(IdempotencyBegin::Started) => {
-            let mut guard = ReservationGuard { state: Arc::clone(&state), scope: Some(scope.clone()) };
+            let mut guard = ReservationGuard {
+                state: Arc::clone(&state),
+                scope: Some(scope.clone()),
+            };
             let mut req = Request::from_parts(parts, Body::from(bytes));
-            req.extensions_mut().insert(IdempotencyReservation(scope.clone()));
+            req.extensions_mut()
+                .insert(IdempotencyReservation(scope.clone()));
             let response = next.run(req).await;
             if response.extensions().get::<IdempotencyStored>().is_some() {
                 guard.disarm();
@@ -306,9 +363,14 @@ pub async fn idempotency(State(state): State<Arc<AppState>>, req: Request, next:
             let (parts, body) = response.into_parts();
             let body = match axum::body::to_bytes(body, usize::MAX).await {
                 Ok(body) => body,
-                Err(e) => return Error::internal(format!("buffering a response: {e}")).into_response(),
+                Err(e) => {
+                    return Error::internal(format!("buffering a response: {e}")).into_response()
+                }
             };
-            let stored = StoredResponse { status: parts.status.as_u16(), body: body.to_vec() };
+            let stored = StoredResponse {
+                status: parts.status.as_u16(),
+                body: body.to_vec(),
+            };
             if let Err(e) = state.app.idempotency_complete(&scope, &stored).await {
                 return e.into_response();
             }
@@ -322,7 +384,10 @@ fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut response = (status, stored.body).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.insert(h::IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     response
 }

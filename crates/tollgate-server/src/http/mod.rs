@@ -28,7 +28,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(app: Arc<Tollgate>) -> Self {
-        AppState { app, draining: AtomicBool::new(false), in_flight: AtomicUsize::new(0) }
+        AppState {
+            app,
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        }
     }
 }
 
@@ -41,15 +45,24 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api_state = Arc::clone(&state);
     let api = move |route: MethodRouter<Arc<AppState>>| {
         route
-            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::simulate_delay))
+            .route_layer(from_fn_with_state(
+                Arc::clone(&api_state),
+                mw::simulate_delay,
+            ))
             .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
             .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_auth))
     };
     let admin_state = Arc::clone(&state);
     let admin = move |route: MethodRouter<Arc<AppState>>| {
         route
-            .route_layer(from_fn_with_state(Arc::clone(&admin_state), mw::simulate_delay))
-            .route_layer(from_fn_with_state(Arc::clone(&admin_state), mw::idempotency))
+            .route_layer(from_fn_with_state(
+                Arc::clone(&admin_state),
+                mw::simulate_delay,
+            ))
+            .route_layer(from_fn_with_state(
+                Arc::clone(&admin_state),
+                mw::idempotency,
+            ))
             .route_layer(from_fn_with_state(Arc::clone(&admin_state), mw::admin_auth))
     };
     let api = Router::new()
@@ -61,9 +74,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/account", api(get(r::account)))
         .route("/v1/account/ledger", api(get(r::account_ledger)));
     let admin = Router::new()
-        .route("/admin/accounts", admin(post(r::create_account).get(r::list_accounts)))
-        .route("/admin/accounts/{id}", admin(get(r::get_account).patch(r::update_account)))
-        .route("/admin/accounts/{id}/keys", admin(post(r::create_key).get(r::list_keys)))
+        .route(
+            "/admin/accounts",
+            admin(post(r::create_account).get(r::list_accounts)),
+        )
+        .route(
+            "/admin/accounts/{id}",
+            admin(get(r::get_account).patch(r::update_account)),
+        )
+        .route(
+            "/admin/accounts/{id}/keys",
+            admin(post(r::create_key).get(r::list_keys)),
+        )
         .route("/admin/accounts/{id}/credits", admin(post(r::add_credits)))
         .route("/admin/accounts/{id}/ledger", admin(get(r::admin_ledger)))
         .route("/admin/keys/{key_id}", admin(delete(r::revoke_key)));

@@ -14,8 +14,9 @@ use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tollgate_contract::{
-    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount, CreatedKey, ErrorBody,
-    ErrorCode, Health, KeyInfo, LedgerEntry, List, Task, UpdateAccountRequest,
+    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
+    CreatedKey, ErrorBody, ErrorCode, Health, KeyInfo, LedgerEntry, List, Task,
+    UpdateAccountRequest,
 };
 
 type AppResult<T> = Result<T, Error>;
@@ -51,7 +52,9 @@ pub async fn create_generation(
     reservation: Option<Extension<IdempotencyReservation>>,
     JsonBody(request): JsonBody<CreateGenerationRequest>,
 ) -> AppResult<Response> {
-    let scope = reservation.as_ref().map(|Extension(IdempotencyReservation(scope))| scope);
+    let scope = reservation
+        .as_ref()
+        .map(|Extension(IdempotencyReservation(scope))| scope);
     let task = state.app.create_generation(&caller, request, scope).await?;
     let mut response = (StatusCode::ACCEPTED, Json(task)).into_response();
     if scope.is_some() {
@@ -92,14 +95,23 @@ pub async fn list_tasks(
     Query(query): Query<ListQuery>,
 ) -> AppResult<Json<List<Task>>> {
     let limit = parse_limit(query.limit.as_deref())?;
-    Ok(Json(state.app.list_tasks(&caller, limit, query.after.as_deref()).await?))
+    Ok(Json(
+        state
+            .app
+            .list_tasks(&caller, limit, query.after.as_deref())
+            .await?,
+    ))
 }
 
 fn parse_limit(limit: Option<&str>) -> AppResult<Option<u32>> {
     limit
         .map(|text| {
             text.parse::<u32>().map_err(|_| {
-                Error::invalid(ErrorCode::InvalidValue, "limit", "`limit` must be a whole number from 1 to 100.")
+                Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "limit",
+                    "`limit` must be a whole number from 1 to 100.",
+                )
             })
         })
         .transpose()
@@ -126,7 +138,12 @@ pub async fn account_ledger(
     Extension(caller): Extension<Caller>,
     Query(query): Query<LimitQuery>,
 ) -> AppResult<Json<List<LedgerEntry>>> {
-    Ok(Json(state.app.ledger(&caller.account_id, parse_limit(query.limit.as_deref())?).await?))
+    Ok(Json(
+        state
+            .app
+            .ledger(&caller.account_id, parse_limit(query.limit.as_deref())?)
+            .await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/admin/accounts/{id}/ledger", tag = "admin",
@@ -143,7 +160,12 @@ pub async fn admin_ledger(
     Path(id): Path<String>,
     Query(query): Query<LimitQuery>,
 ) -> AppResult<Json<List<LedgerEntry>>> {
-    Ok(Json(state.app.ledger(&id, parse_limit(query.limit.as_deref())?).await?))
+    Ok(Json(
+        state
+            .app
+            .ledger(&id, parse_limit(query.limit.as_deref())?)
+            .await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/admin/accounts/{id}/keys", tag = "admin",
@@ -154,7 +176,10 @@ pub async fn admin_ledger(
         (status = 404, description = "No such account", body = ErrorBody),
     ),
     security(("admin_token" = [])))]
-pub async fn list_keys(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> AppResult<Json<List<KeyInfo>>> {
+pub async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> AppResult<Json<List<KeyInfo>>> {
     Ok(Json(state.app.list_keys(&id).await?))
 }
 
@@ -196,7 +221,10 @@ pub async fn task_image(
     Ok((
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
-            (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400, immutable")),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, max-age=86400, immutable"),
+            ),
         ],
         png,
     )
@@ -210,7 +238,10 @@ pub async fn task_image(
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
     security(("api_key" = [])))]
-pub async fn account(State(state): State<Arc<AppState>>, Extension(caller): Extension<Caller>) -> AppResult<Json<Account>> {
+pub async fn account(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> AppResult<Json<Account>> {
     Ok(Json(state.app.account(&caller.account_id).await?))
 }
 
@@ -225,7 +256,10 @@ pub async fn create_account(
     State(state): State<Arc<AppState>>,
     JsonBody(request): JsonBody<CreateAccountRequest>,
 ) -> AppResult<(StatusCode, Json<CreatedAccount>)> {
-    Ok((StatusCode::CREATED, Json(state.app.create_account(request).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(state.app.create_account(request).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/admin/accounts", tag = "admin",
@@ -246,7 +280,10 @@ pub async fn list_accounts(State(state): State<Arc<AppState>>) -> AppResult<Json
         (status = 404, description = "No such account", body = ErrorBody),
     ),
     security(("admin_token" = [])))]
-pub async fn get_account(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> AppResult<Json<Account>> {
+pub async fn get_account(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> AppResult<Json<Account>> {
     Ok(Json(state.app.account(&id).await?))
 }
 
@@ -290,7 +327,10 @@ pub async fn create_key(
         (status = 404, description = "No such live key", body = ErrorBody),
     ),
     security(("admin_token" = [])))]
-pub async fn revoke_key(State(state): State<Arc<AppState>>, Path(key_id): Path<String>) -> AppResult<StatusCode> {
+pub async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Path(key_id): Path<String>,
+) -> AppResult<StatusCode> {
     state.app.revoke_key(&key_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -318,8 +358,14 @@ pub async fn add_credits(
         (status = 503, description = "Shutting down", body = ErrorBody),
     ))]
 pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
-    let status = if state.draining.load(Ordering::Acquire) { "draining" } else { "ok" };
-    Json(Health { status: status.to_owned() })
+    let status = if state.draining.load(Ordering::Acquire) {
+        "draining"
+    } else {
+        "ok"
+    };
+    Json(Health {
+        status: status.to_owned(),
+    })
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops",
@@ -327,7 +373,14 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> AppResult<Response> {
     state.app.refresh_gauges().await?;
     let text = state.app.metrics().render();
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "ops",

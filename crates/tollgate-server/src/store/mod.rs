@@ -83,7 +83,10 @@ pub struct TaskRecord {
 pub enum TaskOutcome {
     Succeeded,
     /// Failed: the task is refunded in the same transaction.
-    Failed { code: String, message: String },
+    Failed {
+        code: String,
+        message: String,
+    },
 }
 
 /// What `cancel_task` did.
@@ -162,7 +165,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<AccountRecord>>;
     /// Adds `amount` (may be negative, never below zero) with a ledger entry.
     /// `Ok(None)`: no such account; `Err(InvalidRequest)`: the balance would go negative.
-    async fn add_credits(&self, id: &str, amount: i64, note: Option<&str>) -> Result<Option<AccountRecord>>;
+    async fn add_credits(
+        &self,
+        id: &str,
+        amount: i64,
+        note: Option<&str>,
+    ) -> Result<Option<AccountRecord>>;
     /// `false` when the account does not exist.
     async fn create_key(&self, key: &KeyRecord) -> Result<bool>;
     /// `false` when there is no such live key.
@@ -190,12 +198,22 @@ pub trait Store: Send + Sync + 'static {
         not_before: OffsetDateTime,
     ) -> Result<Option<Vec<TaskRecord>>>;
     /// Cancels a queued task and refunds it, in one transaction.
-    async fn cancel_task(&self, account_id: &str, id: &str, now: OffsetDateTime) -> Result<CancelOutcome>;
+    async fn cancel_task(
+        &self,
+        account_id: &str,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<CancelOutcome>;
     /// Takes the oldest queued task and marks it running.
     async fn claim_next_task(&self, now: OffsetDateTime) -> Result<Option<TaskRecord>>;
     /// Ends a running task; a failure is refunded in the same transaction.
     /// `false` when the task was not running or was purged meanwhile (nothing changed).
-    async fn finish_task(&self, id: &str, outcome: &TaskOutcome, now: OffsetDateTime) -> Result<bool>;
+    async fn finish_task(
+        &self,
+        id: &str,
+        outcome: &TaskOutcome,
+        now: OffsetDateTime,
+    ) -> Result<bool>;
     /// After a crash: puts tasks left `running` back in the queue (their charge stands).
     async fn requeue_running(&self) -> Result<u64>;
     async fn queue_depth(&self) -> Result<u64>;
@@ -218,7 +236,11 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
         stale_before: OffsetDateTime,
     ) -> Result<IdempotencyBegin>;
-    async fn idempotency_complete(&self, scope: &IdempotencyScope, response: &StoredResponse) -> Result<()>;
+    async fn idempotency_complete(
+        &self,
+        scope: &IdempotencyScope,
+        response: &StoredResponse,
+    ) -> Result<()>;
     /// Drops a reservation whose request failed, so a retry runs again.
     async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()>;
     /// Forgets keys created before `cutoff`.
@@ -231,7 +253,8 @@ pub(crate) fn to_millis(t: OffsetDateTime) -> i64 {
 }
 
 pub(crate) fn from_millis(ms: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Now, truncated to milliseconds so a value survives a round trip through storage unchanged.

@@ -8,16 +8,24 @@
 use super::*;
 use crate::error::Error;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
 use tollgate_contract::ErrorCode;
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+)];
 
-const TASK_COLUMNS: &str = "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
+const TASK_COLUMNS: &str =
+    "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
                             completed_at, error_code, error_message, purged";
 
 /// SQLite-backed storage.
@@ -46,10 +54,19 @@ impl SqliteStore {
         let migrations: Vec<Migration> = MIGRATIONS
             .iter()
             .map(|(version, name, sql)| {
-                Migration::new(*version, Cow::Borrowed(*name), MigrationType::Simple, Cow::Borrowed(*sql), false)
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*name),
+                    MigrationType::Simple,
+                    Cow::Borrowed(*sql),
+                    false,
+                )
             })
             .collect();
-        let migrator = Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT };
+        let migrator = Migrator {
+            migrations: Cow::Owned(migrations),
+            ..Migrator::DEFAULT
+        };
         migrator.run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
@@ -166,21 +183,40 @@ async fn ledger_entry(
     Ok(())
 }
 
-async fn refund(tx: &mut Transaction<'_, Sqlite>, account_id: &str, task_id: &str, cost: i64, note: &str) -> Result<()> {
-    let balance: i64 = sqlx::query_scalar("UPDATE accounts SET credits = credits + ? WHERE id = ? RETURNING credits")
-        .bind(cost)
-        .bind(account_id)
-        .fetch_one(&mut **tx)
-        .await?;
-    ledger_entry(tx, account_id, cost, balance, "refund", Some(task_id), Some(note)).await
+async fn refund(
+    tx: &mut Transaction<'_, Sqlite>,
+    account_id: &str,
+    task_id: &str,
+    cost: i64,
+    note: &str,
+) -> Result<()> {
+    let balance: i64 = sqlx::query_scalar(
+        "UPDATE accounts SET credits = credits + ? WHERE id = ? RETURNING credits",
+    )
+    .bind(cost)
+    .bind(account_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    ledger_entry(
+        tx,
+        account_id,
+        cost,
+        balance,
+        "refund",
+        Some(task_id),
+        Some(note),
+    )
+    .await
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn admin_token_hash(&self) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE name = 'admin_token_hash'")
-            .fetch_optional(&self.read)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE name = 'admin_token_hash'")
+                .fetch_optional(&self.read)
+                .await?,
+        )
     }
 
     async fn set_admin_token_hash(&self, hash: &str) -> Result<()> {
@@ -215,7 +251,16 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         if credits > 0 {
-            ledger_entry(&mut tx, &account.id, credits, credits, "grant", None, Some("opening balance")).await?;
+            ledger_entry(
+                &mut tx,
+                &account.id,
+                credits,
+                credits,
+                "grant",
+                None,
+                Some("opening balance"),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(AccountRecord {
@@ -228,10 +273,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>> {
-        let row = sqlx::query("SELECT id, name, credits, rpm, burst, created_at FROM accounts WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.read)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, name, credits, rpm, burst, created_at FROM accounts WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
         row.as_ref().map(account_from_row).transpose()
     }
 
@@ -261,29 +308,46 @@ impl Store for SqliteStore {
         row.as_ref().map(account_from_row).transpose()
     }
 
-    async fn add_credits(&self, id: &str, amount: i64, note: Option<&str>) -> Result<Option<AccountRecord>> {
+    async fn add_credits(
+        &self,
+        id: &str,
+        amount: i64,
+        note: Option<&str>,
+    ) -> Result<Option<AccountRecord>> {
         let mut tx = self.write.begin().await?;
-        let Some(current) = sqlx::query_scalar::<_, i64>("SELECT credits FROM accounts WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
+        let Some(current) =
+            sqlx::query_scalar::<_, i64>("SELECT credits FROM accounts WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
         else {
             return Ok(None);
         };
-        let balance = current.checked_add(amount).filter(|b| *b >= 0).ok_or_else(|| {
-            Error::invalid(
-                ErrorCode::InvalidValue,
-                "amount",
-                format!("An adjustment of {amount} would take the balance of {current} below zero."),
-            )
-        })?;
-        sqlx::query("UPDATE accounts SET credits = ? WHERE id = ?").bind(balance).bind(id).execute(&mut *tx).await?;
+        let balance = current
+            .checked_add(amount)
+            .filter(|b| *b >= 0)
+            .ok_or_else(|| {
+                Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "amount",
+                    format!(
+                        "An adjustment of {amount} would take the balance of {current} below zero."
+                    ),
+                )
+            })?;
+        sqlx::query("UPDATE accounts SET credits = ? WHERE id = ?")
+            .bind(balance)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let kind = if amount >= 0 { "grant" } else { "adjust" };
         ledger_entry(&mut tx, id, amount, balance, kind, None, note).await?;
-        let row = sqlx::query("SELECT id, name, credits, rpm, burst, created_at FROM accounts WHERE id = ?")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, name, credits, rpm, burst, created_at FROM accounts WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         account_from_row(&row).map(Some)
     }
@@ -308,11 +372,12 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_key(&self, key_id: &str) -> Result<bool> {
-        let done = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(to_millis(now()))
-            .bind(key_id)
-            .execute(&self.write)
-            .await?;
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(to_millis(now()))
+                .bind(key_id)
+                .execute(&self.write)
+                .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -361,17 +426,21 @@ impl Store for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(balance) = balance else {
-            let current: Option<i64> = sqlx::query_scalar("SELECT credits FROM accounts WHERE id = ?")
-                .bind(&task.account_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT credits FROM accounts WHERE id = ?")
+                    .bind(&task.account_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             tx.rollback().await?;
             return Err(match current {
                 Some(current) => Error::InsufficientCredits {
                     cost: task.cost,
                     balance: u64::try_from(current).unwrap_or(0),
                 },
-                None => Error::NotFound { what: "account", id: task.account_id.clone() },
+                None => Error::NotFound {
+                    what: "account",
+                    id: task.account_id.clone(),
+                },
             });
         };
         sqlx::query(
@@ -389,7 +458,16 @@ impl Store for SqliteStore {
         .bind(to_millis(task.created_at))
         .execute(&mut *tx)
         .await?;
-        ledger_entry(&mut tx, &task.account_id, -cost, balance, "charge", Some(&task.id), None).await?;
+        ledger_entry(
+            &mut tx,
+            &task.account_id,
+            -cost,
+            balance,
+            "charge",
+            Some(&task.id),
+            None,
+        )
+        .await?;
         if let Some((scope, response)) = idempotency {
             complete_idempotency(&mut tx, scope, response).await?;
         }
@@ -415,11 +493,12 @@ impl Store for SqliteStore {
         let before_seq = match after {
             None => i64::MAX,
             Some(after) => {
-                let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tasks WHERE id = ? AND account_id = ?")
-                    .bind(after)
-                    .bind(account_id)
-                    .fetch_optional(&self.read)
-                    .await?;
+                let seq: Option<i64> =
+                    sqlx::query_scalar("SELECT seq FROM tasks WHERE id = ? AND account_id = ?")
+                        .bind(after)
+                        .bind(account_id)
+                        .fetch_optional(&self.read)
+                        .await?;
                 match seq {
                     Some(seq) => seq,
                     None => return Ok(None),
@@ -436,16 +515,26 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;
-        rows.iter().map(task_from_row).collect::<Result<Vec<_>>>().map(Some)
+        rows.iter()
+            .map(task_from_row)
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
-    async fn cancel_task(&self, account_id: &str, id: &str, now: OffsetDateTime) -> Result<CancelOutcome> {
+    async fn cancel_task(
+        &self,
+        account_id: &str,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<CancelOutcome> {
         let mut tx = self.write.begin().await?;
-        let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ? AND account_id = ?"))
-            .bind(id)
-            .bind(account_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ? AND account_id = ?"
+        ))
+        .bind(id)
+        .bind(account_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(task) = row.as_ref().map(task_from_row).transpose()? else {
             return Ok(CancelOutcome::NotFound);
         };
@@ -459,9 +548,20 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        refund(&mut tx, account_id, id, signed(task.cost)?, "canceled before it ran").await?;
+        refund(
+            &mut tx,
+            account_id,
+            id,
+            signed(task.cost)?,
+            "canceled before it ran",
+        )
+        .await?;
         tx.commit().await?;
-        Ok(CancelOutcome::Canceled(TaskRecord { status: TaskStatus::Canceled, completed_at: Some(now), ..task }))
+        Ok(CancelOutcome::Canceled(TaskRecord {
+            status: TaskStatus::Canceled,
+            completed_at: Some(now),
+            ..task
+        }))
     }
 
     async fn claim_next_task(&self, now: OffsetDateTime) -> Result<Option<TaskRecord>> {
@@ -476,10 +576,19 @@ impl Store for SqliteStore {
         row.as_ref().map(task_from_row).transpose()
     }
 
-    async fn finish_task(&self, id: &str, outcome: &TaskOutcome, now: OffsetDateTime) -> Result<bool> {
+    async fn finish_task(
+        &self,
+        id: &str,
+        outcome: &TaskOutcome,
+        now: OffsetDateTime,
+    ) -> Result<bool> {
         let (status, code, message) = match outcome {
             TaskOutcome::Succeeded => (TaskStatus::Succeeded, None, None),
-            TaskOutcome::Failed { code, message } => (TaskStatus::Failed, Some(code.as_str()), Some(message.as_str())),
+            TaskOutcome::Failed { code, message } => (
+                TaskStatus::Failed,
+                Some(code.as_str()),
+                Some(message.as_str()),
+            ),
         };
         let mut tx = self.write.begin().await?;
         let row = sqlx::query(
@@ -506,25 +615,30 @@ impl Store for SqliteStore {
     }
 
     async fn requeue_running(&self) -> Result<u64> {
-        let done = sqlx::query("UPDATE tasks SET status = 'queued', started_at = NULL WHERE status = 'running'")
-            .execute(&self.write)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE tasks SET status = 'queued', started_at = NULL WHERE status = 'running'",
+        )
+        .execute(&self.write)
+        .await?;
         Ok(done.rows_affected())
     }
 
     async fn queue_depth(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'queued' AND purged = 0")
-            .fetch_one(&self.read)
-            .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'queued' AND purged = 0")
+                .fetch_one(&self.read)
+                .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn expired_tasks(&self, cutoff: OffsetDateTime, limit: u32) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT id FROM tasks WHERE purged = 0 AND created_at <= ? ORDER BY created_at LIMIT ?")
-            .bind(to_millis(cutoff))
-            .bind(i64::from(limit))
-            .fetch_all(&self.read)
-            .await?)
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE purged = 0 AND created_at <= ? ORDER BY created_at LIMIT ?",
+        )
+        .bind(to_millis(cutoff))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?)
     }
 
     async fn mark_purged(&self, ids: &[String]) -> Result<()> {
@@ -542,9 +656,19 @@ impl Store for SqliteStore {
             .await?;
             if let Some(row) = queued {
                 let account_id: String = row.try_get("account_id")?;
-                refund(&mut tx, &account_id, id, row.try_get("cost")?, "expired before it ran").await?;
+                refund(
+                    &mut tx,
+                    &account_id,
+                    id,
+                    row.try_get("cost")?,
+                    "expired before it ran",
+                )
+                .await?;
             }
-            sqlx::query("UPDATE tasks SET purged = 1, prompt = '' WHERE id = ?").bind(id).execute(&mut *tx).await?;
+            sqlx::query("UPDATE tasks SET purged = 1, prompt = '' WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -603,12 +727,14 @@ impl Store for SqliteStore {
                         body: row.try_get("body")?,
                     })
                 } else if row.try_get::<i64, _>("locked_at")? < to_millis(stale_before) {
-                    sqlx::query("UPDATE idempotency_keys SET locked_at = ? WHERE scope = ? AND key = ?")
-                        .bind(to_millis(now))
-                        .bind(&scope.scope)
-                        .bind(&scope.key)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET locked_at = ? WHERE scope = ? AND key = ?",
+                    )
+                    .bind(to_millis(now))
+                    .bind(&scope.scope)
+                    .bind(&scope.key)
+                    .execute(&mut *tx)
+                    .await?;
                     IdempotencyBegin::Started
                 } else {
                     IdempotencyBegin::InUse
@@ -619,7 +745,11 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
-    async fn idempotency_complete(&self, scope: &IdempotencyScope, response: &StoredResponse) -> Result<()> {
+    async fn idempotency_complete(
+        &self,
+        scope: &IdempotencyScope,
+        response: &StoredResponse,
+    ) -> Result<()> {
         let mut tx = self.write.begin().await?;
         complete_idempotency(&mut tx, scope, response).await?;
         tx.commit().await?;
@@ -627,11 +757,13 @@ impl Store for SqliteStore {
     }
 
     async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'running'")
-            .bind(&scope.scope)
-            .bind(&scope.key)
-            .execute(&self.write)
-            .await?;
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'running'",
+        )
+        .bind(&scope.scope)
+        .bind(&scope.key)
+        .execute(&self.write)
+        .await?;
         Ok(())
     }
 

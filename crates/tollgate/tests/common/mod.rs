@@ -36,7 +36,13 @@ impl TestServer {
 
     /// Starts a server on `dir` (restarts reuse it).
     pub fn start_in(dir: &Path, args: &[&str]) -> TestServer {
-        let log = dir.join(format!("server-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let log = dir.join(format!(
+            "server-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         for (name, _) in std::env::vars() {
@@ -71,11 +77,23 @@ impl TestServer {
             Ok(base) => base,
             Err(_) => {
                 let _ = child.kill();
-                panic!("server did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "server did not start; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
         };
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        TestServer { child, base, dir: dir.to_owned(), log, http }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        TestServer {
+            child,
+            base,
+            dir: dir.to_owned(),
+            log,
+            http,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -88,7 +106,10 @@ impl TestServer {
 
     /// Sends SIGTERM (graceful shutdown).
     pub fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -99,7 +120,10 @@ impl TestServer {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "server did not exit in {within:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server did not exit in {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -115,8 +139,16 @@ impl TestServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
-        let mut request = self.http.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN);
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN);
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -154,7 +186,12 @@ impl TestServer {
 
     /// Creates a task and returns its JSON (asserting 202).
     pub async fn create_task(&self, key: &str, body: Value) -> Value {
-        let response = self.post(key, "/v1/images/generations").json(&body).send().await.unwrap();
+        let response = self
+            .post(key, "/v1/images/generations")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
         response.json().await.unwrap()
     }
@@ -162,8 +199,18 @@ impl TestServer {
     /// Polls a task until it is in a final state.
     pub async fn wait_task(&self, key: &str, id: &str) -> Value {
         for _ in 0..600 {
-            let task: Value = self.get(key, &format!("/v1/tasks/{id}")).send().await.unwrap().json().await.unwrap();
-            if matches!(task["status"].as_str(), Some("succeeded" | "failed" | "canceled")) {
+            let task: Value = self
+                .get(key, &format!("/v1/tasks/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if matches!(
+                task["status"].as_str(),
+                Some("succeeded" | "failed" | "canceled")
+            ) {
                 return task;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -172,7 +219,14 @@ impl TestServer {
     }
 
     pub async fn balance(&self, key: &str) -> u64 {
-        let account: Value = self.get(key, "/v1/account").send().await.unwrap().json().await.unwrap();
+        let account: Value = self
+            .get(key, "/v1/account")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         account["credits"].as_u64().unwrap()
     }
 }
@@ -186,21 +240,42 @@ impl Drop for TestServer {
 
 /// Checks a response is the contract's envelope with this status, type and code, and returns
 /// its headers and `error` object.
-pub async fn expect_error(response: reqwest::Response, status: u16, error_type: &str, code: &str) -> (reqwest::header::HeaderMap, Value) {
+pub async fn expect_error(
+    response: reqwest::Response,
+    status: u16,
+    error_type: &str,
+    code: &str,
+) -> (reqwest::header::HeaderMap, Value) {
     let headers = response.headers().clone();
     let actual = response.status().as_u16();
     let text = response.text().await.unwrap();
     assert_eq!(actual, status, "body: {text}");
-    assert_eq!(headers.get("content-type").unwrap(), "application/json", "body: {text}");
-    let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert_eq!(
+        headers.get("content-type").unwrap(),
+        "application/json",
+        "body: {text}"
+    );
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
     let object = body.as_object().unwrap();
-    assert_eq!(object.keys().collect::<Vec<_>>(), vec!["error"], "only `error` at the top: {text}");
+    assert_eq!(
+        object.keys().collect::<Vec<_>>(),
+        vec!["error"],
+        "only `error` at the top: {text}"
+    );
     let error = &body["error"];
     assert_eq!(error["type"], error_type, "{text}");
     assert_eq!(error["code"], code, "{text}");
     let message = error["message"].as_str().unwrap();
-    assert!(message.len() > 10 && message.ends_with('.'), "a sentence: {message:?}");
-    let request_id = headers.get("x-request-id").expect("X-Request-Id").to_str().unwrap();
+    assert!(
+        message.len() > 10 && message.ends_with('.'),
+        "a sentence: {message:?}"
+    );
+    let request_id = headers
+        .get("x-request-id")
+        .expect("X-Request-Id")
+        .to_str()
+        .unwrap();
     assert_eq!(error["request_id"], request_id);
     for leak in ["sqlx", "SQLITE", "panicked", "/tmp/", "src/"] {
         assert!(!text.contains(leak), "internals in {text}");
