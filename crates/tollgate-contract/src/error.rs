@@ -122,18 +122,26 @@ error_codes! {
     InvalidApiKey => ("invalid_api_key", 401, Authentication, false),
     /// The balance does not cover the request's cost.
     InsufficientCredits => ("insufficient_credits", 402, Billing, false),
+    /// A dashboard form came without the token of the session that rendered it (extension).
+    CsrfTokenInvalid => ("csrf_token_invalid", 403, InvalidRequest, false),
     /// No route at this path.
     UnknownEndpoint => ("unknown_endpoint", 404, NotFound, false),
     /// No such resource for this account.
     ResourceNotFound => ("resource_not_found", 404, NotFound, false),
+    /// No voucher has this code (extension).
+    VoucherNotFound => ("voucher_not_found", 404, NotFound, false),
     /// The route exists but not with this method.
     MethodNotAllowed => ("method_not_allowed", 405, InvalidRequest, false),
     /// A request with the same `Idempotency-Key` is still running.
     IdempotencyKeyInUse => ("idempotency_key_in_use", 409, Conflict, true),
     /// Only a queued task can be cancelled; this one is running or finished (extension).
     TaskNotCancelable => ("task_not_cancelable", 409, Conflict, false),
+    /// The voucher was redeemed already; each code works once (extension).
+    VoucherAlreadyRedeemed => ("voucher_already_redeemed", 409, Conflict, false),
     /// The resource is older than the retention.
     ResourceExpired => ("resource_expired", 410, Gone, false),
+    /// The voucher is past its expiry date (extension).
+    VoucherExpired => ("voucher_expired", 410, Gone, false),
     /// The request body is above 1 MiB.
     BodyTooLarge => ("body_too_large", 413, InvalidRequest, false),
     /// Too many requests for the account's rate limit.

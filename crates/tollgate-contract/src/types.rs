@@ -298,7 +298,7 @@ pub struct LedgerEntry {
     /// Credits added (positive) or taken (negative).
     pub delta: i64,
     pub balance_after: u64,
-    /// `grant`, `charge`, `refund` or `adjust`.
+    /// `grant`, `charge`, `refund`, `adjust` or `voucher`.
     pub kind: String,
     pub task_id: Option<String>,
     pub note: Option<String>,
@@ -321,6 +321,88 @@ pub struct KeyInfo {
     #[serde(with = "time::serde::rfc3339::option")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// `POST /admin/vouchers` (extension): a single-use code worth `credits`, for an account holder
+/// to redeem (`POST /v1/vouchers/redeem`, or the dashboard's top-up page).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateVoucherRequest {
+    /// Credits the code adds when redeemed: at least 1.
+    pub credits: u64,
+    /// After this instant the code is refused; default: it never expires.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Kept with the voucher and on the ledger entry of its redemption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A voucher as listed (extension): never its code, which only its creator saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Voucher {
+    /// `vch_…`
+    pub id: String,
+    /// Always `"voucher"`.
+    pub object: String,
+    /// The code's first characters, to recognise it.
+    pub prefix: String,
+    pub credits: u64,
+    pub note: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub redeemed_at: Option<OffsetDateTime>,
+    /// The account that redeemed it (`acct_…`).
+    pub redeemed_by: Option<String>,
+}
+
+/// `201` answer of `POST /admin/vouchers`: the code is shown this once.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedVoucher {
+    pub voucher: Voucher,
+    /// `tgv_…`: what `POST /v1/vouchers/redeem` takes.
+    pub code: String,
+}
+
+/// `POST /v1/vouchers/redeem` (extension).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RedeemVoucherRequest {
+    /// The code, `tgv_…` (case and surrounding spaces do not matter).
+    pub code: String,
+}
+
+// A voucher code is money until it is redeemed: keep it out of logs.
+impl fmt::Debug for CreatedVoucher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedVoucher")
+            .field("voucher", &self.voucher)
+            .field("code", &"tgv_…(redacted)")
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedeemVoucherRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedeemVoucherRequest")
+            .field("code", &"tgv_…(redacted)")
+            .finish()
+    }
 }
 
 /// `GET /healthz`.

@@ -53,8 +53,40 @@ pub struct Config {
     pub shutdown_retry_after: Duration,
     /// How often the retention purge runs.
     pub purge_interval: Duration,
-    /// Where the 402 message sends people to top up (the dashboard's page).
-    pub top_up_url: String,
+    /// `postgres://…` for PostgreSQL, `sqlite://PATH` for a SQLite file; `None`: SQLite in `data_dir`.
+    pub database_url: Option<Secret>,
+    /// PostgreSQL only: the schema to keep tollgate's tables in (created if missing).
+    pub database_schema: Option<String>,
+    /// `redis://…`: rate limits shared through Redis; `None`: in process.
+    pub redis_url: Option<Secret>,
+    /// What to do when Redis cannot be reached.
+    pub redis_failure: RedisFailure,
+    /// How long a worker holds a task without renewing; a dead instance's tasks wait this long.
+    pub task_lease: Duration,
+    /// How long a dashboard session lasts after sign-in (it ends sooner on sign-out or when its
+    /// API key is revoked).
+    pub session_ttl: Duration,
+}
+
+/// Behaviour when the rate limiter's Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisFailure {
+    /// Refuse with 503 `service_unavailable` and `Retry-After` (the default: limits are a promise).
+    #[default]
+    FailClosed,
+    /// Let requests through unlimited.
+    FailOpen,
+}
+
+impl std::str::FromStr for RedisFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "closed" | "fail-closed" => Ok(RedisFailure::FailClosed),
+            "open" | "fail-open" => Ok(RedisFailure::FailOpen),
+            other => Err(format!("{other:?}: use closed or open")),
+        }
+    }
 }
 
 impl Config {
@@ -74,7 +106,12 @@ impl Config {
             shutdown_grace: Duration::from_secs(30),
             shutdown_retry_after: Duration::from_secs(5),
             purge_interval: Duration::from_secs(60),
-            top_up_url: "/dashboard/credits".to_owned(),
+            database_url: None,
+            database_schema: None,
+            redis_url: None,
+            redis_failure: RedisFailure::default(),
+            task_lease: Duration::from_secs(30),
+            session_ttl: Duration::from_secs(12 * 3600),
         }
     }
 

@@ -52,6 +52,12 @@ pub enum Error {
         id: String,
         status: tollgate_contract::TaskStatus,
     },
+    /// A dashboard form came without the CSRF token of the session that rendered it.
+    #[error("CSRF token missing or wrong")]
+    CsrfTokenInvalid,
+    /// A voucher code that cannot be redeemed (unknown, used, or expired).
+    #[error("voucher refused: {0:?}")]
+    VoucherRefused(VoucherRefusal),
     /// Shutting down or overloaded.
     #[error("service unavailable: {reason}")]
     Unavailable {
@@ -64,6 +70,17 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a voucher code was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VoucherRefusal {
+    /// No voucher has this code.
+    Unknown,
+    /// Redeemed before (by this account or another): a code works once.
+    AlreadyRedeemed,
+    /// Past its expiry.
+    Expired,
+}
 
 impl Error {
     /// A 400 with `param`.
@@ -93,6 +110,12 @@ impl Error {
             Error::IdempotencyKeyReused => ErrorCode::IdempotencyKeyReused,
             Error::IdempotencyKeyInUse => ErrorCode::IdempotencyKeyInUse,
             Error::NotCancelable { .. } => ErrorCode::TaskNotCancelable,
+            Error::CsrfTokenInvalid => ErrorCode::CsrfTokenInvalid,
+            Error::VoucherRefused(VoucherRefusal::Unknown) => ErrorCode::VoucherNotFound,
+            Error::VoucherRefused(VoucherRefusal::AlreadyRedeemed) => {
+                ErrorCode::VoucherAlreadyRedeemed
+            }
+            Error::VoucherRefused(VoucherRefusal::Expired) => ErrorCode::VoucherExpired,
             Error::Unavailable { .. } => ErrorCode::ServiceUnavailable,
             Error::Internal(_) => ErrorCode::InternalError,
         }

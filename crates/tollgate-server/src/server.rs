@@ -1,11 +1,14 @@
 //! Assembles storage, the domain, the workers and the HTTP layer, and runs them until shutdown.
 
 use crate::config::{Config, Secret};
+use crate::domain::ratelimit::{Limiter, RateLimits, RedisLimits};
 use crate::domain::service::Tollgate;
 use crate::domain::{purge, secrets, worker};
+use crate::error::Error;
 use crate::error::Result;
 use crate::http::{self, AppState};
 use crate::images::DiskImageStore;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use std::future::Future;
@@ -26,8 +29,14 @@ impl Server {
     /// `config.admin_token` if set; else the hash kept from an earlier start; else a new token,
     /// of which only the hash is kept (see [`Server::generated_admin_token`]).
     pub async fn open(config: Config) -> Result<Server> {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir).await?);
+        let store = open_store(&config).await?;
         let images = Arc::new(DiskImageStore::new(config.data_dir.join("images"))?);
+        let limits = match &config.redis_url {
+            Some(url) => {
+                Limiter::Redis(RedisLimits::connect(url.expose(), config.redis_failure).await?)
+            }
+            None => Limiter::Local(RateLimits::default()),
+        };
         let (admin_hash, generated_admin_token) = match &config.admin_token {
             Some(token) => (secrets::hash_secret(token.expose()), None),
             None => match store.admin_token_hash().await? {
@@ -47,7 +56,7 @@ impl Server {
                 "tasks left running by an earlier run are queued again"
             );
         }
-        let app = Arc::new(Tollgate::new(config, store, images, admin_hash));
+        let app = Arc::new(Tollgate::new(config, store, images, limits, admin_hash));
         Ok(Server {
             app,
             generated_admin_token,
@@ -91,9 +100,13 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        axum::serve(listener, router)
-            .with_graceful_shutdown(drained)
-            .await?;
+        // The peer address is what the dashboard's sign-in limit counts by.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(drained)
+        .await?;
 
         let _ = stop_tx.send(true);
         for handle in workers {
@@ -102,5 +115,26 @@ impl Server {
         let _ = purger.await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The store the configuration names: PostgreSQL, a SQLite file, or SQLite in the data dir.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    let Some(url) = &config.database_url else {
+        return Ok(Arc::new(SqliteStore::open(&config.data_dir).await?));
+    };
+    let url = url.expose();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            PostgresStore::connect(url, config.database_schema.as_deref()).await?,
+        ))
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Arc::new(
+            SqliteStore::open_file(std::path::Path::new(path)).await?,
+        ))
+    } else {
+        Err(Error::internal(
+            "the database URL must start with postgres://, postgresql:// or sqlite://",
+        ))
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tollgate_contract::RateLimit;
 use tollgate_server::{parse_duration, Config, Prices, Secret, Server};
 
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "TOLLGATE_ADDR", default_value = "127.0.0.1:8080")]
@@ -36,6 +36,25 @@ pub struct ServeArgs {
     /// Rate limit of accounts without one of their own: burst.
     #[arg(long, env = "TOLLGATE_DEFAULT_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     default_burst: u32,
+    /// `postgres://…` to share one database between instances, or `sqlite://PATH`
+    /// (default: SQLite in --data-dir).
+    #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// PostgreSQL schema for tollgate's tables (created if missing; default: the search path).
+    #[arg(long, env = "TOLLGATE_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
+    /// `redis://…` to share rate limits between instances (default: in process).
+    #[arg(long, env = "TOLLGATE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// When Redis cannot be reached: `closed` answers 503 with Retry-After, `open` lets requests through.
+    #[arg(long, env = "TOLLGATE_REDIS_FAILURE", default_value = "closed")]
+    redis_failure: tollgate_server::config::RedisFailure,
+    /// How long a worker holds a task without renewing it; tasks of a dead instance wait this long.
+    #[arg(long, env = "TOLLGATE_TASK_LEASE", default_value = "30s", value_parser = parse_duration)]
+    task_lease: Duration,
+    /// How long a dashboard session lasts after sign-in (sign-out or revoking its key ends it sooner).
+    #[arg(long, env = "TOLLGATE_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
+    session_ttl: Duration,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "TOLLGATE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
@@ -92,6 +111,12 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         burst: args.default_burst,
     };
     config.shutdown_grace = args.shutdown_grace;
+    config.session_ttl = args.session_ttl;
+    config.database_url = args.database_url.map(Secret::new);
+    config.database_schema = args.database_schema;
+    config.redis_url = args.redis_url.map(Secret::new);
+    config.redis_failure = args.redis_failure;
+    config.task_lease = args.task_lease;
     // Not a flag: a flag would show the token to everyone who can list processes.
     config.admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
         .ok()

@@ -127,6 +127,13 @@ async fn openapi_documents_every_route_and_error_response() {
             "/admin/accounts/{id}/ledger",
             &["200", "400", "401", "404"],
         ),
+        ("post", "/admin/vouchers", &["201", "400", "401"]),
+        ("get", "/admin/vouchers", &["200", "400", "401"]),
+        (
+            "post",
+            "/v1/vouchers/redeem",
+            &["200", "400", "401", "404", "409", "410", "429"],
+        ),
         ("get", "/healthz", &["200", "503"]),
         ("get", "/metrics", &["200"]),
         ("get", "/openapi.json", &["200"]),

@@ -44,10 +44,15 @@ CREATE TABLE tasks (
     error_code    TEXT,
     error_message TEXT,
     -- 1 once the retention purge removed the task's data: the row stays as a tombstone (410, not 404).
-    purged        INTEGER NOT NULL DEFAULT 0
+    purged        INTEGER NOT NULL DEFAULT 0,
+    -- The worker that runs the task holds it until lease_until and renews it while it works;
+    -- a lease that runs out (its process died) lets another worker take the task.
+    claim         TEXT,
+    lease_until   INTEGER
 );
 CREATE INDEX tasks_account ON tasks (account_id, seq);
 CREATE INDEX tasks_queued ON tasks (seq) WHERE status = 'queued';
+CREATE INDEX tasks_leased ON tasks (lease_until) WHERE status = 'running';
 CREATE INDEX tasks_unpurged ON tasks (created_at) WHERE purged = 0;
 
 CREATE TABLE ledger (

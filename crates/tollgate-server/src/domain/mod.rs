@@ -11,4 +11,7 @@ pub mod purge;
 pub mod ratelimit;
 pub mod secrets;
 pub mod service;
+pub mod sessions;
+pub mod usage;
+pub mod vouchers;
 pub mod worker;

@@ -1,9 +1,12 @@
-//! Per-account rate limits: GCRA through `governor`, one limiter per account, in process.
+//! Per-account rate limits: GCRA, either in process (`governor`, one limiter per account) or
+//! shared by every instance through Redis (one Lua script, one round trip, Redis's own clock).
 //!
 //! An admission reports what the IETF `RateLimit` headers need (the quota, what is left, when it
 //! refills) and, when refused, the exact wait until the next request would be admitted: the
 //! `Retry-After` the client gets is that wait rounded up, never earlier.
 
+use crate::config::RedisFailure;
+use crate::error::{Error, Result};
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
 
-type Limiter =
+type Gcra =
     governor::RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
 /// The verdict on one request.
@@ -47,7 +50,7 @@ fn interval(limit: RateLimit) -> Duration {
 
 /// The limiters of every account that has sent a request.
 pub struct RateLimits {
-    limiters: DashMap<String, (RateLimit, Arc<Limiter>)>,
+    limiters: DashMap<String, (RateLimit, Arc<Gcra>)>,
     clock: DefaultClock,
 }
 
@@ -90,7 +93,7 @@ impl RateLimits {
         }
     }
 
-    fn limiter(&self, account_id: &str, limit: RateLimit) -> Arc<Limiter> {
+    fn limiter(&self, account_id: &str, limit: RateLimit) -> Arc<Gcra> {
         if let Some(entry) = self.limiters.get(account_id) {
             if entry.0 == limit {
                 return Arc::clone(&entry.1);
@@ -106,6 +109,126 @@ impl RateLimits {
         self.limiters
             .insert(account_id.to_owned(), (limit, Arc::clone(&limiter)));
         limiter
+    }
+}
+
+/// Where the limits are kept.
+pub enum Limiter {
+    /// In this process: exact for one instance.
+    Local(RateLimits),
+    /// In Redis: one limit per account across every instance.
+    Redis(RedisLimits),
+}
+
+impl Limiter {
+    /// Counts one request of `account_id` against `limit`.
+    pub async fn check(&self, account_id: &str, limit: RateLimit) -> Result<Admission> {
+        match self {
+            Limiter::Local(limits) => Ok(limits.check(account_id, limit)),
+            Limiter::Redis(limits) => limits.check(account_id, limit).await,
+        }
+    }
+}
+
+/// GCRA over Redis. The script reads Redis's `TIME`, so instances whose clocks disagree still
+/// share one schedule; it stores one number per account (the theoretical arrival time, in µs)
+/// and returns what the headers need, so a request costs exactly one round trip.
+pub struct RedisLimits {
+    connection: redis::aio::ConnectionManager,
+    script: redis::Script,
+    failure: RedisFailure,
+}
+
+/// KEYS[1]: the account's key. ARGV[1]: emission interval (µs). ARGV[2]: burst.
+/// Returns {admitted (0|1), remaining, wait µs (when refused), reset µs (until the burst is whole)}.
+const GCRA_SCRIPT: &str = r#"
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+if now < allow_at then
+  return {0, 0, allow_at - now, tat - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+local remaining = math.floor((now - allow_at) / interval)
+return {1, remaining, 0, new_tat - now}
+"#;
+
+/// How long a Redis call may take before the failure mode applies.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+impl RedisLimits {
+    /// Connects to `url`; the connection reconnects by itself after Redis comes back.
+    pub async fn connect(url: &str, failure: RedisFailure) -> Result<Self> {
+        let client =
+            redis::Client::open(url).map_err(|e| Error::internal(format!("redis URL: {e}")))?;
+        let connection = tokio::time::timeout(
+            REDIS_TIMEOUT * 10,
+            redis::aio::ConnectionManager::new(client),
+        )
+        .await
+        .map_err(|_| Error::internal("redis: connection timed out"))?
+        .map_err(|e| Error::internal(format!("redis: {e}")))?;
+        Ok(RedisLimits {
+            connection,
+            script: redis::Script::new(GCRA_SCRIPT),
+            failure,
+        })
+    }
+
+    async fn check(&self, account_id: &str, limit: RateLimit) -> Result<Admission> {
+        let interval_us = u64::try_from(interval(limit).as_micros()).unwrap_or(u64::MAX);
+        let mut connection = self.connection.clone();
+        let mut invocation = self.script.key(format!("tollgate:ratelimit:{account_id}"));
+        invocation.arg(interval_us).arg(limit.burst);
+        let answer: std::result::Result<redis::RedisResult<Vec<i64>>, _> =
+            tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut connection)).await;
+        let values = match answer {
+            Ok(Ok(values)) if values.len() == 4 => values,
+            Ok(Ok(values)) => {
+                return self.unreachable(limit, &format!("unexpected script answer {values:?}"))
+            }
+            Ok(Err(e)) => return self.unreachable(limit, &e.to_string()),
+            Err(_) => return self.unreachable(limit, "timed out"),
+        };
+        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        Ok(Admission {
+            limit,
+            remaining: u32::try_from(values[1]).unwrap_or(0),
+            reset: micros(values[3]),
+            retry_after: (values[0] == 0).then(|| micros(values[2])),
+        })
+    }
+
+    fn unreachable(&self, limit: RateLimit, cause: &str) -> Result<Admission> {
+        match self.failure {
+            RedisFailure::FailClosed => {
+                tracing::error!(
+                    cause,
+                    "rate limiter unreachable: refusing requests (fail closed)"
+                );
+                Err(Error::Unavailable {
+                    reason: "rate limiter unreachable",
+                    retry_after: Duration::from_secs(1),
+                })
+            }
+            RedisFailure::FailOpen => {
+                tracing::warn!(
+                    cause,
+                    "rate limiter unreachable: letting requests through (fail open)"
+                );
+                Ok(Admission {
+                    limit,
+                    remaining: limit.burst,
+                    reset: Duration::ZERO,
+                    retry_after: None,
+                })
+            }
+        }
     }
 }
 

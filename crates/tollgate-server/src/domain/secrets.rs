@@ -7,6 +7,9 @@ use sha2::{Digest, Sha256};
 /// The prefix every API key starts with.
 pub const API_KEY_PREFIX: &str = "tg_";
 
+/// The prefix every credit voucher code starts with.
+pub const VOUCHER_CODE_PREFIX: &str = "tgv_";
+
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
     rand::rngs::OsRng
@@ -33,6 +36,19 @@ pub fn new_api_key() -> Result<String> {
 /// A new operator token: `tga_` and 192 random bits in hex.
 pub fn new_admin_token() -> Result<String> {
     Ok(format!("tga_{}", hex(&random_bytes::<24>()?)))
+}
+
+/// A new credit voucher code: `tgv_` and 128 random bits in hex.
+pub fn new_voucher_code() -> Result<String> {
+    Ok(format!(
+        "{VOUCHER_CODE_PREFIX}{}",
+        hex(&random_bytes::<16>()?)
+    ))
+}
+
+/// A new dashboard session token (the cookie's value): 192 random bits in hex.
+pub fn new_session_token() -> Result<String> {
+    Ok(hex(&random_bytes::<24>()?))
 }
 
 /// A new id with a type prefix, e.g. `task_3f…` (96 random bits: unguessable across accounts).

@@ -2,8 +2,9 @@
 
 use crate::config::Config;
 use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
-use crate::domain::ratelimit::{Admission, RateLimits};
+use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
+use crate::domain::sessions::SignInLimiter;
 use crate::error::{Error, Result};
 use crate::images::ImageStore;
 use crate::metrics::Metrics;
@@ -36,8 +37,10 @@ pub struct Tollgate {
     pub(crate) images: Arc<dyn ImageStore>,
     pub(crate) metrics: Metrics,
     pub(crate) config: Config,
-    limits: RateLimits,
+    limits: Limiter,
     admin_token_hash: String,
+    /// Dashboard sign-in attempts, per client address and per credential prefix.
+    pub(crate) sign_in_limits: SignInLimiter,
     /// Wakes a worker when a task is queued.
     pub(crate) work_ready: Notify,
 }
@@ -52,6 +55,7 @@ impl Tollgate {
         config: Config,
         store: Arc<dyn Store>,
         images: Arc<dyn ImageStore>,
+        limits: Limiter,
         admin_token_hash: String,
     ) -> Self {
         Tollgate {
@@ -59,8 +63,9 @@ impl Tollgate {
             images,
             metrics: Metrics::default(),
             config,
-            limits: RateLimits::default(),
+            limits,
             admin_token_hash,
+            sign_in_limits: SignInLimiter::default(),
             work_ready: Notify::new(),
         }
     }
@@ -95,12 +100,20 @@ impl Tollgate {
     }
 
     /// Counts one request against the caller's rate limit.
-    pub fn admit(&self, caller: &Caller) -> Admission {
-        let admission = self.limits.check(&caller.account_id, caller.rate_limit);
+    pub async fn admit(&self, caller: &Caller) -> Result<Admission> {
+        let admission = self
+            .limits
+            .check(&caller.account_id, caller.rate_limit)
+            .await?;
         if !admission.admitted() {
             self.metrics.rate_limited.inc();
         }
-        admission
+        Ok(admission)
+    }
+
+    /// The hash the operator's token must match (dashboard sessions remember it).
+    pub(crate) fn admin_token_hash(&self) -> &str {
+        &self.admin_token_hash
     }
 
     /// Checks the operator's token.
@@ -337,7 +350,7 @@ impl Tollgate {
         Ok(self.account_view(&record))
     }
 
-    fn account_view(&self, record: &AccountRecord) -> Account {
+    pub(crate) fn account_view(&self, record: &AccountRecord) -> Account {
         Account {
             id: record.id.clone(),
             name: record.name.clone(),
@@ -525,6 +538,24 @@ impl Tollgate {
         }
     }
 
+    /// Revokes a key of this account (an account holder managing their own keys); another
+    /// account's key is "not found", like its tasks.
+    pub async fn revoke_account_key(&self, account_id: &str, key_id: &str) -> Result<()> {
+        let owned = self
+            .store
+            .list_keys(account_id)
+            .await?
+            .iter()
+            .any(|k| k.id == key_id && k.revoked_at.is_none());
+        if !owned {
+            return Err(Error::NotFound {
+                what: "key",
+                id: shorten(key_id),
+            });
+        }
+        self.revoke_key(key_id).await
+    }
+
     /// Operator: adds (or, negative, removes) credits, with a ledger entry.
     pub async fn add_credits(
         &self,
@@ -600,6 +631,8 @@ impl Tollgate {
             purged += ids.len();
         }
         self.store.idempotency_purge(now() - KEY_RETENTION).await?;
+        self.store.delete_expired_sessions(now()).await?;
+        self.sign_in_limits.forget_idle();
         Ok(purged)
     }
 

@@ -1,13 +1,15 @@
 //! The worker pool: a fixed number of workers take queued tasks from the store and run them.
 //!
-//! The queue is the `tasks` table itself, so an accepted task survives a crash; on start,
-//! tasks left `running` by a crash go back to the queue (their charge stands, and the built-in
-//! generator is deterministic, so running them again gives the same images).
+//! The queue is the `tasks` table itself, so an accepted task survives a crash. A worker holds
+//! the task it runs under a lease that it renews while it works; if its process dies, the lease
+//! runs out and a worker of any instance takes the task again (its charge stands, and the
+//! built-in generator is deterministic, so running it again gives the same images).
 
 use crate::domain::generator;
+use crate::domain::secrets;
 use crate::domain::service::Tollgate;
 use crate::error::Error;
-use crate::store::{now, TaskOutcome, TaskRecord};
+use crate::store::{now, FinishOutcome, TaskOutcome, TaskRecord};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -27,8 +29,21 @@ pub fn spawn(app: Arc<Tollgate>, count: usize, stop: watch::Receiver<bool>) -> V
 
 async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
-        match app.store.claim_next_task(now()).await {
-            Ok(Some(task)) => run_task(&app, task).await,
+        let claim = match secrets::new_id("claim") {
+            Ok(claim) => claim,
+            Err(e) => {
+                tracing::error!(error = %e, "worker could not make a claim id");
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            }
+        };
+        let lease = app.config().task_lease;
+        match app
+            .store
+            .claim_next_task(now(), now() + lease, &claim)
+            .await
+        {
+            Ok(Some(task)) => run_task(&app, task, &claim).await,
             Ok(None) => {
                 tokio::select! {
                     _ = app.work_ready.notified() => {}
@@ -44,9 +59,30 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn run_task(app: &Tollgate, task: TaskRecord) {
+async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
     let started = Instant::now();
-    let outcome = match render_and_store(app, &task).await {
+    let lease = app.config().task_lease;
+    // Renew the lease at a third of its length while the work runs.
+    let renewing = async {
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            match app.store.renew_lease(&task.id, claim, now() + lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(task_id = %task.id, "lost the lease of a running task");
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %task.id, error = %e, "could not renew a task lease")
+                }
+            }
+        }
+    };
+    let rendered = tokio::select! {
+        rendered = render_and_store(app, &task) => rendered,
+        _ = renewing => unreachable_pending(),
+    };
+    let outcome = match rendered {
         Ok(()) => TaskOutcome::Succeeded,
         Err(e) => {
             tracing::error!(task_id = %task.id, error = %e, "task failed; refunding");
@@ -57,8 +93,12 @@ async fn run_task(app: &Tollgate, task: TaskRecord) {
             }
         }
     };
-    match app.store.finish_task(&task.id, &outcome, now()).await {
-        Ok(true) => {
+    match app
+        .store
+        .finish_task(&task.id, claim, &outcome, now())
+        .await
+    {
+        Ok(FinishOutcome::Finished) => {
             app.metrics
                 .task_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -72,7 +112,10 @@ async fn run_task(app: &Tollgate, task: TaskRecord) {
             app.metrics.task_finished(status.as_str());
             tracing::info!(task_id = %task.id, status = %status, ms = started.elapsed().as_millis() as u64, "task finished");
         }
-        Ok(false) => {
+        Ok(FinishOutcome::Lost) => {
+            tracing::warn!(task_id = %task.id, "another worker took the task over; its result stands");
+        }
+        Ok(FinishOutcome::Purged) => {
             // Purged while it ran: its images must not outlive the tombstone.
             if let Err(e) = app.images.delete_task(&task.id).await {
                 tracing::warn!(task_id = %task.id, error = %e, "could not delete images of a purged task");
@@ -97,4 +140,9 @@ async fn render_and_store(app: &Tollgate, task: &TaskRecord) -> Result<(), Error
         app.images.put(&task.id, index, png).await?;
     }
     Ok(())
+}
+
+/// The renewal loop never ends on its own; this arm of the `select!` is never taken.
+fn unreachable_pending() -> Result<(), Error> {
+    Err(Error::internal("lease renewal loop ended"))
 }

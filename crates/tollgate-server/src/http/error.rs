@@ -4,7 +4,7 @@
 //! the body, with the request id of the current request (a task-local set by the edge
 //! middleware). Internal causes are logged here, inside the request's span, and never sent.
 
-use crate::error::Error;
+use crate::error::{Error, VoucherRefusal};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
@@ -16,6 +16,32 @@ pub const TOP_UP_PATH: &str = "/dashboard/credits";
 tokio::task_local! {
     /// The `X-Request-Id` of the request being served.
     pub static REQUEST_ID: String;
+    /// `scheme://host` the request was addressed to (its `Host` header), so that a message can
+    /// carry a whole link back to this server (the 402's top-up page).
+    pub static ORIGIN: Option<String>;
+}
+
+/// The top-up page as a link: absolute when the request named its host, else the path.
+pub fn top_up_link() -> String {
+    match ORIGIN.try_with(Clone::clone) {
+        Ok(Some(origin)) => format!("{origin}{TOP_UP_PATH}"),
+        _ => TOP_UP_PATH.to_owned(),
+    }
+}
+
+/// What a person is told when a voucher code is refused (API and dashboard alike).
+pub fn voucher_refusal_message(refusal: VoucherRefusal) -> &'static str {
+    match refusal {
+        VoucherRefusal::Unknown => {
+            "No voucher has this code. Check that it is complete (`tgv_` and 32 characters)."
+        }
+        VoucherRefusal::AlreadyRedeemed => {
+            "This voucher was already redeemed; each code works once. Ask your operator for a new one."
+        }
+        VoucherRefusal::Expired => {
+            "This voucher has expired. Ask your operator for a new one."
+        }
+    }
 }
 
 /// Marks a response whose body is already the envelope, so the edge leaves it alone.
@@ -110,7 +136,8 @@ impl IntoResponse for Error {
                 code,
                 format!(
                     "This request costs {cost} credits but the balance is {balance}. \
-                     Top up credits in the Dashboard at {TOP_UP_PATH}."
+                     Top up credits in the Dashboard: {} (sign in with your API key).",
+                    top_up_link()
                 ),
                 None,
                 none(),
@@ -146,6 +173,18 @@ impl IntoResponse for Error {
                 code,
                 format!("The task `{id}` is {status}; only a queued task can be cancelled."),
                 None,
+                none(),
+            ),
+            Error::CsrfTokenInvalid => envelope(
+                code,
+                "This form is out of date or did not come from the dashboard. Reload the page and submit it again.",
+                None,
+                none(),
+            ),
+            Error::VoucherRefused(refusal) => envelope(
+                code,
+                voucher_refusal_message(refusal),
+                Some("code".to_owned()),
                 none(),
             ),
             Error::Unavailable { reason, retry_after } => {

@@ -52,6 +52,15 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
             param: None,
         });
     }
+    // serde would read a struct from an array, field by field; the API takes objects only.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') && serde_json::from_slice::<serde_json::Value>(bytes).is_ok() {
+        return Err(Error::InvalidRequest {
+            code: ErrorCode::InvalidValue,
+            message: "The request body must be a JSON object.".to_owned(),
+            param: None,
+        });
+    }
     let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();

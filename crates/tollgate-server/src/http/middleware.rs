@@ -7,7 +7,7 @@
 //! 4. Per route group: [`api_auth`] (API key, then the account's rate limit and the `RateLimit`
 //!    headers) or [`admin_auth`]; then [`idempotency`] on POSTs; then [`simulate_delay`].
 
-use super::error::{envelope, internal_error, Enveloped, REQUEST_ID};
+use super::error::{envelope, internal_error, Enveloped, ORIGIN, REQUEST_ID};
 use super::extract::{bearer, body_too_large, Credential, BODY_LIMIT};
 use super::AppState;
 use crate::domain::idempotency;
@@ -50,6 +50,21 @@ fn sane_request_id(value: &HeaderValue) -> Option<String> {
     ok.then(|| text.to_owned())
 }
 
+/// `http(s)://host[:port]` from the `Host` header, when it is a plain host name or address.
+fn origin_of(headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let plain = (1..=255).contains(&host.len())
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    let scheme = if super::dashboard::session::is_https(headers) {
+        "https"
+    } else {
+        "http"
+    };
+    plain.then(|| format!("{scheme}://{host}"))
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
@@ -74,10 +89,11 @@ pub async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
 
+    let origin = origin_of(req.headers());
     let outcome = REQUEST_ID
         .scope(
             request_id.clone(),
-            AssertUnwindSafe(next.run(req)).catch_unwind(),
+            ORIGIN.scope(origin, AssertUnwindSafe(next.run(req)).catch_unwind()),
         )
         .instrument(span.clone())
         .await;
@@ -238,7 +254,10 @@ pub async fn api_auth(
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
-    let admission = state.app.admit(&caller);
+    let admission = match state.app.admit(&caller).await {
+        Ok(admission) => admission,
+        Err(e) => return e.into_response(),
+    };
     let mut response = match admission.retry_after {
         Some(wait) => Error::RateLimited { retry_after: wait }.into_response(),
         None => {

@@ -3,6 +3,7 @@
 //! **Invariant:** this is the only module that knows about HTTP. It parses requests into domain
 //! calls and domain answers into JSON; the domain never sees a header or a status code.
 
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod middleware;
@@ -72,7 +73,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{id}/cancel", api(post(r::cancel_task)))
         .route("/v1/tasks/{id}/images/{index}", api(get(r::task_image)))
         .route("/v1/account", api(get(r::account)))
-        .route("/v1/account/ledger", api(get(r::account_ledger)));
+        .route("/v1/account/ledger", api(get(r::account_ledger)))
+        .route("/v1/vouchers/redeem", api(post(r::redeem_voucher)));
     let admin = Router::new()
         .route(
             "/admin/accounts",
@@ -88,7 +90,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/admin/accounts/{id}/credits", admin(post(r::add_credits)))
         .route("/admin/accounts/{id}/ledger", admin(get(r::admin_ledger)))
-        .route("/admin/keys/{key_id}", admin(delete(r::revoke_key)));
+        .route("/admin/keys/{key_id}", admin(delete(r::revoke_key)))
+        .route(
+            "/admin/vouchers",
+            admin(post(r::create_voucher).get(r::list_vouchers)),
+        );
     let ops = Router::new()
         .route("/healthz", get(r::healthz))
         .route("/metrics", get(r::metrics))
@@ -97,6 +103,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(api)
         .merge(admin)
         .merge(ops)
+        .merge(dashboard::router())
         .fallback(r::unknown_endpoint)
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
         .layer(from_fn_with_state(Arc::clone(&state), mw::simulate))

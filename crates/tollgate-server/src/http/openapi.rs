@@ -11,7 +11,8 @@ use utoipa::{Modify, OpenApi};
         routes::create_generation, routes::get_task, routes::list_tasks, routes::cancel_task, routes::task_image,
         routes::account, routes::create_account, routes::list_accounts, routes::get_account, routes::update_account,
         routes::create_key, routes::list_keys, routes::revoke_key, routes::add_credits, routes::account_ledger,
-        routes::admin_ledger, routes::healthz, routes::metrics, routes::openapi,
+        routes::admin_ledger, routes::create_voucher, routes::list_vouchers, routes::redeem_voucher,
+        routes::healthz, routes::metrics, routes::openapi,
     ),
     modifiers(&Security),
 )]

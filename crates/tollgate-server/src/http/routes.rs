@@ -14,9 +14,9 @@ use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tollgate_contract::{
-    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
-    CreatedKey, ErrorBody, ErrorCode, Health, KeyInfo, LedgerEntry, List, Task,
-    UpdateAccountRequest,
+    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest,
+    CreateVoucherRequest, CreatedAccount, CreatedKey, CreatedVoucher, ErrorBody, ErrorCode, Health,
+    KeyInfo, LedgerEntry, List, RedeemVoucherRequest, Task, UpdateAccountRequest, Voucher,
 };
 
 type AppResult<T> = Result<T, Error>;
@@ -350,6 +350,70 @@ pub async fn add_credits(
     JsonBody(request): JsonBody<AddCreditsRequest>,
 ) -> AppResult<Json<Account>> {
     Ok(Json(state.app.add_credits(&id, request).await?))
+}
+
+#[utoipa::path(post, path = "/admin/vouchers", tag = "admin", request_body = CreateVoucherRequest,
+    responses(
+        (status = 201, description = "A single-use voucher; the code is shown this once (extension)", body = CreatedVoucher),
+        (status = 400, description = "Invalid credits, expiry or note", body = ErrorBody),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_voucher(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<CreateVoucherRequest>,
+) -> AppResult<(StatusCode, Json<CreatedVoucher>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.app.create_voucher(request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/admin/vouchers", tag = "admin", params(LimitQuery),
+    responses(
+        (status = 200, description = "The latest vouchers, newest first, without their codes (extension)", body = List<Voucher>),
+        (status = 400, description = "Bad `limit`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn list_vouchers(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<LimitQuery>,
+) -> AppResult<Json<List<Voucher>>> {
+    let limit = parse_limit(query.limit.as_deref())?.unwrap_or(100);
+    if !(1..=100).contains(&limit) {
+        return Err(Error::invalid(
+            ErrorCode::InvalidValue,
+            "limit",
+            "`limit` must be a whole number from 1 to 100.",
+        ));
+    }
+    Ok(Json(state.app.list_vouchers(limit).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vouchers/redeem", tag = "account", request_body = RedeemVoucherRequest,
+    responses(
+        (status = 200, description = "Redeemed: the account with its new balance (extension)", body = Account),
+        (status = 400, description = "Missing or malformed `code`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "`voucher_not_found`: no voucher has this code", body = ErrorBody),
+        (status = 409, description = "`voucher_already_redeemed`: each code works once", body = ErrorBody),
+        (status = 410, description = "`voucher_expired`: past its expiry", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn redeem_voucher(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(request): JsonBody<RedeemVoucherRequest>,
+) -> AppResult<Json<Account>> {
+    Ok(Json(
+        state
+            .app
+            .redeem_voucher(&caller.account_id, &request.code)
+            .await?
+            .account,
+    ))
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops",

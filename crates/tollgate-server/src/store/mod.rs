@@ -12,6 +12,8 @@
 //!   never race a completion.
 //! - The idempotency record of a task-creating request is written in the task's transaction.
 
+pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use crate::error::Result;
@@ -89,6 +91,17 @@ pub enum TaskOutcome {
     },
 }
 
+/// What `finish_task` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishOutcome {
+    /// Recorded.
+    Finished,
+    /// The claim was lost (the lease ran out and another worker took the task): nothing changed.
+    Lost,
+    /// The task was purged meanwhile: nothing changed, and its images must go.
+    Purged,
+}
+
 /// What `cancel_task` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -114,6 +127,67 @@ pub struct LedgerEntry {
     pub task_id: Option<String>,
     pub note: Option<String>,
     pub created_at: OffsetDateTime,
+}
+
+/// A credit voucher as stored: the hash of its code, never the code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoucherRecord {
+    pub id: String,
+    pub code_hash: String,
+    /// The first characters of the code, to recognise it in a list.
+    pub prefix: String,
+    pub credits: u64,
+    pub note: Option<String>,
+    pub created_at: OffsetDateTime,
+    /// `None`: never expires.
+    pub expires_at: Option<OffsetDateTime>,
+    pub redeemed_at: Option<OffsetDateTime>,
+    /// The account that redeemed it.
+    pub redeemed_by: Option<String>,
+}
+
+/// What `redeem_voucher` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // made once per redemption and consumed at once: a box buys nothing
+pub enum RedeemOutcome {
+    /// Marked redeemed and credited: the account with its new balance, the voucher as it is now.
+    Redeemed {
+        account: AccountRecord,
+        voucher: VoucherRecord,
+    },
+    /// No voucher has this code hash.
+    Unknown,
+    /// Redeemed before; nothing changed.
+    AlreadyRedeemed,
+    /// Past its expiry; nothing changed.
+    Expired,
+    /// No such account; nothing changed.
+    NoAccount,
+}
+
+/// Who a dashboard session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionPrincipal {
+    /// An account holder, signed in with one of the account's API keys.
+    Account { account_id: String, key_id: String },
+    /// The operator, signed in with the operator token whose hash this is.
+    Operator { admin_token_hash: String },
+}
+
+/// A dashboard session as stored: the hash of its cookie's token, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub token_hash: String,
+    pub principal: SessionPrincipal,
+    pub created_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
+/// Credits spent on one UTC day: charges minus refunds of entries made that day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailySpend {
+    pub day: time::Date,
+    pub credits: i64,
 }
 
 /// Names one idempotent request: whose (`scope`), which key, and what it asked (`fingerprint`).
@@ -204,17 +278,27 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         now: OffsetDateTime,
     ) -> Result<CancelOutcome>;
-    /// Takes the oldest queued task and marks it running.
-    async fn claim_next_task(&self, now: OffsetDateTime) -> Result<Option<TaskRecord>>;
-    /// Ends a running task; a failure is refunded in the same transaction.
-    /// `false` when the task was not running or was purged meanwhile (nothing changed).
+    /// Takes the oldest queued task (or, failing that, a running task whose lease ran out) and
+    /// marks it running under `claim` until `lease_until`. Never hands one task to two claimers.
+    async fn claim_next_task(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+    ) -> Result<Option<TaskRecord>>;
+    /// Extends the lease of a task still held under `claim`; `false` when it is not (any more).
+    async fn renew_lease(&self, id: &str, claim: &str, lease_until: OffsetDateTime)
+        -> Result<bool>;
+    /// Ends a task held under `claim`; a failure is refunded in the same transaction.
     async fn finish_task(
         &self,
         id: &str,
+        claim: &str,
         outcome: &TaskOutcome,
         now: OffsetDateTime,
-    ) -> Result<bool>;
-    /// After a crash: puts tasks left `running` back in the queue (their charge stands).
+    ) -> Result<FinishOutcome>;
+    /// After a crash of the only instance: puts tasks left `running` back in the queue (their
+    /// charge stands). Engines shared by several instances do nothing here: leases run out instead.
     async fn requeue_running(&self) -> Result<u64>;
     async fn queue_depth(&self) -> Result<u64>;
     /// Ids of tasks created before `cutoff` whose data is not purged yet, oldest first.
@@ -245,6 +329,42 @@ pub trait Store: Send + Sync + 'static {
     async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()>;
     /// Forgets keys created before `cutoff`.
     async fn idempotency_purge(&self, cutoff: OffsetDateTime) -> Result<u64>;
+
+    // --- vouchers ---
+    async fn create_voucher(&self, voucher: &VoucherRecord) -> Result<()>;
+    /// Marks the voucher redeemed by `account_id` and adds its credits with a `voucher` ledger
+    /// entry, in one transaction. The mark is a guarded update (`redeemed_at IS NULL` and not
+    /// expired at `now`), so of concurrent redemptions of one code exactly one succeeds.
+    async fn redeem_voucher(
+        &self,
+        code_hash: &str,
+        account_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<RedeemOutcome>;
+    /// The most recent vouchers, newest first.
+    async fn list_vouchers(&self, limit: u32) -> Result<Vec<VoucherRecord>>;
+
+    // --- dashboard sessions ---
+    async fn create_session(&self, session: &SessionRecord) -> Result<()>;
+    /// The session with this token hash, if it has not expired at `now` and (for an account
+    /// session) the API key it was opened with is still live: revoking the key ends the session.
+    async fn get_session(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<SessionRecord>>;
+    async fn delete_session(&self, token_hash: &str) -> Result<()>;
+    /// Forgets sessions that expired before `now`.
+    async fn delete_expired_sessions(&self, now: OffsetDateTime) -> Result<u64>;
+
+    // --- usage ---
+    /// The account's spend per UTC day from `since` on (charges minus refunds), oldest first;
+    /// days without charges or refunds are left out.
+    async fn daily_spend(&self, account_id: &str, since: OffsetDateTime)
+        -> Result<Vec<DailySpend>>;
+    /// Credits spent from `since` on (charges minus refunds) per account id; accounts that
+    /// spent nothing may be left out.
+    async fn spend_by_account(&self, since: OffsetDateTime) -> Result<Vec<(String, i64)>>;
 }
 
 /// Unix milliseconds, the storage form of time.

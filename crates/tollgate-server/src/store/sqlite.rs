@@ -5,28 +5,30 @@
 //! SQLite admits one writer at a time anyway, and serialising in-process avoids `SQLITE_BUSY`
 //! when a read transaction would upgrade to a write. Reads use a separate pool and run in parallel.
 
+use super::rows::{self, signed, would_overdraw, TASK_COLUMNS};
 use super::*;
 use crate::error::Error;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
 use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
-use tollgate_contract::ErrorCode;
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
-
-const TASK_COLUMNS: &str =
-    "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
-                            completed_at, error_code, error_message, purged";
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "dashboard",
+        include_str!("../../migrations/sqlite/0002_dashboard.sql"),
+    ),
+];
 
 /// SQLite-backed storage.
 #[derive(Clone)]
@@ -39,8 +41,13 @@ impl SqliteStore {
     /// Opens (creating if needed) `tollgate.db` in `dir` and brings its schema up to date.
     pub async fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
+        Self::open_file(&dir.join("tollgate.db")).await
+    }
+
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open_file(path: &Path) -> Result<Self> {
         let options = SqliteConnectOptions::new()
-            .filename(dir.join("tollgate.db"))
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -75,87 +82,6 @@ impl SqliteStore {
             .await?;
         Ok(SqliteStore { write, read })
     }
-}
-
-fn u64_col(row: &SqliteRow, col: &str) -> Result<u64> {
-    let v: i64 = row.try_get(col)?;
-    u64::try_from(v).map_err(|_| Error::internal(format!("negative {col} in storage")))
-}
-
-fn opt_time(row: &SqliteRow, col: &str) -> Result<Option<OffsetDateTime>> {
-    Ok(row.try_get::<Option<i64>, _>(col)?.map(from_millis))
-}
-
-fn rate_limit_of(row: &SqliteRow) -> Result<Option<RateLimit>> {
-    let rpm: Option<i64> = row.try_get("rpm")?;
-    let burst: Option<i64> = row.try_get("burst")?;
-    Ok(match (rpm, burst) {
-        (Some(rpm), Some(burst)) => Some(RateLimit {
-            requests_per_minute: u32::try_from(rpm).map_err(Error::internal)?,
-            burst: u32::try_from(burst).map_err(Error::internal)?,
-        }),
-        _ => None,
-    })
-}
-
-fn account_from_row(row: &SqliteRow) -> Result<AccountRecord> {
-    Ok(AccountRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        credits: u64_col(row, "credits")?,
-        rate_limit: rate_limit_of(row)?,
-        created_at: from_millis(row.try_get("created_at")?),
-    })
-}
-
-fn key_from_row(row: &SqliteRow) -> Result<KeyRecord> {
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        account_id: row.try_get("account_id")?,
-        key_hash: row.try_get("key_hash")?,
-        prefix: row.try_get("prefix")?,
-        created_at: from_millis(row.try_get("created_at")?),
-        revoked_at: opt_time(row, "revoked_at")?,
-    })
-}
-
-fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
-    let status: String = row.try_get("status")?;
-    let size: String = row.try_get("size")?;
-    let n: i64 = row.try_get("n")?;
-    Ok(TaskRecord {
-        id: row.try_get("id")?,
-        account_id: row.try_get("account_id")?,
-        status: status.parse().map_err(Error::internal)?,
-        prompt: row.try_get("prompt")?,
-        n: u8::try_from(n).map_err(Error::internal)?,
-        size: size.parse().map_err(Error::internal)?,
-        seed: row.try_get("seed")?,
-        cost: u64_col(row, "cost")?,
-        created_at: from_millis(row.try_get("created_at")?),
-        started_at: opt_time(row, "started_at")?,
-        completed_at: opt_time(row, "completed_at")?,
-        error_code: row.try_get("error_code")?,
-        error_message: row.try_get("error_message")?,
-        purged: row.try_get::<i64, _>("purged")? != 0,
-    })
-}
-
-fn ledger_from_row(row: &SqliteRow) -> Result<LedgerEntry> {
-    Ok(LedgerEntry {
-        id: row.try_get("id")?,
-        account_id: row.try_get("account_id")?,
-        delta: row.try_get("delta")?,
-        balance_after: u64_col(row, "balance_after")?,
-        kind: row.try_get("kind")?,
-        task_id: row.try_get("task_id")?,
-        note: row.try_get("note")?,
-        created_at: from_millis(row.try_get("created_at")?),
-    })
-}
-
-fn signed(amount: u64) -> Result<i64> {
-    i64::try_from(amount).map_err(|_| Error::internal("credit amount out of range"))
 }
 
 async fn ledger_entry(
@@ -279,14 +205,14 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&self.read)
         .await?;
-        row.as_ref().map(account_from_row).transpose()
+        row.as_ref().map(rows::account).transpose()
     }
 
     async fn list_accounts(&self) -> Result<Vec<AccountRecord>> {
         let rows = sqlx::query("SELECT id, name, credits, rpm, burst, created_at FROM accounts ORDER BY created_at, id")
             .fetch_all(&self.read)
             .await?;
-        rows.iter().map(account_from_row).collect()
+        rows.iter().map(rows::account).collect()
     }
 
     async fn update_account(
@@ -305,7 +231,7 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&self.write)
         .await?;
-        row.as_ref().map(account_from_row).transpose()
+        row.as_ref().map(rows::account).transpose()
     }
 
     async fn add_credits(
@@ -315,41 +241,39 @@ impl Store for SqliteStore {
         note: Option<&str>,
     ) -> Result<Option<AccountRecord>> {
         let mut tx = self.write.begin().await?;
-        let Some(current) =
-            sqlx::query_scalar::<_, i64>("SELECT credits FROM accounts WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-        else {
-            return Ok(None);
-        };
-        let balance = current
-            .checked_add(amount)
-            .filter(|b| *b >= 0)
-            .ok_or_else(|| {
-                Error::invalid(
-                    ErrorCode::InvalidValue,
-                    "amount",
-                    format!(
-                        "An adjustment of {amount} would take the balance of {current} below zero."
-                    ),
-                )
-            })?;
-        sqlx::query("UPDATE accounts SET credits = ? WHERE id = ?")
-            .bind(balance)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let kind = if amount >= 0 { "grant" } else { "adjust" };
-        ledger_entry(&mut tx, id, amount, balance, kind, None, note).await?;
         let row = sqlx::query(
-            "SELECT id, name, credits, rpm, burst, created_at FROM accounts WHERE id = ?",
+            "UPDATE accounts SET credits = credits + ?1 WHERE id = ?2 AND credits + ?1 >= 0 \
+             RETURNING id, name, credits, rpm, burst, created_at",
         )
+        .bind(amount)
         .bind(id)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT credits FROM accounts WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            return match current {
+                None => Ok(None),
+                Some(current) => Err(would_overdraw(amount, current)),
+            };
+        };
+        let account = rows::account(&row)?;
+        let kind = if amount >= 0 { "grant" } else { "adjust" };
+        ledger_entry(
+            &mut tx,
+            id,
+            amount,
+            signed(account.credits)?,
+            kind,
+            None,
+            note,
+        )
         .await?;
         tx.commit().await?;
-        account_from_row(&row).map(Some)
+        Ok(Some(account))
     }
 
     async fn create_key(&self, key: &KeyRecord) -> Result<bool> {
@@ -389,7 +313,7 @@ impl Store for SqliteStore {
         .bind(account_id)
         .fetch_all(&self.read)
         .await?;
-        rows.iter().map(key_from_row).collect()
+        rows.iter().map(rows::key).collect()
     }
 
     async fn authenticate(&self, key_hash: &str) -> Result<Option<KeyAuth>> {
@@ -404,7 +328,7 @@ impl Store for SqliteStore {
             Ok(KeyAuth {
                 key_id: row.try_get("key_id")?,
                 account_id: row.try_get("account_id")?,
-                rate_limit: rate_limit_of(&row)?,
+                rate_limit: rows::rate_limit_of(&row)?,
             })
         })
         .transpose()
@@ -480,7 +404,7 @@ impl Store for SqliteStore {
             .bind(id)
             .fetch_optional(&self.read)
             .await?;
-        row.as_ref().map(task_from_row).transpose()
+        row.as_ref().map(rows::task).transpose()
     }
 
     async fn list_tasks(
@@ -516,7 +440,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.read)
         .await?;
         rows.iter()
-            .map(task_from_row)
+            .map(rows::task)
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -528,6 +452,28 @@ impl Store for SqliteStore {
         now: OffsetDateTime,
     ) -> Result<CancelOutcome> {
         let mut tx = self.write.begin().await?;
+        let canceled = sqlx::query(&format!(
+            "UPDATE tasks SET status = 'canceled', completed_at = ? WHERE id = ? AND account_id = ? \
+             AND status = 'queued' RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(to_millis(now))
+        .bind(id)
+        .bind(account_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = canceled {
+            let task = rows::task(&row)?;
+            refund(
+                &mut tx,
+                account_id,
+                id,
+                signed(task.cost)?,
+                "canceled before it ran",
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(CancelOutcome::Canceled(task));
+        }
         let row = sqlx::query(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ? AND account_id = ?"
         ))
@@ -535,53 +481,66 @@ impl Store for SqliteStore {
         .bind(account_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(task) = row.as_ref().map(task_from_row).transpose()? else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        match task.status {
-            TaskStatus::Canceled => return Ok(CancelOutcome::AlreadyCanceled(task)),
-            TaskStatus::Queued => {}
-            _ => return Ok(CancelOutcome::NotCancelable(task)),
-        }
-        sqlx::query("UPDATE tasks SET status = 'canceled', completed_at = ? WHERE id = ? AND status = 'queued'")
-            .bind(to_millis(now))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        refund(
-            &mut tx,
-            account_id,
-            id,
-            signed(task.cost)?,
-            "canceled before it ran",
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(CancelOutcome::Canceled(TaskRecord {
-            status: TaskStatus::Canceled,
-            completed_at: Some(now),
-            ..task
-        }))
+        Ok(match row.as_ref().map(rows::task).transpose()? {
+            None => CancelOutcome::NotFound,
+            Some(task) if task.status == TaskStatus::Canceled => {
+                CancelOutcome::AlreadyCanceled(task)
+            }
+            Some(task) => CancelOutcome::NotCancelable(task),
+        })
     }
 
-    async fn claim_next_task(&self, now: OffsetDateTime) -> Result<Option<TaskRecord>> {
-        let row = sqlx::query(&format!(
-            "UPDATE tasks SET status = 'running', started_at = ? \
-             WHERE seq = (SELECT seq FROM tasks WHERE status = 'queued' AND purged = 0 ORDER BY seq LIMIT 1) \
-             AND status = 'queued' RETURNING {TASK_COLUMNS}"
-        ))
-        .bind(to_millis(now))
-        .fetch_optional(&self.write)
+    async fn claim_next_task(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+    ) -> Result<Option<TaskRecord>> {
+        // The queue first (indexed), then tasks whose worker stopped renewing its lease.
+        for pick in [
+            "SELECT seq FROM tasks WHERE status = 'queued' AND purged = 0 ORDER BY seq LIMIT 1",
+            "SELECT seq FROM tasks WHERE status = 'running' AND lease_until < ?1 AND purged = 0 ORDER BY seq LIMIT 1",
+        ] {
+            let row = sqlx::query(&format!(
+                "UPDATE tasks SET status = 'running', started_at = ?1, lease_until = ?2, claim = ?3 \
+                 WHERE seq = ({pick}) RETURNING {TASK_COLUMNS}"
+            ))
+            .bind(to_millis(now))
+            .bind(to_millis(lease_until))
+            .bind(claim)
+            .fetch_optional(&self.write)
+            .await?;
+            if let Some(row) = row {
+                return rows::task(&row).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn renew_lease(
+        &self,
+        id: &str,
+        claim: &str,
+        lease_until: OffsetDateTime,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET lease_until = ? WHERE id = ? AND status = 'running' AND claim = ?",
+        )
+        .bind(to_millis(lease_until))
+        .bind(id)
+        .bind(claim)
+        .execute(&self.write)
         .await?;
-        row.as_ref().map(task_from_row).transpose()
+        Ok(done.rows_affected() == 1)
     }
 
     async fn finish_task(
         &self,
         id: &str,
+        claim: &str,
         outcome: &TaskOutcome,
         now: OffsetDateTime,
-    ) -> Result<bool> {
+    ) -> Result<FinishOutcome> {
         let (status, code, message) = match outcome {
             TaskOutcome::Succeeded => (TaskStatus::Succeeded, None, None),
             TaskOutcome::Failed { code, message } => (
@@ -592,18 +551,27 @@ impl Store for SqliteStore {
         };
         let mut tx = self.write.begin().await?;
         let row = sqlx::query(
-            "UPDATE tasks SET status = ?, completed_at = ?, error_code = ?, error_message = ? \
-             WHERE id = ? AND status = 'running' AND purged = 0 RETURNING account_id, cost",
+            "UPDATE tasks SET status = ?, completed_at = ?, error_code = ?, error_message = ?, lease_until = NULL \
+             WHERE id = ? AND status = 'running' AND claim = ? AND purged = 0 RETURNING account_id, cost",
         )
         .bind(status.as_str())
         .bind(to_millis(now))
         .bind(code)
         .bind(message)
         .bind(id)
+        .bind(claim)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
-            return Ok(false);
+            let purged: Option<i64> = sqlx::query_scalar("SELECT purged FROM tasks WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            return Ok(if purged == Some(1) {
+                FinishOutcome::Purged
+            } else {
+                FinishOutcome::Lost
+            });
         };
         if status == TaskStatus::Failed {
             let account_id: String = row.try_get("account_id")?;
@@ -611,12 +579,13 @@ impl Store for SqliteStore {
             refund(&mut tx, &account_id, id, cost, "task failed").await?;
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(FinishOutcome::Finished)
     }
 
     async fn requeue_running(&self) -> Result<u64> {
         let done = sqlx::query(
-            "UPDATE tasks SET status = 'queued', started_at = NULL WHERE status = 'running'",
+            "UPDATE tasks SET status = 'queued', started_at = NULL, lease_until = NULL, claim = NULL \
+             WHERE status = 'running'",
         )
         .execute(&self.write)
         .await?;
@@ -683,7 +652,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;
-        rows.iter().map(ledger_from_row).collect()
+        rows.iter().map(rows::ledger).collect()
     }
 
     async fn idempotency_begin(
@@ -773,6 +742,175 @@ impl Store for SqliteStore {
             .execute(&self.write)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn create_voucher(&self, voucher: &VoucherRecord) -> Result<()> {
+        sqlx::query(&format!(
+            "INSERT INTO vouchers ({}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            rows::VOUCHER_COLUMNS
+        ))
+        .bind(&voucher.id)
+        .bind(&voucher.code_hash)
+        .bind(&voucher.prefix)
+        .bind(signed(voucher.credits)?)
+        .bind(&voucher.note)
+        .bind(to_millis(voucher.created_at))
+        .bind(voucher.expires_at.map(to_millis))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn redeem_voucher(
+        &self,
+        code_hash: &str,
+        account_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<RedeemOutcome> {
+        let mut tx = self.write.begin().await?;
+        // The guarded update is the whole of the single-use rule: it marks a code that is
+        // unused and unexpired, or changes nothing.
+        let marked = sqlx::query(&format!(
+            "UPDATE vouchers SET redeemed_at = ?1, redeemed_by = ?2 \
+             WHERE code_hash = ?3 AND redeemed_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) \
+             AND EXISTS (SELECT 1 FROM accounts WHERE id = ?2) RETURNING {}",
+            rows::VOUCHER_COLUMNS
+        ))
+        .bind(to_millis(now))
+        .bind(account_id)
+        .bind(code_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(marked) = marked else {
+            let existing = sqlx::query(&format!(
+                "SELECT {} FROM vouchers WHERE code_hash = ?",
+                rows::VOUCHER_COLUMNS
+            ))
+            .bind(code_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            let existing = existing.as_ref().map(rows::voucher).transpose()?;
+            return Ok(rows::refused_redemption(existing, now));
+        };
+        let voucher = rows::voucher(&marked)?;
+        let credits = signed(voucher.credits)?;
+        let row = sqlx::query(&format!(
+            "UPDATE accounts SET credits = credits + ? WHERE id = ? RETURNING {}",
+            rows::ACCOUNT_COLUMNS
+        ))
+        .bind(credits)
+        .bind(account_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let account = rows::account(&row)?;
+        let note = rows::voucher_note(&voucher);
+        ledger_entry(
+            &mut tx,
+            account_id,
+            credits,
+            signed(account.credits)?,
+            "voucher",
+            None,
+            Some(&note),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RedeemOutcome::Redeemed { account, voucher })
+    }
+
+    async fn list_vouchers(&self, limit: u32) -> Result<Vec<VoucherRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM vouchers ORDER BY created_at DESC, id DESC LIMIT ?",
+            rows::VOUCHER_COLUMNS
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(rows::voucher).collect()
+    }
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<()> {
+        let (kind, account_id, key_id, admin_token_hash) =
+            rows::session_columns(&session.principal);
+        sqlx::query(&format!(
+            "INSERT INTO dashboard_sessions ({}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows::SESSION_COLUMNS
+        ))
+        .bind(&session.token_hash)
+        .bind(kind)
+        .bind(account_id)
+        .bind(key_id)
+        .bind(admin_token_hash)
+        .bind(to_millis(session.created_at))
+        .bind(to_millis(session.expires_at))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_session(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<SessionRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM dashboard_sessions s WHERE token_hash = ? AND expires_at > ? \
+             AND (key_id IS NULL OR EXISTS \
+                  (SELECT 1 FROM api_keys k WHERE k.id = s.key_id AND k.revoked_at IS NULL))",
+            rows::SESSION_COLUMNS
+        ))
+        .bind(token_hash)
+        .bind(to_millis(now))
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(rows::session).transpose()
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<()> {
+        sqlx::query("DELETE FROM dashboard_sessions WHERE token_hash = ?")
+            .bind(token_hash)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_expired_sessions(&self, now: OffsetDateTime) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at <= ?")
+            .bind(to_millis(now))
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn daily_spend(
+        &self,
+        account_id: &str,
+        since: OffsetDateTime,
+    ) -> Result<Vec<DailySpend>> {
+        let rows = sqlx::query(
+            "SELECT created_at / 86400000 AS day, SUM(-delta) AS spent FROM ledger \
+             WHERE account_id = ? AND created_at >= ? AND kind IN ('charge', 'refund') \
+             GROUP BY day ORDER BY day",
+        )
+        .bind(account_id)
+        .bind(to_millis(since))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(rows::daily_spend).collect()
+    }
+
+    async fn spend_by_account(&self, since: OffsetDateTime) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT account_id, SUM(-delta) AS spent FROM ledger \
+             WHERE created_at >= ? AND kind IN ('charge', 'refund') GROUP BY account_id",
+        )
+        .bind(to_millis(since))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("account_id")?, row.try_get("spent")?)))
+            .collect()
     }
 }
 

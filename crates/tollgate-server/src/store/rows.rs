@@ -1,0 +1,212 @@
+//! Row → record mapping shared by the SQL engines: both store the same columns with the same
+//! types (BIGINT for numbers and Unix-millisecond times, TEXT for the rest).
+
+use super::*;
+use crate::error::Error;
+use sqlx::Row;
+
+/// The column reads the mappers need, for any engine's row type.
+pub(crate) trait Columns {
+    fn int(&self, col: &str) -> Result<i64>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>>;
+    fn text(&self, col: &str) -> Result<String>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>>;
+}
+
+macro_rules! columns_for {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn int(&self, col: &str) -> Result<i64> {
+                Ok(self.try_get(col)?)
+            }
+            fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+                Ok(self.try_get(col)?)
+            }
+            fn text(&self, col: &str) -> Result<String> {
+                Ok(self.try_get(col)?)
+            }
+            fn opt_text(&self, col: &str) -> Result<Option<String>> {
+                Ok(self.try_get(col)?)
+            }
+        }
+    };
+}
+
+columns_for!(sqlx::sqlite::SqliteRow);
+columns_for!(sqlx::postgres::PgRow);
+
+pub(crate) const ACCOUNT_COLUMNS: &str = "id, name, credits, rpm, burst, created_at";
+pub(crate) const KEY_COLUMNS: &str = "id, account_id, key_hash, prefix, created_at, revoked_at";
+pub(crate) const TASK_COLUMNS: &str =
+    "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
+                                       completed_at, error_code, error_message, purged";
+pub(crate) const LEDGER_COLUMNS: &str =
+    "id, account_id, delta, balance_after, kind, task_id, note, created_at";
+
+pub(crate) fn unsigned(row: &impl Columns, col: &str) -> Result<u64> {
+    u64::try_from(row.int(col)?).map_err(|_| Error::internal(format!("negative {col} in storage")))
+}
+
+pub(crate) fn signed(amount: u64) -> Result<i64> {
+    i64::try_from(amount).map_err(|_| Error::internal("credit amount out of range"))
+}
+
+fn opt_time(row: &impl Columns, col: &str) -> Result<Option<OffsetDateTime>> {
+    Ok(row.opt_int(col)?.map(from_millis))
+}
+
+pub(crate) fn rate_limit_of(row: &impl Columns) -> Result<Option<RateLimit>> {
+    Ok(match (row.opt_int("rpm")?, row.opt_int("burst")?) {
+        (Some(rpm), Some(burst)) => Some(RateLimit {
+            requests_per_minute: u32::try_from(rpm).map_err(Error::internal)?,
+            burst: u32::try_from(burst).map_err(Error::internal)?,
+        }),
+        _ => None,
+    })
+}
+
+pub(crate) fn account(row: &impl Columns) -> Result<AccountRecord> {
+    Ok(AccountRecord {
+        id: row.text("id")?,
+        name: row.text("name")?,
+        credits: unsigned(row, "credits")?,
+        rate_limit: rate_limit_of(row)?,
+        created_at: from_millis(row.int("created_at")?),
+    })
+}
+
+pub(crate) fn key(row: &impl Columns) -> Result<KeyRecord> {
+    Ok(KeyRecord {
+        id: row.text("id")?,
+        account_id: row.text("account_id")?,
+        key_hash: row.text("key_hash")?,
+        prefix: row.text("prefix")?,
+        created_at: from_millis(row.int("created_at")?),
+        revoked_at: opt_time(row, "revoked_at")?,
+    })
+}
+
+pub(crate) fn task(row: &impl Columns) -> Result<TaskRecord> {
+    Ok(TaskRecord {
+        id: row.text("id")?,
+        account_id: row.text("account_id")?,
+        status: row.text("status")?.parse().map_err(Error::internal)?,
+        prompt: row.text("prompt")?,
+        n: u8::try_from(row.int("n")?).map_err(Error::internal)?,
+        size: row.text("size")?.parse().map_err(Error::internal)?,
+        seed: row.int("seed")?,
+        cost: unsigned(row, "cost")?,
+        created_at: from_millis(row.int("created_at")?),
+        started_at: opt_time(row, "started_at")?,
+        completed_at: opt_time(row, "completed_at")?,
+        error_code: row.opt_text("error_code")?,
+        error_message: row.opt_text("error_message")?,
+        purged: row.int("purged")? != 0,
+    })
+}
+
+pub(crate) fn ledger(row: &impl Columns) -> Result<LedgerEntry> {
+    Ok(LedgerEntry {
+        id: row.int("id")?,
+        account_id: row.text("account_id")?,
+        delta: row.int("delta")?,
+        balance_after: unsigned(row, "balance_after")?,
+        kind: row.text("kind")?,
+        task_id: row.opt_text("task_id")?,
+        note: row.opt_text("note")?,
+        created_at: from_millis(row.int("created_at")?),
+    })
+}
+
+pub(crate) const VOUCHER_COLUMNS: &str =
+    "id, code_hash, prefix, credits, note, created_at, expires_at, redeemed_at, redeemed_by";
+pub(crate) const SESSION_COLUMNS: &str =
+    "token_hash, kind, account_id, key_id, admin_token_hash, created_at, expires_at";
+
+pub(crate) fn voucher(row: &impl Columns) -> Result<VoucherRecord> {
+    Ok(VoucherRecord {
+        id: row.text("id")?,
+        code_hash: row.text("code_hash")?,
+        prefix: row.text("prefix")?,
+        credits: unsigned(row, "credits")?,
+        note: row.opt_text("note")?,
+        created_at: from_millis(row.int("created_at")?),
+        expires_at: opt_time(row, "expires_at")?,
+        redeemed_at: opt_time(row, "redeemed_at")?,
+        redeemed_by: row.opt_text("redeemed_by")?,
+    })
+}
+
+/// What a voucher that the guarded update did not mark is: unknown, used, expired, or (it is
+/// fine) the account was missing.
+pub(crate) fn refused_redemption(
+    existing: Option<VoucherRecord>,
+    now: OffsetDateTime,
+) -> RedeemOutcome {
+    match existing {
+        None => RedeemOutcome::Unknown,
+        Some(v) if v.redeemed_at.is_some() => RedeemOutcome::AlreadyRedeemed,
+        Some(v) if v.expires_at.is_some_and(|at| at <= now) => RedeemOutcome::Expired,
+        Some(_) => RedeemOutcome::NoAccount,
+    }
+}
+
+/// The ledger note of a redemption: which code, by its prefix.
+pub(crate) fn voucher_note(voucher: &VoucherRecord) -> String {
+    format!("voucher {}…", voucher.prefix)
+}
+
+/// The columns a session is stored in: kind, account, key, operator-token hash.
+pub(crate) fn session_columns(
+    principal: &SessionPrincipal,
+) -> (&'static str, Option<&str>, Option<&str>, Option<&str>) {
+    match principal {
+        SessionPrincipal::Account { account_id, key_id } => {
+            ("account", Some(account_id), Some(key_id), None)
+        }
+        SessionPrincipal::Operator { admin_token_hash } => {
+            ("operator", None, None, Some(admin_token_hash))
+        }
+    }
+}
+
+pub(crate) fn session(row: &impl Columns) -> Result<SessionRecord> {
+    let principal = match row.text("kind")?.as_str() {
+        "account" => SessionPrincipal::Account {
+            account_id: row.text("account_id")?,
+            key_id: row.text("key_id")?,
+        },
+        "operator" => SessionPrincipal::Operator {
+            admin_token_hash: row.text("admin_token_hash")?,
+        },
+        other => {
+            return Err(Error::internal(format!(
+                "session of unknown kind {other:?}"
+            )))
+        }
+    };
+    Ok(SessionRecord {
+        token_hash: row.text("token_hash")?,
+        principal,
+        created_at: from_millis(row.int("created_at")?),
+        expires_at: from_millis(row.int("expires_at")?),
+    })
+}
+
+/// A row of `(day, spent)`: the day as a number of days since 1970-01-01 (UTC).
+pub(crate) fn daily_spend(row: &impl Columns) -> Result<DailySpend> {
+    let julian = i32::try_from(row.int("day")? + 2_440_588).map_err(Error::internal)?;
+    Ok(DailySpend {
+        day: time::Date::from_julian_day(julian).map_err(Error::internal)?,
+        credits: row.int("spent")?,
+    })
+}
+
+/// The 400 of an adjustment that would take a balance below zero.
+pub(crate) fn would_overdraw(amount: i64, current: i64) -> Error {
+    Error::invalid(
+        tollgate_contract::ErrorCode::InvalidValue,
+        "amount",
+        format!("An adjustment of {amount} would take the balance of {current} below zero."),
+    )
+}

@@ -1,0 +1,698 @@
+//! One storage suite, run against every engine: SQLite always, PostgreSQL when
+//! `TOLLGATE_TEST_DATABASE_URL` is set (CI sets it). Each PostgreSQL test works in a schema of
+//! its own and drops it at the end.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use futures_util::future::join_all;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tollgate_contract::{ImageSize, TaskStatus};
+use tollgate_server::store::postgres::PostgresStore;
+use tollgate_server::store::sqlite::SqliteStore;
+use tollgate_server::store::*;
+use tollgate_server::Error;
+
+struct Engine {
+    store: Arc<dyn Store>,
+    cleanup: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Engine {
+    async fn sqlite() -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        Engine {
+            store: Arc::new(store),
+            cleanup: None,
+            _dir: Some(dir),
+        }
+    }
+
+    async fn postgres() -> Option<Engine> {
+        let Ok(url) = std::env::var("TOLLGATE_TEST_DATABASE_URL") else {
+            eprintln!(
+                "TOLLGATE_TEST_DATABASE_URL is not set: the PostgreSQL run of this test is skipped"
+            );
+            return None;
+        };
+        let schema = format!("tg_test_{:016x}", rand_u64());
+        let store = PostgresStore::connect(&url, Some(&schema)).await.unwrap();
+        Some(Engine {
+            store: Arc::new(store),
+            cleanup: Some((url, schema)),
+            _dir: None,
+        })
+    }
+
+    async fn finish(self) {
+        if let Some((url, schema)) = self.cleanup {
+            drop(self.store);
+            PostgresStore::drop_schema(&url, &schema).await.unwrap();
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+fn ms(offset_ms: i64) -> time::OffsetDateTime {
+    now() + time::Duration::milliseconds(offset_ms)
+}
+
+async fn account(store: &dyn Store, credits: u64) -> String {
+    let id = format!("acct_{:016x}", rand_u64());
+    let key = KeyRecord {
+        id: format!("key_{:016x}", rand_u64()),
+        account_id: id.clone(),
+        key_hash: format!("{:064x}", rand_u64()),
+        prefix: "tg_test".into(),
+        created_at: now(),
+        revoked_at: None,
+    };
+    let new = NewAccount {
+        id: id.clone(),
+        name: "suite".into(),
+        credits,
+        rate_limit: None,
+        created_at: now(),
+    };
+    store.create_account(&new, &key).await.unwrap();
+    id
+}
+
+fn task(account_id: &str, cost: u64) -> TaskRecord {
+    TaskRecord {
+        id: format!("task_{:016x}{:08x}", rand_u64(), rand_u64() as u32),
+        account_id: account_id.to_owned(),
+        status: TaskStatus::Queued,
+        prompt: "suite".into(),
+        n: 1,
+        size: ImageSize::S256,
+        seed: 1,
+        cost,
+        created_at: now(),
+        started_at: None,
+        completed_at: None,
+        error_code: None,
+        error_message: None,
+        purged: false,
+    }
+}
+
+async fn ledger_sum(store: &dyn Store, account_id: &str) -> i64 {
+    store
+        .ledger(account_id, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.delta)
+        .sum()
+}
+
+// ---------------------------------------------------------------- scenarios
+
+async fn credits_never_overdraw_under_concurrency(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 50).await;
+    let creates = (0..200).map(|_| {
+        let store = Arc::clone(&store);
+        let t = task(&id, 1);
+        async move { store.create_task(&t, None).await }
+    });
+    let results = join_all(creates).await;
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(accepted, 50);
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| matches!(e, Error::InsufficientCredits { .. })));
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 0);
+    assert_eq!(ledger_sum(store.as_ref(), &id).await, 0);
+    let listed = store
+        .list_tasks(&id, 1000, None, ms(-60_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listed.len(), 50);
+}
+
+async fn claims_are_exclusive(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 100).await;
+    let mut ids = HashSet::new();
+    for _ in 0..20 {
+        let t = task(&id, 1);
+        ids.insert(t.id.clone());
+        store.create_task(&t, None).await.unwrap();
+    }
+    let claimers = (0..8).map(|w| {
+        let store = Arc::clone(&store);
+        async move {
+            let mut mine = Vec::new();
+            while let Some(t) = store
+                .claim_next_task(now(), ms(60_000), &format!("claim-{w}"))
+                .await
+                .unwrap()
+            {
+                mine.push(t.id);
+            }
+            mine
+        }
+    });
+    let claimed: Vec<String> = join_all(claimers).await.into_iter().flatten().collect();
+    assert_eq!(claimed.len(), 20, "every task claimed once");
+    assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), ids);
+}
+
+async fn an_expired_lease_moves_the_task_to_another_worker(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let t = task(&id, 2);
+    store.create_task(&t, None).await.unwrap();
+    let first = store
+        .claim_next_task(now(), ms(-1), "dead-worker")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.id, t.id);
+    let second = store
+        .claim_next_task(now(), ms(60_000), "live-worker")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.id, t.id,
+        "the lease ran out, so the task is taken again"
+    );
+    assert!(!store
+        .renew_lease(&t.id, "dead-worker", ms(60_000))
+        .await
+        .unwrap());
+    assert!(store
+        .renew_lease(&t.id, "live-worker", ms(60_000))
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .finish_task(&t.id, "dead-worker", &TaskOutcome::Succeeded, now())
+            .await
+            .unwrap(),
+        FinishOutcome::Lost
+    );
+    assert_eq!(
+        store
+            .finish_task(&t.id, "live-worker", &TaskOutcome::Succeeded, now())
+            .await
+            .unwrap(),
+        FinishOutcome::Finished
+    );
+    assert_eq!(
+        store.get_task(&t.id).await.unwrap().unwrap().status,
+        TaskStatus::Succeeded
+    );
+    assert!(store
+        .claim_next_task(now(), ms(60_000), "anyone")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn failures_and_cancels_refund_exactly_once(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let failing = task(&id, 3);
+    store.create_task(&failing, None).await.unwrap();
+    let claimed = store
+        .claim_next_task(now(), ms(60_000), "w")
+        .await
+        .unwrap()
+        .unwrap();
+    let failed = TaskOutcome::Failed {
+        code: "x".into(),
+        message: "y".into(),
+    };
+    assert_eq!(
+        store
+            .finish_task(&claimed.id, "w", &failed, now())
+            .await
+            .unwrap(),
+        FinishOutcome::Finished
+    );
+    assert_eq!(
+        store
+            .finish_task(&claimed.id, "w", &failed, now())
+            .await
+            .unwrap(),
+        FinishOutcome::Lost
+    );
+
+    let queued = task(&id, 4);
+    store.create_task(&queued, None).await.unwrap();
+    assert!(matches!(
+        store.cancel_task(&id, &queued.id, now()).await.unwrap(),
+        CancelOutcome::Canceled(_)
+    ));
+    assert!(matches!(
+        store.cancel_task(&id, &queued.id, now()).await.unwrap(),
+        CancelOutcome::AlreadyCanceled(_)
+    ));
+    assert!(matches!(
+        store
+            .cancel_task("acct_other", &queued.id, now())
+            .await
+            .unwrap(),
+        CancelOutcome::NotFound
+    ));
+    assert!(matches!(
+        store.cancel_task(&id, &claimed.id, now()).await.unwrap(),
+        CancelOutcome::NotCancelable(_)
+    ));
+
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 10);
+    let ledger = store.ledger(&id, 100).await.unwrap();
+    assert_eq!(ledger.iter().filter(|e| e.kind == "refund").count(), 2);
+    assert_eq!(ledger_sum(store.as_ref(), &id).await, 10);
+}
+
+async fn adjustments_never_overdraw(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 5).await;
+    assert_eq!(
+        store
+            .add_credits(&id, 10, Some("top-up"))
+            .await
+            .unwrap()
+            .unwrap()
+            .credits,
+        15
+    );
+    assert!(matches!(
+        store.add_credits(&id, -16, None).await,
+        Err(Error::InvalidRequest { .. })
+    ));
+    assert_eq!(
+        store
+            .add_credits(&id, -15, None)
+            .await
+            .unwrap()
+            .unwrap()
+            .credits,
+        0
+    );
+    assert!(store
+        .add_credits("acct_missing", 1, None)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(ledger_sum(store.as_ref(), &id).await, 0);
+}
+
+async fn idempotency_records(store: Arc<dyn Store>) {
+    let scope = IdempotencyScope {
+        scope: "acct_a".into(),
+        key: "k1".into(),
+        fingerprint: "f1".into(),
+    };
+    let other = IdempotencyScope {
+        fingerprint: "f2".into(),
+        ..scope.clone()
+    };
+    let stale_before = ms(-60_000);
+    assert_eq!(
+        store
+            .idempotency_begin(&scope, now(), stale_before)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        store
+            .idempotency_begin(&scope, now(), stale_before)
+            .await
+            .unwrap(),
+        IdempotencyBegin::InUse
+    );
+    assert_eq!(
+        store
+            .idempotency_begin(&other, now(), stale_before)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Mismatch
+    );
+    // A reservation older than the stale mark is taken over.
+    assert_eq!(
+        store
+            .idempotency_begin(&scope, now(), ms(1_000))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    let response = StoredResponse {
+        status: 202,
+        body: b"{\"id\":1}".to_vec(),
+    };
+    store.idempotency_complete(&scope, &response).await.unwrap();
+    assert_eq!(
+        store
+            .idempotency_begin(&scope, now(), stale_before)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Replay(response)
+    );
+    let released = IdempotencyScope {
+        key: "k2".into(),
+        ..scope.clone()
+    };
+    store
+        .idempotency_begin(&released, now(), stale_before)
+        .await
+        .unwrap();
+    store.idempotency_release(&released).await.unwrap();
+    assert_eq!(
+        store
+            .idempotency_begin(&released, now(), stale_before)
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert!(store.idempotency_purge(ms(60_000)).await.unwrap() >= 2);
+    // Concurrent first uses: exactly one starts.
+    let fresh = IdempotencyScope {
+        key: "k3".into(),
+        ..scope.clone()
+    };
+    let begins = (0..10).map(|_| {
+        let store = Arc::clone(&store);
+        let fresh = fresh.clone();
+        async move {
+            store
+                .idempotency_begin(&fresh, now(), stale_before)
+                .await
+                .unwrap()
+        }
+    });
+    let outcomes = join_all(begins).await;
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == IdempotencyBegin::Started)
+            .count(),
+        1
+    );
+}
+
+async fn purged_tasks_stay_as_tombstones(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let queued = task(&id, 2);
+    store.create_task(&queued, None).await.unwrap();
+    let expired = store.expired_tasks(ms(1_000), 100).await.unwrap();
+    assert!(expired.contains(&queued.id));
+    store.mark_purged(&expired).await.unwrap();
+    let tombstone = store.get_task(&queued.id).await.unwrap().unwrap();
+    assert!(tombstone.purged);
+    assert_eq!(tombstone.prompt, "");
+    assert_eq!(
+        tombstone.status,
+        TaskStatus::Canceled,
+        "expired in the queue: cancelled"
+    );
+    assert_eq!(
+        store.get_account(&id).await.unwrap().unwrap().credits,
+        10,
+        "and refunded"
+    );
+    assert!(store
+        .claim_next_task(now(), ms(60_000), "w")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(!store
+        .expired_tasks(ms(1_000), 100)
+        .await
+        .unwrap()
+        .contains(&queued.id));
+}
+
+async fn revoked_keys_do_not_authenticate(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 0).await;
+    let key = KeyRecord {
+        id: format!("key_{:016x}", rand_u64()),
+        account_id: id.clone(),
+        key_hash: format!("{:064x}", rand_u64()),
+        prefix: "tg_x".into(),
+        created_at: now(),
+        revoked_at: None,
+    };
+    assert!(store.create_key(&key).await.unwrap());
+    assert_eq!(
+        store
+            .authenticate(&key.key_hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .account_id,
+        id
+    );
+    assert!(store.revoke_key(&key.id).await.unwrap());
+    assert!(!store.revoke_key(&key.id).await.unwrap());
+    assert!(store.authenticate(&key.key_hash).await.unwrap().is_none());
+    let orphan = KeyRecord {
+        account_id: "acct_missing".into(),
+        id: "key_orphan".into(),
+        ..key
+    };
+    assert!(!store.create_key(&orphan).await.unwrap());
+}
+
+fn voucher(credits: u64, expires_at: Option<time::OffsetDateTime>) -> VoucherRecord {
+    VoucherRecord {
+        id: format!("vch_{:016x}", rand_u64()),
+        code_hash: format!("{:064x}", rand_u64()),
+        prefix: "tgv_suite".into(),
+        credits,
+        note: Some("suite".into()),
+        created_at: now(),
+        expires_at,
+        redeemed_at: None,
+        redeemed_by: None,
+    }
+}
+
+async fn vouchers_pay_out_once_under_concurrency(store: Arc<dyn Store>) {
+    let v = voucher(25, None);
+    store.create_voucher(&v).await.unwrap();
+    let mut accounts = Vec::new();
+    for _ in 0..10 {
+        accounts.push(account(store.as_ref(), 0).await);
+    }
+    let redeems = accounts.iter().map(|id| {
+        let store = Arc::clone(&store);
+        let hash = v.code_hash.clone();
+        let id = id.clone();
+        async move { store.redeem_voucher(&hash, &id, now()).await.unwrap() }
+    });
+    let outcomes = join_all(redeems).await;
+    let winners: Vec<&RedeemOutcome> = outcomes
+        .iter()
+        .filter(|o| matches!(o, RedeemOutcome::Redeemed { .. }))
+        .collect();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| matches!(
+        o,
+        RedeemOutcome::Redeemed { .. } | RedeemOutcome::AlreadyRedeemed
+    )));
+    let RedeemOutcome::Redeemed {
+        account: winner,
+        voucher: marked,
+    } = winners[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(winner.credits, 25);
+    assert_eq!(marked.redeemed_by.as_deref(), Some(winner.id.as_str()));
+    let mut total = 0;
+    for id in &accounts {
+        total += store.get_account(id).await.unwrap().unwrap().credits;
+    }
+    assert_eq!(total, 25);
+    let entries = store.ledger(&winner.id, 10).await.unwrap();
+    assert_eq!(entries[0].kind, "voucher");
+    assert_eq!(entries[0].delta, 25);
+    assert_eq!(entries[0].balance_after, 25);
+    let listed = store.list_vouchers(10).await.unwrap();
+    assert_eq!(listed[0].id, v.id);
+    assert!(listed[0].redeemed_at.is_some());
+
+    // Unknown, expired, and for a missing account: nothing changes.
+    let id = &accounts[0];
+    assert_eq!(
+        store
+            .redeem_voucher("0".repeat(64).as_str(), id, now())
+            .await
+            .unwrap(),
+        RedeemOutcome::Unknown
+    );
+    let stale = voucher(5, Some(ms(-1)));
+    store.create_voucher(&stale).await.unwrap();
+    assert_eq!(
+        store
+            .redeem_voucher(&stale.code_hash, id, now())
+            .await
+            .unwrap(),
+        RedeemOutcome::Expired
+    );
+    let fresh = voucher(5, Some(ms(60_000)));
+    store.create_voucher(&fresh).await.unwrap();
+    assert_eq!(
+        store
+            .redeem_voucher(&fresh.code_hash, "acct_missing", now())
+            .await
+            .unwrap(),
+        RedeemOutcome::NoAccount
+    );
+    assert!(matches!(
+        store
+            .redeem_voucher(&fresh.code_hash, id, now())
+            .await
+            .unwrap(),
+        RedeemOutcome::Redeemed { .. }
+    ));
+}
+
+async fn sessions_end_on_expiry_revocation_and_deletion(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 0).await;
+    let key = KeyRecord {
+        id: format!("key_{:016x}", rand_u64()),
+        account_id: id.clone(),
+        key_hash: format!("{:064x}", rand_u64()),
+        prefix: "tg_s".into(),
+        created_at: now(),
+        revoked_at: None,
+    };
+    assert!(store.create_key(&key).await.unwrap());
+    let session = |principal: SessionPrincipal, ttl_ms: i64| SessionRecord {
+        token_hash: format!("{:064x}", rand_u64()),
+        principal,
+        created_at: now(),
+        expires_at: ms(ttl_ms),
+    };
+    let holder = session(
+        SessionPrincipal::Account {
+            account_id: id.clone(),
+            key_id: key.id.clone(),
+        },
+        60_000,
+    );
+    let operator = session(
+        SessionPrincipal::Operator {
+            admin_token_hash: "ab".repeat(32),
+        },
+        60_000,
+    );
+    let expired = session(
+        SessionPrincipal::Operator {
+            admin_token_hash: "ab".repeat(32),
+        },
+        -1,
+    );
+    for s in [&holder, &operator, &expired] {
+        store.create_session(s).await.unwrap();
+    }
+    assert_eq!(
+        store.get_session(&holder.token_hash, now()).await.unwrap(),
+        Some(holder.clone())
+    );
+    assert_eq!(
+        store
+            .get_session(&operator.token_hash, now())
+            .await
+            .unwrap(),
+        Some(operator.clone())
+    );
+    assert_eq!(
+        store.get_session(&expired.token_hash, now()).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.get_session(&"0".repeat(64), now()).await.unwrap(),
+        None
+    );
+    // Revoking the key ends the session opened with it.
+    assert!(store.revoke_key(&key.id).await.unwrap());
+    assert_eq!(
+        store.get_session(&holder.token_hash, now()).await.unwrap(),
+        None
+    );
+    store.delete_session(&operator.token_hash).await.unwrap();
+    assert_eq!(
+        store
+            .get_session(&operator.token_hash, now())
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store.delete_expired_sessions(now()).await.unwrap() >= 1);
+}
+
+async fn spend_is_charges_minus_refunds(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 100).await;
+    let kept = task(&id, 3);
+    let canceled = task(&id, 4);
+    store.create_task(&kept, None).await.unwrap();
+    store.create_task(&canceled, None).await.unwrap();
+    assert!(matches!(
+        store.cancel_task(&id, &canceled.id, now()).await.unwrap(),
+        CancelOutcome::Canceled(_)
+    ));
+    let since = ms(-86_400_000);
+    let days = store.daily_spend(&id, since).await.unwrap();
+    assert_eq!(days.iter().map(|d| d.credits).sum::<i64>(), 3, "{days:?}");
+    assert_eq!(days.last().unwrap().day, now().date());
+    let by_account = store.spend_by_account(since).await.unwrap();
+    assert!(by_account.contains(&(id.clone(), 3)), "{by_account:?}");
+    assert!(store.daily_spend(&id, ms(60_000)).await.unwrap().is_empty());
+}
+
+macro_rules! on_every_engine {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let engine = super::Engine::sqlite().await;
+                    super::$scenario(std::sync::Arc::clone(&engine.store)).await;
+                    engine.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let Some(engine) = super::Engine::postgres().await else { return };
+                    super::$scenario(std::sync::Arc::clone(&engine.store)).await;
+                    engine.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_engine!(
+    credits_never_overdraw_under_concurrency,
+    claims_are_exclusive,
+    an_expired_lease_moves_the_task_to_another_worker,
+    failures_and_cancels_refund_exactly_once,
+    adjustments_never_overdraw,
+    idempotency_records,
+    purged_tasks_stay_as_tombstones,
+    revoked_keys_do_not_authenticate,
+    vouchers_pay_out_once_under_concurrency,
+    sessions_end_on_expiry_revocation_and_deletion,
+    spend_is_charges_minus_refunds,
+);

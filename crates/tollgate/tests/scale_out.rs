@@ -1,0 +1,372 @@
+//! Several instances on one PostgreSQL and one Redis keep the guarantees of one: exactly as many
+//! tasks as the credits pay for, one rate limit per account, revocation everywhere at once, and
+//! the tasks of an instance killed mid-task finished by the others.
+//!
+//! Needs `TOLLGATE_TEST_DATABASE_URL` and `TOLLGATE_TEST_REDIS_URL` (CI sets both); without
+//! them the tests say so and return.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{expect_error, TestServer};
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    instances: Vec<TestServer>,
+    url: String,
+    schema: String,
+    _dir: tempfile::TempDir,
+}
+
+fn services() -> Option<(String, String)> {
+    match (
+        std::env::var("TOLLGATE_TEST_DATABASE_URL"),
+        std::env::var("TOLLGATE_TEST_REDIS_URL"),
+    ) {
+        (Ok(db), Ok(redis)) => Some((db, redis)),
+        _ => {
+            eprintln!("TOLLGATE_TEST_DATABASE_URL / TOLLGATE_TEST_REDIS_URL not set: scale-out test skipped");
+            None
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+impl Cluster {
+    /// `workers[i]` workers on instance i, all on one schema, one Redis and one image directory.
+    fn start(workers: &[usize], extra: &[&str]) -> Option<Cluster> {
+        let (url, redis) = services()?;
+        let schema = unique("tg_scale");
+        let dir = tempfile::tempdir().unwrap();
+        let instances = workers
+            .iter()
+            .map(|w| {
+                let w = w.to_string();
+                let mut args = vec![
+                    "--database-url",
+                    url.as_str(),
+                    "--database-schema",
+                    schema.as_str(),
+                    "--redis-url",
+                    redis.as_str(),
+                    "--workers",
+                    w.as_str(),
+                ];
+                args.extend_from_slice(extra);
+                TestServer::start_in(dir.path(), &args)
+            })
+            .collect();
+        Some(Cluster {
+            instances,
+            url,
+            schema,
+            _dir: dir,
+        })
+    }
+
+    fn drop_schema(&self) {
+        let status = Command::new("psql")
+            .arg(&self.url)
+            .args([
+                "-q",
+                "-c",
+                &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema),
+            ])
+            .status();
+        if let Err(e) = status {
+            eprintln!("could not drop {}: {e}", self.schema);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.instances.clear();
+        self.drop_schema();
+    }
+}
+
+#[tokio::test]
+async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
+    let Some(cluster) = Cluster::start(&[0, 0, 0], &[]) else {
+        return;
+    };
+    let [a, b, c] = [
+        &cluster.instances[0],
+        &cluster.instances[1],
+        &cluster.instances[2],
+    ];
+
+    // 300 concurrent creates spread over the three, against 100 credits: exactly 100 accepted.
+    let acct = a.account(100).await;
+    let creates = (0..300).map(|i| {
+        let server = &cluster.instances[i % 3];
+        server
+            .post(&acct.key, "/v1/images/generations")
+            .json(&json!({"prompt": format!("p{i}"), "size": "256x256"}))
+            .send()
+    });
+    let statuses: Vec<u16> = join_all(creates)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        100,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 402).count(), 200);
+    for server in [a, b, c] {
+        assert_eq!(server.balance(&acct.key).await, 0);
+    }
+    let ledger: Value = b
+        .get(&acct.key, "/v1/account/ledger?limit=100")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let charges = ledger["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "charge")
+        .count();
+    assert_eq!(charges, 100);
+
+    // One rate limit across the three: burst 10, then one request per 10 s.
+    let limited = a.account_with_limit(10, 6, 10).await;
+    let mut admitted = 0;
+    for i in 0..30 {
+        let response = cluster.instances[i % 3]
+            .get(&limited.key, "/v1/account")
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                let (headers, _) =
+                    expect_error(response, 429, "rate_limit_error", "rate_limit_exceeded").await;
+                let wait: u64 = headers
+                    .get("retry-after")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=10).contains(&wait), "{wait}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        (10..=11).contains(&admitted),
+        "burst of 10 across three instances, within one request: {admitted}"
+    );
+
+    // A key revoked through one instance is refused by the others at once.
+    let response = a
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{}/keys", acct.id),
+            None,
+        )
+        .await;
+    let created: Value = response.json().await.unwrap();
+    let (key, key_id) = (
+        created["api_key"].as_str().unwrap(),
+        created["id"].as_str().unwrap(),
+    );
+    assert_eq!(
+        c.get(key, "/v1/account").send().await.unwrap().status(),
+        200
+    );
+    let revoked_at = Instant::now();
+    assert_eq!(
+        a.admin(
+            reqwest::Method::DELETE,
+            &format!("/admin/keys/{key_id}"),
+            None
+        )
+        .await
+        .status(),
+        204
+    );
+    for server in [b, c] {
+        let response = server.get(key, "/v1/account").send().await.unwrap();
+        expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+    }
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn tasks_of_an_instance_killed_mid_task_finish_on_the_others() {
+    // Instance 0 has two workers, the others one each: four tasks running at once means two
+    // of them are instance 0's, whatever the scheduling.
+    let Some(mut cluster) = Cluster::start(&[2, 1, 1], &["--task-lease", "2s"]) else {
+        return;
+    };
+    let acct = cluster.instances[1].account(1000).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let task = cluster.instances[1]
+            .create_task(
+                &acct.key,
+                json!({"prompt": format!("heavy {i}"), "n": 4, "size": "1024x1024"}),
+            )
+            .await;
+        ids.push(task["id"].as_str().unwrap().to_owned());
+    }
+    let observer = &cluster.instances[1];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list: Value = observer
+            .get(&acct.key, "/v1/tasks?limit=100")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let running = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["status"] == "running")
+            .count();
+        if running >= 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw four tasks running at once"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim = cluster.instances.remove(0);
+    let status = Command::new("kill")
+        .args(["-KILL", &victim.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(victim);
+
+    let observer = &cluster.instances[0];
+    for id in &ids {
+        let task = observer.wait_task(&acct.key, id).await;
+        assert_eq!(task["status"], "succeeded", "{task}");
+        assert_eq!(task["images"].as_array().unwrap().len(), 4);
+    }
+    // Nothing charged twice, nothing refunded: 8 tasks × 16 credits.
+    assert_eq!(observer.balance(&acct.key).await, 1000 - 8 * 16);
+    let ledger: Value = observer
+        .get(&acct.key, "/v1/account/ledger?limit=100")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = ledger["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "charge").count(), 8);
+    assert_eq!(kinds.iter().filter(|k| **k == "refund").count(), 0);
+}
+
+/// A Redis of our own that we can stop, to see the failure modes.
+struct OwnRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis { child, url }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn when_redis_goes_away_the_limit_fails_closed_by_default_or_open_if_asked() {
+    for (mode, expect_status) in [("closed", 503u16), ("open", 200u16)] {
+        let mut redis = OwnRedis::start();
+        let (_tmp, server) =
+            TestServer::start(&["--redis-url", &redis.url, "--redis-failure", mode]);
+        let acct = server.account(10).await;
+        assert_eq!(
+            server
+                .get(&acct.key, "/v1/account")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        redis.child.kill().unwrap();
+        redis.child.wait().unwrap();
+        let response = server.get(&acct.key, "/v1/account").send().await.unwrap();
+        assert_eq!(response.status().as_u16(), expect_status, "fail {mode}");
+        if expect_status == 503 {
+            let (headers, _) =
+                expect_error(response, 503, "server_error", "service_unavailable").await;
+            assert!(headers.get("retry-after").is_some());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let logs = server.logs();
+        assert!(
+            logs.contains("rate limiter unreachable"),
+            "a log line either way ({mode}):\n{logs}"
+        );
+    }
+}
