@@ -225,7 +225,10 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         let group = format!("-{}", self.driver.id());
-        let _ = Command::new("kill").args(["-KILL", &group]).status();
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &group])
+            .status();
+        let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
 }

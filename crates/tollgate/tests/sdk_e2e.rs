@@ -5,9 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::{TestServer, ADMIN_TOKEN};
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,57 +20,19 @@ use tollgate_client::{
     ErrorCode, ImageSize, ListParams, RateLimit, RetryPolicy, StopReason, TaskStatus,
 };
 
-const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
-
-/// A `tollgate serve` of this test, killed when dropped.
+/// A `tollgate serve --simulate-errors` of this test (the shared harness), killed when dropped.
 struct Server {
-    child: Child,
     base: String,
+    _server: TestServer,
     _dir: tempfile::TempDir,
 }
 
 impl Server {
     fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("TOLLGATE_") {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command
-            .args([
-                "serve",
-                "--addr",
-                "127.0.0.1:0",
-                "--simulate-errors",
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TOLLGATE_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let Ok(base) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let _ = child.kill();
-            panic!("tollgate serve did not print its address");
-        };
+        let (dir, server) = TestServer::start(&["--simulate-errors"]);
         Server {
-            child,
-            base,
+            base: server.base.clone(),
+            _server: server,
             _dir: dir,
         }
     }
@@ -99,13 +63,6 @@ impl Server {
             .await
             .unwrap();
         (created.account.id, created.api_key)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
