@@ -21,7 +21,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tollgate_contract::headers;
 use tollgate_contract::retry::RetryPolicy;
-use tollgate_contract::types::{Account, CreateGenerationRequest, Health, LedgerEntry, List, Task};
+use tollgate_contract::types::{
+    Account, CreateGenerationRequest, Health, LedgerEntry, List, Task, WebhookSecret,
+};
 
 use crate::admin::AdminClient;
 use crate::budget::{RetryBudget, RetryBudgetConfig};
@@ -352,6 +354,21 @@ impl Client {
         let params = ListParams { limit, after: None };
         self.get_json(&format!("/v1/account/ledger{}", params.query()))
             .await
+    }
+
+    /// `GET /v1/account/webhook-secret` (extension): the secret that signs this account's
+    /// webhook deliveries; check them with [`crate::webhook::verify`].
+    pub async fn webhook_secret(&self) -> Result<WebhookSecret> {
+        self.get_json("/v1/account/webhook-secret").await
+    }
+
+    /// `POST /v1/account/webhook-secret` (extension): replaces the webhook secret; deliveries
+    /// are signed with the new one from now on.
+    pub async fn rotate_webhook_secret(&self) -> Result<WebhookSecret> {
+        let response = self
+            .send(Method::POST, "/v1/account/webhook-secret", None, None)
+            .await?;
+        decode(response)
     }
 
     /// `GET /healthz` (extension): `ok`, or `draining` during shutdown.

@@ -28,7 +28,8 @@
 //! - the final [`Error`] keeps the envelope, the number of attempts and their history.
 //!
 //! Module map: [`client`] (API-key routes and the HTTP plumbing), [`admin`] (operator routes),
-//! [`error`], [`retry`] (the loop), [`budget`], [`pause`], [`secret`]. The policy itself —
+//! [`error`], [`retry`] (the loop), [`budget`], [`pause`], [`secret`], [`webhook`] (checking a
+//! delivery's signature). The policy itself —
 //! classification and delays, no I/O — is [`tollgate_contract::retry`], re-exported here.
 //!
 //! **Invariant:** credentials live in [`Secret`]s and in sensitive header values only; no `Debug`,
@@ -41,6 +42,7 @@ pub mod error;
 pub mod pause;
 pub mod retry;
 pub mod secret;
+pub mod webhook;
 
 pub use admin::AdminClient;
 pub use budget::{RetryBudget, RetryBudgetConfig};
@@ -58,6 +60,7 @@ pub use tollgate_contract::retry::{Decision, GiveUp, Outcome, RetryPolicy};
 pub use tollgate_contract::types::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
     CreatedKey, Health, ImageRef, ImageSize, KeyInfo, LedgerEntry, List, RateLimit, Task,
-    TaskError, TaskStatus, UpdateAccountRequest,
+    TaskError, TaskStatus, TaskWebhook, UpdateAccountRequest, WebhookAttempt, WebhookSecret,
+    WebhookState,
 };
 pub use tollgate_contract::{ErrorBody, ErrorCode, ErrorDetail};

@@ -16,3 +16,9 @@ pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
 pub const RATELIMIT: &str = "ratelimit";
 /// Seconds (or an HTTP-date) before a retry may succeed.
 pub const RETRY_AFTER: &str = "retry-after";
+/// On a webhook delivery: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">` (see [`crate::webhook`]).
+pub const WEBHOOK_SIGNATURE: &str = "tollgate-signature";
+/// On a webhook delivery: the id of the task it reports, the same on every attempt (for deduplication).
+pub const WEBHOOK_ID: &str = "tollgate-webhook-id";
+/// On a webhook delivery: which attempt this is, from 1.
+pub const WEBHOOK_ATTEMPT: &str = "tollgate-webhook-attempt";

@@ -71,6 +71,10 @@ pub struct CreateGenerationRequest {
     /// Makes the image reproducible; the server picks one when absent and reports it on the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
+    /// Extension: an `http://` or `https://` URL (at most 2048 characters, a public address)
+    /// that receives the task, signed, once it has succeeded, failed or been cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
 }
 
 impl CreateGenerationRequest {
@@ -80,6 +84,7 @@ impl CreateGenerationRequest {
             n: None,
             size: None,
             seed: None,
+            webhook_url: None,
         }
     }
 }
@@ -180,6 +185,76 @@ pub struct Task {
     /// One entry per image once the task has succeeded; empty before.
     pub images: Vec<ImageRef>,
     pub error: Option<TaskError>,
+    /// Extension, present only when the task was created with a `webhook_url`: where its
+    /// outcome is sent, and every delivery attempt so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<TaskWebhook>,
+}
+
+/// Where a task's webhook stands (extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookState {
+    /// Not delivered yet: the task is not finished, or a retry is scheduled.
+    Pending,
+    /// A delivery was answered with a 2xx.
+    Delivered,
+    /// Every attempt failed; no more are made.
+    Failed,
+}
+
+/// The webhook of a task (extension): its URL and the delivery attempts so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskWebhook {
+    pub url: String,
+    pub state: WebhookState,
+    /// When a delivery was answered with a 2xx.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub delivered_at: Option<OffsetDateTime>,
+    /// When the next attempt is due, while one is scheduled.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// Oldest first.
+    pub attempts: Vec<WebhookAttempt>,
+}
+
+/// One delivery attempt of a webhook: the receiver's HTTP status, or why no status came back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WebhookAttempt {
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub at: OffsetDateTime,
+    /// The receiver's status (2xx: delivered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why the attempt got no status (connection refused, timed out, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET|POST /v1/account/webhook-secret` (extension): the key that signs the account's webhooks.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WebhookSecret {
+    /// Always `"webhook_secret"`.
+    pub object: String,
+    /// `whsec_…`: give it to `tollgate_client::webhook::verify` (or any HMAC-SHA256).
+    pub secret: String,
+}
+
+// The secret signs deliveries: whoever has it can forge them. Keep it out of logs.
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSecret")
+            .field("object", &self.object)
+            .field("secret", &"whsec_…(redacted)")
+            .finish()
+    }
 }
 
 /// A page of a list, newest first.

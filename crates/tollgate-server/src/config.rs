@@ -66,6 +66,48 @@ pub struct Config {
     /// How long a dashboard session lasts after sign-in (it ends sooner on sign-out or when its
     /// API key is revoked).
     pub session_ttl: Duration,
+    /// What generates the images.
+    pub backend: BackendKind,
+    /// The OpenAI-compatible upstream's base URL (`https://api.openai.com`); `/v1/images/generations`
+    /// is appended. Required by [`BackendKind::OpenAi`].
+    pub upstream_url: Option<String>,
+    /// `TOLLGATE_UPSTREAM_API_KEY`, sent as `Authorization: Bearer`. Required by [`BackendKind::OpenAi`].
+    pub upstream_api_key: Option<Secret>,
+    /// The upstream's `model` field; `None` leaves it out (the upstream's default).
+    pub upstream_model: Option<String>,
+    /// Generations in flight against the backend at once, per instance; `None`: as many as `workers`.
+    pub backend_concurrency: Option<usize>,
+    /// How long one run of a task may take (the backend's retries included) before it fails and
+    /// is refunded.
+    pub task_timeout: Duration,
+    /// Accept webhook URLs that resolve to loopback, private or link-local addresses (tests, or
+    /// receivers on the operator's own network). Off: such URLs are refused (SSRF).
+    pub allow_private_webhooks: bool,
+    /// Attempts per webhook delivery before it is given up (the first included).
+    pub webhook_attempts: u32,
+    /// How long one webhook attempt may take (connect, send, answer).
+    pub webhook_timeout: Duration,
+}
+
+/// The generation backend (`tollgate serve --backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// The built-in renderer: offline and deterministic (the default).
+    #[default]
+    Builtin,
+    /// An OpenAI-compatible images API (`POST {upstream_url}/v1/images/generations`).
+    OpenAi,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "builtin" => Ok(BackendKind::Builtin),
+            "openai" => Ok(BackendKind::OpenAi),
+            other => Err(format!("{other:?}: use builtin or openai")),
+        }
+    }
 }
 
 /// Behaviour when the rate limiter's Redis is unreachable.
@@ -112,7 +154,21 @@ impl Config {
             redis_failure: RedisFailure::default(),
             task_lease: Duration::from_secs(30),
             session_ttl: Duration::from_secs(12 * 3600),
+            backend: BackendKind::default(),
+            upstream_url: None,
+            upstream_api_key: None,
+            upstream_model: None,
+            backend_concurrency: None,
+            task_timeout: Duration::from_secs(5 * 60),
+            allow_private_webhooks: false,
+            webhook_attempts: 8,
+            webhook_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Generations in flight at once: `backend_concurrency`, or else one per worker.
+    pub fn effective_backend_concurrency(&self) -> usize {
+        self.backend_concurrency.unwrap_or(self.workers).max(1)
     }
 
     /// The purge runs often enough that a short retention (tests, demos) is honoured promptly.
@@ -177,8 +233,10 @@ mod tests {
     fn secrets_do_not_print() {
         let c = Config {
             admin_token: Some(Secret::new("hunter2")),
+            upstream_api_key: Some(Secret::new("sk-upstream")),
             ..Config::new("/tmp")
         };
         assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{c:?}").contains("sk-upstream"));
     }
 }

@@ -3,7 +3,7 @@
 use crate::config::{Config, Secret};
 use crate::domain::ratelimit::{Limiter, RateLimits, RedisLimits};
 use crate::domain::service::Tollgate;
-use crate::domain::{purge, secrets, worker};
+use crate::domain::{backends, purge, secrets, webhooks, worker};
 use crate::error::Error;
 use crate::error::Result;
 use crate::http::{self, AppState};
@@ -29,6 +29,7 @@ impl Server {
     /// `config.admin_token` if set; else the hash kept from an earlier start; else a new token,
     /// of which only the hash is kept (see [`Server::generated_admin_token`]).
     pub async fn open(config: Config) -> Result<Server> {
+        let backend = backends::from_config(&config)?;
         let store = open_store(&config).await?;
         let images = Arc::new(DiskImageStore::new(config.data_dir.join("images"))?);
         let limits = match &config.redis_url {
@@ -56,7 +57,15 @@ impl Server {
                 "tasks left running by an earlier run are queued again"
             );
         }
-        let app = Arc::new(Tollgate::new(config, store, images, limits, admin_hash));
+        tracing::info!(
+            backend = backend.name(),
+            concurrency = config.effective_backend_concurrency(),
+            task_timeout_secs = config.task_timeout.as_secs(),
+            "generation backend ready"
+        );
+        let app = Arc::new(
+            Tollgate::new(config, store, images, limits, admin_hash).with_backend(backend),
+        );
         Ok(Server {
             app,
             generated_admin_token,
@@ -76,7 +85,8 @@ impl Server {
 
     /// Serves on `listener` until `shutdown` resolves. Then: new requests get 503 with
     /// `Retry-After` while in-flight ones finish (up to `shutdown_grace`), the listener closes,
-    /// and workers stop after their current task. Queued tasks stay queued for the next start.
+    /// and workers stop after their current task, the webhook sender after its attempts in
+    /// flight. Queued tasks and pending deliveries stay for the next start.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -85,7 +95,8 @@ impl Server {
         let config = self.app.config().clone();
         let (stop_tx, stop_rx) = watch::channel(false);
         let workers = worker::spawn(Arc::clone(&self.app), config.workers, stop_rx.clone());
-        let purger = purge::spawn(Arc::clone(&self.app), stop_rx);
+        let purger = purge::spawn(Arc::clone(&self.app), stop_rx.clone());
+        let sender = webhooks::spawn(Arc::clone(&self.app), stop_rx);
 
         let state = Arc::new(AppState::new(Arc::clone(&self.app)));
         let router = http::router(Arc::clone(&state));
@@ -113,6 +124,7 @@ impl Server {
             let _ = handle.await;
         }
         let _ = purger.await;
+        let _ = sender.await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -6,7 +6,7 @@
 use futures_util::future::join_all;
 use std::collections::HashSet;
 use std::sync::Arc;
-use tollgate_contract::{ImageSize, TaskStatus};
+use tollgate_contract::{ImageSize, TaskStatus, WebhookState};
 use tollgate_server::store::postgres::PostgresStore;
 use tollgate_server::store::sqlite::SqliteStore;
 use tollgate_server::store::*;
@@ -85,6 +85,7 @@ async fn account(store: &dyn Store, credits: u64) -> String {
         credits,
         rate_limit: None,
         created_at: now(),
+        webhook_secret: Some(format!("whsec_{:032x}", rand_u64())),
     };
     store.create_account(&new, &key).await.unwrap();
     id
@@ -106,7 +107,39 @@ fn task(account_id: &str, cost: u64) -> TaskRecord {
         error_code: None,
         error_message: None,
         purged: false,
+        runs: 0,
+        webhook_url: None,
     }
+}
+
+fn task_with_webhook(account_id: &str, cost: u64) -> TaskRecord {
+    TaskRecord {
+        webhook_url: Some("https://hooks.example.com/tollgate".into()),
+        ..task(account_id, cost)
+    }
+}
+
+/// Creates, claims and finishes a task with a webhook; returns its id.
+async fn finished_with_webhook(store: &dyn Store, account_id: &str) -> String {
+    let t = task_with_webhook(account_id, 1);
+    store.create_task(&t, None).await.unwrap();
+    let claim = format!("w-{}", t.id);
+    // Claim until this task comes up (other scenarios' tasks are not in this account's way:
+    // every engine gets a fresh database or schema per scenario).
+    let claimed = store
+        .claim_next_task(now(), ms(60_000), &claim)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, t.id);
+    assert_eq!(
+        store
+            .finish_task(&t.id, &claim, &TaskOutcome::Succeeded, now())
+            .await
+            .unwrap(),
+        FinishOutcome::Finished
+    );
+    t.id
 }
 
 async fn ledger_sum(store: &dyn Store, account_id: &str) -> i64 {
@@ -658,6 +691,356 @@ async fn spend_is_charges_minus_refunds(store: Arc<dyn Store>) {
     assert!(store.daily_spend(&id, ms(60_000)).await.unwrap().is_empty());
 }
 
+async fn runs_count_every_claim(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let t = task(&id, 1);
+    store.create_task(&t, None).await.unwrap();
+    assert_eq!(store.get_task(&t.id).await.unwrap().unwrap().runs, 0);
+    let first = store
+        .claim_next_task(now(), ms(-1), "dead")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.runs, 1);
+    let second = store
+        .claim_next_task(now(), ms(60_000), "live")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((second.id.as_str(), second.runs), (t.id.as_str(), 2));
+}
+
+async fn the_webhook_outbox_is_written_with_the_final_state(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let plain = task(&id, 1);
+    store.create_task(&plain, None).await.unwrap();
+    let queued = task_with_webhook(&id, 1);
+    store.create_task(&queued, None).await.unwrap();
+    assert_eq!(
+        store
+            .get_task(&queued.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .webhook_url,
+        queued.webhook_url
+    );
+    // Running: no delivery yet. Finished: one, pending and due now.
+    let running = store
+        .claim_next_task(now(), ms(60_000), "w")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(running.id, plain.id);
+    assert!(store
+        .webhook_deliveries(std::slice::from_ref(&queued.id))
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .finish_task(&plain.id, "w", &TaskOutcome::Succeeded, now())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .webhook_deliveries(std::slice::from_ref(&plain.id))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no URL, no delivery"
+    );
+    // Cancelled: the outbox gets it in the cancel's transaction.
+    assert!(matches!(
+        store.cancel_task(&id, &queued.id, now()).await.unwrap(),
+        CancelOutcome::Canceled(_)
+    ));
+    let failed = task_with_webhook(&id, 1);
+    store.create_task(&failed, None).await.unwrap();
+    store
+        .claim_next_task(now(), ms(60_000), "f")
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = TaskOutcome::Failed {
+        code: "x".into(),
+        message: "y".into(),
+    };
+    store
+        .finish_task(&failed.id, "f", &outcome, now())
+        .await
+        .unwrap();
+    let deliveries = store
+        .webhook_deliveries(&[queued.id.clone(), failed.id.clone(), plain.id.clone()])
+        .await
+        .unwrap();
+    assert_eq!(deliveries.len(), 2);
+    for d in &deliveries {
+        assert_eq!(d.state, WebhookState::Pending);
+        assert_eq!(d.attempts, 0);
+        assert_eq!(d.account_id, id);
+        assert_eq!(d.url, "https://hooks.example.com/tollgate");
+        assert!(d.next_attempt_at.unwrap() <= now());
+        assert!(d.history.is_empty());
+    }
+}
+
+async fn webhook_claims_are_exclusive_and_attempts_recorded(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 100).await;
+    let mut ids = HashSet::new();
+    for _ in 0..12 {
+        ids.insert(finished_with_webhook(store.as_ref(), &id).await);
+    }
+    let claimers = (0..6).map(|w| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .claim_webhook_deliveries(now(), ms(60_000), &format!("sender-{w}"), 5)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.task_id, format!("sender-{w}")))
+                .collect::<Vec<_>>()
+        }
+    });
+    let claimed: Vec<(String, String)> = join_all(claimers).await.into_iter().flatten().collect();
+    assert_eq!(claimed.len(), 12, "every delivery claimed once");
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|(t, _)| t.clone())
+            .collect::<HashSet<_>>(),
+        ids
+    );
+    // Claimed deliveries are not due again until their lease is over.
+    assert!(store
+        .claim_webhook_deliveries(now(), ms(60_000), "late", 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let (task_id, claim) = claimed[0].clone();
+    let first = WebhookAttemptRecord {
+        number: 1,
+        at: now(),
+        status: Some(500),
+        error: None,
+    };
+    assert!(
+        !store
+            .record_webhook_attempt(
+                &task_id,
+                "not-the-claim",
+                &first,
+                DeliveryNext::RetryAt(ms(-1))
+            )
+            .await
+            .unwrap(),
+        "another claim's attempt is refused"
+    );
+    let wrong_number = WebhookAttemptRecord {
+        number: 2,
+        ..first.clone()
+    };
+    assert!(!store
+        .record_webhook_attempt(
+            &task_id,
+            &claim,
+            &wrong_number,
+            DeliveryNext::RetryAt(ms(-1))
+        )
+        .await
+        .unwrap());
+    assert!(store
+        .record_webhook_attempt(&task_id, &claim, &first, DeliveryNext::RetryAt(ms(-1)))
+        .await
+        .unwrap());
+    // The same attempt again (a claim that lapsed and came back) is not recorded twice.
+    assert!(!store
+        .record_webhook_attempt(&task_id, &claim, &first, DeliveryNext::RetryAt(ms(-1)))
+        .await
+        .unwrap());
+    // Due again: claimed by another sender, whose lease runs out before it records.
+    let again = store
+        .claim_webhook_deliveries(now(), ms(-1), "sender-dead", 100)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].task_id.as_str(), again[0].attempts),
+        (task_id.as_str(), 1)
+    );
+    let taken_over = store
+        .claim_webhook_deliveries(now(), ms(60_000), "sender-live", 100)
+        .await
+        .unwrap();
+    assert_eq!(taken_over.len(), 1, "a lapsed claim is taken over");
+    let second = WebhookAttemptRecord {
+        number: 2,
+        at: now(),
+        status: None,
+        error: Some("connection refused".into()),
+    };
+    assert!(!store
+        .record_webhook_attempt(&task_id, "sender-dead", &second, DeliveryNext::GiveUp)
+        .await
+        .unwrap());
+    assert!(store
+        .record_webhook_attempt(
+            &task_id,
+            "sender-live",
+            &second,
+            DeliveryNext::RetryAt(ms(-1))
+        )
+        .await
+        .unwrap());
+    let third = store
+        .claim_webhook_deliveries(now(), ms(60_000), "sender-3", 100)
+        .await
+        .unwrap();
+    assert_eq!(third.len(), 1);
+    let delivered_at = now();
+    let ok = WebhookAttemptRecord {
+        number: 3,
+        at: delivered_at,
+        status: Some(204),
+        error: None,
+    };
+    assert!(store
+        .record_webhook_attempt(&task_id, "sender-3", &ok, DeliveryNext::Delivered)
+        .await
+        .unwrap());
+    let found = store
+        .webhook_deliveries(std::slice::from_ref(&task_id))
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    let d = &found[0];
+    assert_eq!(d.state, WebhookState::Delivered);
+    assert_eq!(d.attempts, 3);
+    assert_eq!(d.delivered_at, Some(delivered_at));
+    assert_eq!(d.next_attempt_at, None);
+    assert_eq!(d.history, vec![first, second, ok]);
+
+    // Giving up ends it too.
+    let (other, other_claim) = claimed[1].clone();
+    let last = WebhookAttemptRecord {
+        number: 1,
+        at: now(),
+        status: Some(410),
+        error: None,
+    };
+    assert!(store
+        .record_webhook_attempt(&other, &other_claim, &last, DeliveryNext::GiveUp)
+        .await
+        .unwrap());
+    let gave_up = store
+        .webhook_deliveries(std::slice::from_ref(&other))
+        .await
+        .unwrap();
+    assert_eq!(gave_up[0].state, WebhookState::Failed);
+    assert_eq!(gave_up[0].next_attempt_at, None);
+    // Delivered and given-up deliveries are never claimed again, however late it gets.
+    let later = store
+        .claim_webhook_deliveries(ms(3_600_000), ms(3_700_000), "any", 100)
+        .await
+        .unwrap();
+    assert_eq!(later.len(), 10);
+    assert!(later
+        .iter()
+        .all(|d| d.task_id != task_id && d.task_id != other));
+}
+
+async fn webhook_secrets_are_made_once_and_rotated(store: Arc<dyn Store>) {
+    let id = format!("acct_{:016x}", rand_u64());
+    let key = KeyRecord {
+        id: format!("key_{:016x}", rand_u64()),
+        account_id: id.clone(),
+        key_hash: format!("{:064x}", rand_u64()),
+        prefix: "tg_w".into(),
+        created_at: now(),
+        revoked_at: None,
+    };
+    let old_style = NewAccount {
+        id: id.clone(),
+        name: "made before webhooks".into(),
+        credits: 0,
+        rate_limit: None,
+        created_at: now(),
+        webhook_secret: None,
+    };
+    store.create_account(&old_style, &key).await.unwrap();
+    let made = store.webhook_secret(&id, "whsec_a").await.unwrap();
+    assert_eq!(made.as_deref(), Some("whsec_a"));
+    assert_eq!(
+        store
+            .webhook_secret(&id, "whsec_b")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("whsec_a"),
+        "made once, then kept"
+    );
+    assert!(store.set_webhook_secret(&id, "whsec_c").await.unwrap());
+    assert_eq!(
+        store
+            .webhook_secret(&id, "whsec_d")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("whsec_c")
+    );
+    assert_eq!(
+        store.webhook_secret("acct_missing", "x").await.unwrap(),
+        None
+    );
+    assert!(!store.set_webhook_secret("acct_missing", "x").await.unwrap());
+    // Concurrent first uses agree on one secret.
+    let fresh = account(store.as_ref(), 0).await;
+    let kept = store
+        .webhook_secret(&fresh, "ignored")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(kept.starts_with("whsec_"));
+}
+
+async fn the_purge_drops_webhook_data(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let task_id = finished_with_webhook(store.as_ref(), &id).await;
+    let claimed = store
+        .claim_webhook_deliveries(now(), ms(60_000), "s", 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let attempt = WebhookAttemptRecord {
+        number: 1,
+        at: now(),
+        status: Some(200),
+        error: None,
+    };
+    assert!(store
+        .record_webhook_attempt(&task_id, "s", &attempt, DeliveryNext::Delivered)
+        .await
+        .unwrap());
+    store
+        .mark_purged(std::slice::from_ref(&task_id))
+        .await
+        .unwrap();
+    let tombstone = store.get_task(&task_id).await.unwrap().unwrap();
+    assert!(tombstone.purged);
+    assert_eq!(tombstone.webhook_url, None);
+    assert!(store
+        .webhook_deliveries(std::slice::from_ref(&task_id))
+        .await
+        .unwrap()
+        .is_empty());
+    // Purging again (a purge resumed after a crash) is harmless.
+    store
+        .mark_purged(std::slice::from_ref(&task_id))
+        .await
+        .unwrap();
+}
+
 macro_rules! on_every_engine {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -695,4 +1078,9 @@ on_every_engine!(
     vouchers_pay_out_once_under_concurrency,
     sessions_end_on_expiry_revocation_and_deletion,
     spend_is_charges_minus_refunds,
+    runs_count_every_claim,
+    the_webhook_outbox_is_written_with_the_final_state,
+    webhook_claims_are_exclusive_and_attempts_recorded,
+    webhook_secrets_are_made_once_and_rotated,
+    the_purge_drops_webhook_data,
 );

@@ -181,6 +181,9 @@ pub struct GenerateArgs {
     /// Seed, for a reproducible image.
     #[arg(long, allow_negative_numbers = true)]
     seed: Option<i64>,
+    /// An http(s) URL that receives the finished task, signed (see `GET /v1/account/webhook-secret`).
+    #[arg(long, value_name = "URL")]
+    webhook_url: Option<String>,
     /// Wait until the task is done, showing its progress, then write its images.
     #[arg(long)]
     wait: bool,
@@ -450,6 +453,7 @@ async fn generate(args: GenerateArgs) -> Result<(), Failure> {
         n: args.n,
         size: args.size,
         seed: args.seed,
+        webhook_url: args.webhook_url,
     };
     let task = match &args.idempotency_key {
         Some(key) => client.create_generation_with_key(&request, key).await?,

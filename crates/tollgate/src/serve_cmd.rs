@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
+use tollgate_server::config::BackendKind;
 use tollgate_server::{parse_duration, Config, Prices, Secret, Server};
 
 #[derive(Args)]
@@ -58,6 +59,29 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "TOLLGATE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// What generates the images: `builtin` (the offline renderer) or `openai` (an
+    /// OpenAI-compatible images API at --upstream-url, its key in TOLLGATE_UPSTREAM_API_KEY).
+    #[arg(long, env = "TOLLGATE_BACKEND", default_value = "builtin")]
+    backend: BackendKind,
+    /// The OpenAI-compatible upstream, e.g. `https://api.openai.com`; requests go to
+    /// `{url}/v1/images/generations`.
+    #[arg(long, env = "TOLLGATE_UPSTREAM_URL", value_name = "URL")]
+    upstream_url: Option<String>,
+    /// The upstream's `model` (default: the upstream's own default).
+    #[arg(long, env = "TOLLGATE_UPSTREAM_MODEL")]
+    upstream_model: Option<String>,
+    /// Generations in flight against the backend at once (default: --workers).
+    #[arg(long, env = "TOLLGATE_BACKEND_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
+    backend_concurrency: Option<u32>,
+    /// How long one run of a task may take, the upstream's retries included; then it fails and is refunded.
+    #[arg(long, env = "TOLLGATE_TASK_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    task_timeout: Duration,
+    /// Accept webhook URLs on loopback, private or link-local addresses (off: refused, against SSRF).
+    #[arg(long, env = "TOLLGATE_ALLOW_PRIVATE_WEBHOOKS")]
+    allow_private_webhooks: bool,
+    /// Attempts per webhook delivery (the first included) before it is given up.
+    #[arg(long, env = "TOLLGATE_WEBHOOK_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=50))]
+    webhook_attempts: u32,
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -117,6 +141,28 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.redis_url = args.redis_url.map(Secret::new);
     config.redis_failure = args.redis_failure;
     config.task_lease = args.task_lease;
+    config.backend = args.backend;
+    config.upstream_url = args.upstream_url;
+    config.upstream_model = args.upstream_model;
+    config.backend_concurrency = args.backend_concurrency.map(|n| n as usize);
+    config.task_timeout = args.task_timeout;
+    config.allow_private_webhooks = args.allow_private_webhooks;
+    config.webhook_attempts = args.webhook_attempts;
+    // Not a flag, like the operator token: a flag is visible to everyone who can list processes.
+    config.upstream_api_key = std::env::var("TOLLGATE_UPSTREAM_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(Secret::new);
+    if config.backend == BackendKind::OpenAi {
+        if config.upstream_url.is_none() {
+            return Err("--backend openai needs --upstream-url (or TOLLGATE_UPSTREAM_URL)".into());
+        }
+        if config.upstream_api_key.is_none() {
+            return Err(
+                "--backend openai needs TOLLGATE_UPSTREAM_API_KEY in the environment".into(),
+            );
+        }
+    }
     // Not a flag: a flag would show the token to everyone who can list processes.
     config.admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
         .ok()

@@ -106,6 +106,12 @@ async fn openapi_documents_every_route_and_error_response() {
         ),
         ("get", "/v1/account", &["200", "401", "429"]),
         ("get", "/v1/account/ledger", &["200", "400", "401", "429"]),
+        ("get", "/v1/account/webhook-secret", &["200", "401", "429"]),
+        (
+            "post",
+            "/v1/account/webhook-secret",
+            &["200", "401", "409", "429"],
+        ),
         ("post", "/admin/accounts", &["201", "400", "401"]),
         ("get", "/admin/accounts", &["200", "401"]),
         ("get", "/admin/accounts/{id}", &["200", "401", "404"]),

@@ -4,6 +4,8 @@
 //! the rules of the contract (who owns a task, when it expires, what it costs) and delegates
 //! persistence to a [`Store`](crate::store::Store). The HTTP layer turns its answers into JSON.
 
+pub mod backends;
+pub mod caches;
 pub mod generator;
 pub mod idempotency;
 pub mod pricing;
@@ -14,4 +16,5 @@ pub mod service;
 pub mod sessions;
 pub mod usage;
 pub mod vouchers;
+pub mod webhooks;
 pub mod worker;

@@ -46,6 +46,15 @@ pub fn new_voucher_code() -> Result<String> {
     ))
 }
 
+/// A new webhook signing secret: `whsec_` and 256 random bits in hex.
+pub fn new_webhook_secret() -> Result<String> {
+    Ok(format!(
+        "{}{}",
+        tollgate_contract::webhook::SECRET_PREFIX,
+        hex(&random_bytes::<32>()?)
+    ))
+}
+
 /// A new dashboard session token (the cookie's value): 192 random bits in hex.
 pub fn new_session_token() -> Result<String> {
     Ok(hex(&random_bytes::<24>()?))

@@ -1,25 +1,28 @@
 //! [`Tollgate`]: the domain facade. Every route of the API is one method here.
 
 use crate::config::Config;
+use crate::domain::backends::{self, Backend};
+use crate::domain::caches::{Cached, FinishedTasks, KeyCache};
 use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
 use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
 use crate::domain::sessions::SignInLimiter;
+use crate::domain::webhooks;
 use crate::error::{Error, Result};
 use crate::images::ImageStore;
 use crate::metrics::Metrics;
 use crate::store::{
     now, AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount,
-    Store, StoredResponse, TaskRecord,
+    Store, StoredResponse, TaskRecord, WebhookDeliveryRecord,
 };
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tollgate_contract::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
     CreatedKey, ErrorCode, ImageRef, KeyInfo, LedgerEntry, List, RateLimit, Task, TaskError,
-    TaskStatus, UpdateAccountRequest,
+    TaskStatus, TaskWebhook, UpdateAccountRequest, WebhookAttempt, WebhookSecret, WebhookState,
 };
 
 /// Who is calling, once their API key checked out.
@@ -39,15 +42,28 @@ pub struct Tollgate {
     pub(crate) config: Config,
     limits: Limiter,
     admin_token_hash: String,
+    /// Past key lookups; `None` when the store is shared with other instances (see caches.rs).
+    key_cache: Option<KeyCache>,
+    /// Finished tasks; `None` when the store is shared with other instances.
+    finished_tasks: Option<FinishedTasks>,
     /// Dashboard sign-in attempts, per client address and per credential prefix.
     pub(crate) sign_in_limits: SignInLimiter,
     /// Wakes a worker when a task is queued.
     pub(crate) work_ready: Notify,
+    /// What generates the images.
+    pub(crate) backend: Arc<dyn Backend>,
+    /// One permit per generation the backend may run at once; a worker claims a task only
+    /// with a permit in hand.
+    pub(crate) backend_slots: Arc<Semaphore>,
+    /// Wakes the webhook sender when a finished task has a delivery waiting.
+    pub(crate) webhooks_ready: Notify,
 }
 
 const MAX_PROMPT_CHARS: usize = 4000;
 const MAX_NAME_CHARS: usize = 200;
 const MAX_LIST_LIMIT: u32 = 100;
+/// Expired tasks purged per step (images, then tombstones).
+const PURGE_BATCH: u32 = 200;
 
 impl Tollgate {
     /// Builds the domain over a store. `admin_token_hash` is the hash the operator's token must match.
@@ -58,7 +74,12 @@ impl Tollgate {
         limits: Limiter,
         admin_token_hash: String,
     ) -> Self {
+        let backend_slots = Arc::new(Semaphore::new(config.effective_backend_concurrency()));
+        let key_cache = (!store.is_shared()).then(KeyCache::default);
+        let finished_tasks = (!store.is_shared()).then(FinishedTasks::default);
         Tollgate {
+            key_cache,
+            finished_tasks,
             store,
             images,
             metrics: Metrics::default(),
@@ -67,7 +88,16 @@ impl Tollgate {
             admin_token_hash,
             sign_in_limits: SignInLimiter::default(),
             work_ready: Notify::new(),
+            backend: Arc::new(backends::builtin::Builtin),
+            backend_slots,
+            webhooks_ready: Notify::new(),
         }
+    }
+
+    /// Generates with `backend` instead of the built-in renderer.
+    pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backend = backend;
+        self
     }
 
     pub fn config(&self) -> &Config {
@@ -80,18 +110,31 @@ impl Tollgate {
 
     // ---------------------------------------------------------------- authentication
 
-    /// Checks an API key. Every call reads the key's current state from the store, so a
-    /// revocation takes effect on the very next request.
+    /// Checks an API key. A revocation takes effect on the very next request: on a store shared
+    /// with other instances every call asks the store; on a store of this process alone the
+    /// answer may come from the key cache, which every revocation here updates first.
     pub async fn authenticate(&self, api_key: Option<&str>) -> Result<Caller> {
         let key = api_key.ok_or(Error::MissingCredential { admin: false })?;
         if !key.starts_with(secrets::API_KEY_PREFIX) {
             return Err(Error::InvalidCredential { admin: false });
         }
-        let auth = self
-            .store
-            .authenticate(&secrets::hash_secret(key))
-            .await?
-            .ok_or(Error::InvalidCredential { admin: false })?;
+        let hash = secrets::hash_secret(key);
+        let cached = match &self.key_cache {
+            Some(cache) => cache.get(&hash),
+            None => Cached::Miss,
+        };
+        let auth = match cached {
+            Cached::Live(auth) => auth,
+            Cached::Unknown => return Err(Error::InvalidCredential { admin: false }),
+            Cached::Miss => {
+                let epoch = self.key_cache.as_ref().map(KeyCache::epoch);
+                let found = self.store.authenticate(&hash).await?;
+                if let (Some(cache), Some(epoch)) = (&self.key_cache, epoch) {
+                    cache.remember(epoch, &hash, found.as_ref());
+                }
+                found.ok_or(Error::InvalidCredential { admin: false })?
+            }
+        };
         Ok(Caller {
             account_id: auth.account_id,
             key_id: auth.key_id,
@@ -157,6 +200,16 @@ impl Tollgate {
             Some(seed) => seed,
             None => i64::from(rand::random::<u32>()),
         };
+        let webhook_url = match &request.webhook_url {
+            Some(url) => Some(
+                webhooks::check_url(url, self.config.allow_private_webhooks)
+                    .await
+                    .map_err(webhooks::invalid_url)?
+                    .url
+                    .to_string(),
+            ),
+            None => None,
+        };
         let record = TaskRecord {
             id: secrets::new_id("task")?,
             account_id: caller.account_id.clone(),
@@ -172,6 +225,8 @@ impl Tollgate {
             error_code: None,
             error_message: None,
             purged: false,
+            runs: 0,
+            webhook_url,
         };
         let task = self.task_view(&record);
         let stored = match idempotency {
@@ -195,7 +250,7 @@ impl Tollgate {
     /// A task of the caller's account: 404 for another account's or an unknown id, 410 once expired.
     pub async fn get_task(&self, caller: &Caller, id: &str) -> Result<Task> {
         let record = self.live_task(caller, id).await?;
-        Ok(self.task_view(&record))
+        Ok(self.views(&[record]).await?.remove(0))
     }
 
     /// The caller's tasks, newest first, `limit` (1–100, default 20) after the task `after`.
@@ -229,7 +284,7 @@ impl Tollgate {
         records.truncate(limit as usize);
         Ok(List {
             object: "list".to_owned(),
-            data: records.iter().map(|r| self.task_view(r)).collect(),
+            data: self.views(&records).await?,
             has_more,
         })
     }
@@ -245,9 +300,12 @@ impl Tollgate {
             CancelOutcome::Canceled(record) => {
                 self.metrics.credits_refunded.inc_by(record.cost);
                 self.metrics.task_finished(TaskStatus::Canceled.as_str());
-                Ok(self.task_view(&record))
+                if record.webhook_url.is_some() {
+                    self.webhooks_ready.notify_one();
+                }
+                Ok(self.views(&[record]).await?.remove(0))
             }
-            CancelOutcome::AlreadyCanceled(record) => Ok(self.task_view(&record)),
+            CancelOutcome::AlreadyCanceled(record) => Ok(self.views(&[record]).await?.remove(0)),
             CancelOutcome::NotCancelable(record) => Err(Error::NotCancelable {
                 id: record.id,
                 status: record.status,
@@ -277,10 +335,18 @@ impl Tollgate {
     }
 
     async fn live_task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
-        let record = self
-            .store
-            .get_task(id)
-            .await?
+        let cached = self.finished_tasks.as_ref().and_then(|cache| cache.get(id));
+        let found = match cached {
+            Some(record) => Some(record),
+            None => {
+                let found = self.store.get_task(id).await?;
+                if let (Some(cache), Some(record)) = (&self.finished_tasks, &found) {
+                    cache.remember(record);
+                }
+                found
+            }
+        };
+        let record = found
             .filter(|record| record.account_id == caller.account_id)
             .ok_or_else(|| Error::NotFound {
                 what: "task",
@@ -300,8 +366,70 @@ impl Tollgate {
         record.created_at + self.config.retention
     }
 
-    /// The wire form of a task.
+    /// The wire form of tasks, with the deliveries of those that have a webhook.
+    async fn views(&self, records: &[TaskRecord]) -> Result<Vec<Task>> {
+        let with_webhook: Vec<String> = records
+            .iter()
+            .filter(|r| r.webhook_url.is_some())
+            .map(|r| r.id.clone())
+            .collect();
+        let deliveries = if with_webhook.is_empty() {
+            Vec::new()
+        } else {
+            self.store.webhook_deliveries(&with_webhook).await?
+        };
+        Ok(records
+            .iter()
+            .map(|r| {
+                let delivery = deliveries.iter().find(|d| d.task_id == r.id);
+                self.task_view_with(r, delivery)
+            })
+            .collect())
+    }
+
+    /// The wire form of a task whose webhook (if any) has not been attempted yet.
     pub(crate) fn task_view(&self, record: &TaskRecord) -> Task {
+        self.task_view_with(record, None)
+    }
+
+    /// The wire form of a task, with its webhook's delivery as stored.
+    pub(crate) fn task_view_with(
+        &self,
+        record: &TaskRecord,
+        delivery: Option<&WebhookDeliveryRecord>,
+    ) -> Task {
+        let webhook = record.webhook_url.as_ref().map(|url| match delivery {
+            Some(d) => TaskWebhook {
+                url: url.clone(),
+                state: d.state,
+                delivered_at: d.delivered_at,
+                next_attempt_at: d
+                    .next_attempt_at
+                    .filter(|_| d.state == WebhookState::Pending),
+                attempts: d
+                    .history
+                    .iter()
+                    .map(|a| WebhookAttempt {
+                        at: a.at,
+                        status: a.status,
+                        error: a.error.clone(),
+                    })
+                    .collect(),
+            },
+            None => TaskWebhook {
+                url: url.clone(),
+                state: WebhookState::Pending,
+                delivered_at: None,
+                next_attempt_at: None,
+                attempts: Vec::new(),
+            },
+        });
+        let mut task = self.task_view_plain(record);
+        task.webhook = webhook;
+        task
+    }
+
+    fn task_view_plain(&self, record: &TaskRecord) -> Task {
         let images = if record.status == TaskStatus::Succeeded {
             (0..record.n)
                 .map(|i| ImageRef {
@@ -332,6 +460,7 @@ impl Tollgate {
             expires_at: self.expires_at(record),
             images,
             error,
+            webhook: None,
         }
     }
 
@@ -421,9 +550,13 @@ impl Tollgate {
             credits: request.credits,
             rate_limit: request.rate_limit,
             created_at: now(),
+            webhook_secret: Some(secrets::new_webhook_secret()?),
         };
         let (key, api_key) = Self::new_key(&account.id)?;
         let record = self.store.create_account(&account, &key).await?;
+        if let Some(cache) = &self.key_cache {
+            cache.forget_unknown();
+        }
         Ok(CreatedAccount {
             account: self.account_view(&record),
             api_key,
@@ -452,6 +585,9 @@ impl Tollgate {
                 what: "account",
                 id: shorten(id),
             })?;
+        if let Some(cache) = &self.key_cache {
+            cache.forget_account(id);
+        }
         Ok(self.account_view(&record))
     }
 
@@ -463,6 +599,9 @@ impl Tollgate {
                 what: "account",
                 id: shorten(account_id),
             });
+        }
+        if let Some(cache) = &self.key_cache {
+            cache.forget_unknown();
         }
         Ok(CreatedKey {
             id: key.id,
@@ -529,6 +668,9 @@ impl Tollgate {
     /// Operator: revokes a key; the next request with it is refused.
     pub async fn revoke_key(&self, key_id: &str) -> Result<()> {
         if self.store.revoke_key(key_id).await? {
+            if let Some(cache) = &self.key_cache {
+                cache.forget_key(key_id);
+            }
             Ok(())
         } else {
             Err(Error::NotFound {
@@ -591,6 +733,49 @@ impl Tollgate {
         Ok(self.account_view(&record))
     }
 
+    // ---------------------------------------------------------------- webhooks
+
+    /// The secret that signs the account's webhooks, made now for an account older than
+    /// webhooks.
+    pub(crate) async fn webhook_secret_of(&self, account_id: &str) -> Result<String> {
+        let candidate = secrets::new_webhook_secret()?;
+        self.store
+            .webhook_secret(account_id, &candidate)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "account",
+                id: shorten(account_id),
+            })
+    }
+
+    /// `GET /v1/account/webhook-secret`: the caller's webhook secret.
+    pub async fn webhook_secret(&self, caller: &Caller) -> Result<WebhookSecret> {
+        Ok(WebhookSecret {
+            object: "webhook_secret".to_owned(),
+            secret: self.webhook_secret_of(&caller.account_id).await?,
+        })
+    }
+
+    /// `POST /v1/account/webhook-secret`: a new secret; deliveries from now on are signed with it.
+    pub async fn rotate_webhook_secret(&self, caller: &Caller) -> Result<WebhookSecret> {
+        let secret = secrets::new_webhook_secret()?;
+        if !self
+            .store
+            .set_webhook_secret(&caller.account_id, &secret)
+            .await?
+        {
+            return Err(Error::NotFound {
+                what: "account",
+                id: shorten(&caller.account_id),
+            });
+        }
+        tracing::info!(account_id = %caller.account_id, "webhook secret rotated");
+        Ok(WebhookSecret {
+            object: "webhook_secret".to_owned(),
+            secret,
+        })
+    }
+
     // ---------------------------------------------------------------- idempotency
 
     pub async fn idempotency_begin(&self, scope: &IdempotencyScope) -> Result<IdempotencyBegin> {
@@ -616,11 +801,16 @@ impl Tollgate {
 
     /// Purges the data of expired tasks (keeping tombstones) and forgets old idempotency keys.
     /// Returns how many tasks were purged.
+    ///
+    /// Batch by batch, images go first and the tombstones are marked after: a crash in between
+    /// leaves those tasks unmarked, so the next run (on the next start) finds them again,
+    /// deletes what is left (absent images are fine) and marks them. A purge resumes; it never
+    /// leaves a tombstone whose images survive.
     pub async fn purge_expired(&self) -> Result<usize> {
         let mut purged = 0;
         loop {
             let cutoff = now() - self.config.retention;
-            let ids = self.store.expired_tasks(cutoff, 200).await?;
+            let ids = self.store.expired_tasks(cutoff, PURGE_BATCH).await?;
             if ids.is_empty() {
                 break;
             }
@@ -628,7 +818,15 @@ impl Tollgate {
                 self.images.delete_task(id).await?;
             }
             self.store.mark_purged(&ids).await?;
+            if let Some(cache) = &self.finished_tasks {
+                cache.forget(&ids);
+            }
             purged += ids.len();
+            tracing::info!(
+                batch = ids.len(),
+                purged_so_far = purged,
+                "retention purge: a batch of expired tasks is now tombstones"
+            );
         }
         self.store.idempotency_purge(now() - KEY_RETENTION).await?;
         self.store.delete_expired_sessions(now()).await?;

@@ -1,11 +1,21 @@
-//! The worker pool: a fixed number of workers take queued tasks from the store and run them.
+//! The worker pool: a fixed number of workers take queued tasks from the store and run them
+//! on the configured backend.
 //!
 //! The queue is the `tasks` table itself, so an accepted task survives a crash. A worker holds
 //! the task it runs under a lease that it renews while it works; if its process dies, the lease
-//! runs out and a worker of any instance takes the task again (its charge stands, and the
-//! built-in generator is deterministic, so running it again gives the same images).
+//! runs out (or, on SQLite, the next start puts it back in the queue) and a worker of any
+//! instance takes the task again. **The rule:** an interrupted task is run again, its single
+//! charge standing, up to [`MAX_RUNS`] runs in all; one claimed once more after that is failed
+//! and refunded instead, so no task hangs and none is charged twice. The built-in generator is
+//! deterministic, so a second run gives the images the first would have given; an upstream
+//! backend is not, and a second run is a new request to it.
+//!
+//! A worker claims a task only with a slot of the backend in hand (`--backend-concurrency`), so
+//! tasks wait in the queue, where any instance can take them, rather than in a worker. A run has
+//! `--task-timeout` to produce its images; a timeout, like any failure, fails the task and
+//! refunds it in the same transaction.
 
-use crate::domain::generator;
+use crate::domain::backends::BackendError;
 use crate::domain::secrets;
 use crate::domain::service::Tollgate;
 use crate::error::Error;
@@ -15,6 +25,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_contract::TaskStatus;
+
+/// Runs a task may start, in all: a task claimed for run `MAX_RUNS + 1` (its last three runs
+/// were interrupted by crashes or lost leases) is failed and refunded rather than run again.
+pub const MAX_RUNS: u32 = 3;
 
 /// How often an idle worker looks at the queue even without a wake-up (tasks queued by a
 /// previous run, or by another process on the same database).
@@ -29,6 +43,14 @@ pub fn spawn(app: Arc<Tollgate>, count: usize, stop: watch::Receiver<bool>) -> V
 
 async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
+        // A slot of the backend first: without one, the task is better left in the queue.
+        let slot = tokio::select! {
+            slot = Arc::clone(&app.backend_slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop.changed() => continue,
+        };
         let claim = match secrets::new_id("claim") {
             Ok(claim) => claim,
             Err(e) => {
@@ -43,8 +65,12 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
             .claim_next_task(now(), now() + lease, &claim)
             .await
         {
-            Ok(Some(task)) => run_task(&app, task, &claim).await,
+            Ok(Some(task)) => {
+                run_task(&app, task, &claim).await;
+                drop(slot);
+            }
             Ok(None) => {
+                drop(slot);
                 tokio::select! {
                     _ = app.work_ready.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
@@ -52,6 +78,7 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
                 }
             }
             Err(e) => {
+                drop(slot);
                 tracing::error!(error = %e, "worker could not read the queue");
                 tokio::time::sleep(IDLE_POLL).await;
             }
@@ -78,19 +105,28 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
             }
         }
     };
-    let rendered = tokio::select! {
-        rendered = render_and_store(app, &task) => rendered,
-        _ = renewing => unreachable_pending(),
+    let rendered = if task.runs > MAX_RUNS {
+        tracing::warn!(task_id = %task.id, runs = task.runs, "a task interrupted {MAX_RUNS} times is failed and refunded, not run again");
+        Err(TaskFailure::Interrupted)
+    } else {
+        tokio::select! {
+            rendered = generate_and_store(app, &task) => rendered,
+            _ = renewing => Err(TaskFailure::Backend(BackendError::Internal("lease renewal loop ended".to_owned()))),
+        }
     };
     let outcome = match rendered {
         Ok(()) => TaskOutcome::Succeeded,
-        Err(e) => {
-            tracing::error!(task_id = %task.id, error = %e, "task failed; refunding");
-            TaskOutcome::Failed {
-                code: "generation_failed".to_owned(),
-                message: "The image could not be generated; the task's credits were refunded."
-                    .to_owned(),
+        Err(failure) => {
+            let (code, message) = failure.task_error(app.config().task_timeout);
+            match &failure {
+                TaskFailure::Backend(BackendError::Internal(cause)) => {
+                    tracing::error!(task_id = %task.id, backend = app.backend.name(), cause = %cause, "task failed; refunding")
+                }
+                other => {
+                    tracing::warn!(task_id = %task.id, backend = app.backend.name(), error = %other, code = %code, "task failed; refunding")
+                }
             }
+            TaskOutcome::Failed { code, message }
         }
     };
     match app
@@ -111,6 +147,9 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
             };
             app.metrics.task_finished(status.as_str());
             tracing::info!(task_id = %task.id, status = %status, ms = started.elapsed().as_millis() as u64, "task finished");
+            if task.webhook_url.is_some() {
+                app.webhooks_ready.notify_one();
+            }
         }
         Ok(FinishOutcome::Lost) => {
             tracing::warn!(task_id = %task.id, "another worker took the task over; its result stands");
@@ -127,22 +166,63 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
     }
 }
 
-async fn render_and_store(app: &Tollgate, task: &TaskRecord) -> Result<(), Error> {
-    let (prompt, seed, size, n) = (task.prompt.clone(), task.seed, task.size, task.n);
-    let images = tokio::task::spawn_blocking(move || {
-        (0..n)
-            .map(|index| generator::render(&prompt, seed, size, index))
-            .collect::<Result<Vec<_>, Error>>()
-    })
-    .await
-    .map_err(|e| Error::internal(format!("generator thread: {e}")))??;
+/// Why a run made no images.
+#[derive(Debug)]
+enum TaskFailure {
+    /// The backend failed, or ran out of time.
+    Backend(BackendError),
+    /// The task was claimed more than [`MAX_RUNS`] times.
+    Interrupted,
+}
+
+impl TaskFailure {
+    fn task_error(&self, task_timeout: Duration) -> (String, String) {
+        match self {
+            TaskFailure::Backend(e) => e.task_error(task_timeout),
+            TaskFailure::Interrupted => (
+                "interrupted".to_owned(),
+                format!(
+                    "The task was interrupted {MAX_RUNS} times while it ran (the server stopped); its credits were refunded."
+                ),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskFailure::Backend(e) => e.fmt(f),
+            TaskFailure::Interrupted => write!(f, "interrupted {MAX_RUNS} times"),
+        }
+    }
+}
+
+impl From<Error> for TaskFailure {
+    fn from(e: Error) -> Self {
+        TaskFailure::Backend(BackendError::Internal(e.to_string()))
+    }
+}
+
+/// Asks the backend for the task's images within `--task-timeout`, then stores them.
+async fn generate_and_store(app: &Tollgate, task: &TaskRecord) -> Result<(), TaskFailure> {
+    let deadline = tokio::time::Instant::now() + app.config().task_timeout;
+    let images = match tokio::time::timeout_at(deadline, app.backend.generate(task, deadline)).await
+    {
+        Ok(Ok(images)) => images,
+        Ok(Err(e)) => return Err(TaskFailure::Backend(e)),
+        Err(_) => return Err(TaskFailure::Backend(BackendError::Timeout)),
+    };
+    if images.len() != usize::from(task.n) {
+        return Err(TaskFailure::Backend(BackendError::Internal(format!(
+            "the {} backend made {} images for n = {}",
+            app.backend.name(),
+            images.len(),
+            task.n
+        ))));
+    }
     for (index, png) in (0u8..).zip(images) {
         app.images.put(&task.id, index, png).await?;
     }
     Ok(())
-}
-
-/// The renewal loop never ends on its own; this arm of the `select!` is never taken.
-fn unreachable_pending() -> Result<(), Error> {
-    Err(Error::internal("lease renewal loop ended"))
 }

@@ -16,14 +16,42 @@ pub const TOP_UP_PATH: &str = "/dashboard/credits";
 tokio::task_local! {
     /// The `X-Request-Id` of the request being served.
     pub static REQUEST_ID: String;
-    /// `scheme://host` the request was addressed to (its `Host` header), so that a message can
-    /// carry a whole link back to this server (the 402's top-up page).
-    pub static ORIGIN: Option<String>;
+    /// Where the request was addressed, so that a message can carry a whole link back to this
+    /// server (the 402's top-up page).
+    pub static ORIGIN: Origin;
+}
+
+/// The `Host` a request named and whether it came over TLS. Kept as the raw header (a cheap
+/// clone) and formatted only when a message needs the link: most requests never do.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    host: Option<HeaderValue>,
+    https: bool,
+}
+
+impl Origin {
+    pub fn of(headers: &HeaderMap) -> Origin {
+        Origin {
+            host: headers.get(header::HOST).cloned(),
+            https: super::dashboard::session::is_https(headers),
+        }
+    }
+
+    /// `http(s)://host[:port]`, when the `Host` header is a plain host name or address.
+    fn base(&self) -> Option<String> {
+        let host = self.host.as_ref()?.to_str().ok()?;
+        let plain = (1..=255).contains(&host.len())
+            && host.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+            });
+        let scheme = if self.https { "https" } else { "http" };
+        plain.then(|| format!("{scheme}://{host}"))
+    }
 }
 
 /// The top-up page as a link: absolute when the request named its host, else the path.
 pub fn top_up_link() -> String {
-    match ORIGIN.try_with(Clone::clone) {
+    match ORIGIN.try_with(Origin::base) {
         Ok(Some(origin)) => format!("{origin}{TOP_UP_PATH}"),
         _ => TOP_UP_PATH.to_owned(),
     }

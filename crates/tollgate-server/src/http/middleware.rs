@@ -7,7 +7,7 @@
 //! 4. Per route group: [`api_auth`] (API key, then the account's rate limit and the `RateLimit`
 //!    headers) or [`admin_auth`]; then [`idempotency`] on POSTs; then [`simulate_delay`].
 
-use super::error::{envelope, internal_error, Enveloped, ORIGIN, REQUEST_ID};
+use super::error::{envelope, internal_error, Enveloped, Origin, ORIGIN, REQUEST_ID};
 use super::extract::{bearer, body_too_large, Credential, BODY_LIMIT};
 use super::AppState;
 use crate::domain::idempotency;
@@ -50,21 +50,6 @@ fn sane_request_id(value: &HeaderValue) -> Option<String> {
     ok.then(|| text.to_owned())
 }
 
-/// `http(s)://host[:port]` from the `Host` header, when it is a plain host name or address.
-fn origin_of(headers: &HeaderMap) -> Option<String> {
-    let host = headers.get(header::HOST)?.to_str().ok()?;
-    let plain = (1..=255).contains(&host.len())
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
-    let scheme = if super::dashboard::session::is_https(headers) {
-        "https"
-    } else {
-        "http"
-    };
-    plain.then(|| format!("{scheme}://{host}"))
-}
-
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
@@ -81,15 +66,14 @@ pub async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) 
         .and_then(sane_request_id)
         .unwrap_or_else(new_request_id);
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    // Cheap clones (reference-counted), not copies: this runs on every request.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
 
-    let origin = origin_of(req.headers());
+    let origin = Origin::of(req.headers());
     let outcome = REQUEST_ID
         .scope(
             request_id.clone(),
@@ -101,7 +85,7 @@ pub async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     let mut response = REQUEST_ID.sync_scope(request_id.clone(), || {
         let _entered = span.enter();
         match outcome {
-            Ok(response) => ensure_envelope(response, &method, &path),
+            Ok(response) => ensure_envelope(response, &method, path),
             Err(payload) => {
                 tracing::error!(panic = %panic_message(payload.as_ref()), "handler panicked");
                 internal_error()
@@ -114,7 +98,7 @@ pub async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     state.app.metrics().observe_request(
-        route.as_deref().unwrap_or("unmatched"),
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
         method.as_str(),
         status,
         elapsed.as_secs_f64(),

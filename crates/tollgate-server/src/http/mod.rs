@@ -74,6 +74,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{id}/images/{index}", api(get(r::task_image)))
         .route("/v1/account", api(get(r::account)))
         .route("/v1/account/ledger", api(get(r::account_ledger)))
+        .route(
+            "/v1/account/webhook-secret",
+            api(get(r::webhook_secret).post(r::rotate_webhook_secret)),
+        )
         .route("/v1/vouchers/redeem", api(post(r::redeem_voucher)));
     let admin = Router::new()
         .route(

@@ -12,6 +12,7 @@ use utoipa::{Modify, OpenApi};
         routes::account, routes::create_account, routes::list_accounts, routes::get_account, routes::update_account,
         routes::create_key, routes::list_keys, routes::revoke_key, routes::add_credits, routes::account_ledger,
         routes::admin_ledger, routes::create_voucher, routes::list_vouchers, routes::redeem_voucher,
+        routes::webhook_secret, routes::rotate_webhook_secret,
         routes::healthz, routes::metrics, routes::openapi,
     ),
     modifiers(&Security),

@@ -17,6 +17,7 @@ use tollgate_contract::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest,
     CreateVoucherRequest, CreatedAccount, CreatedKey, CreatedVoucher, ErrorBody, ErrorCode, Health,
     KeyInfo, LedgerEntry, List, RedeemVoucherRequest, Task, UpdateAccountRequest, Voucher,
+    WebhookSecret,
 };
 
 type AppResult<T> = Result<T, Error>;
@@ -144,6 +145,35 @@ pub async fn account_ledger(
             .ledger(&caller.account_id, parse_limit(query.limit.as_deref())?)
             .await?,
     ))
+}
+
+#[utoipa::path(get, path = "/v1/account/webhook-secret", tag = "account",
+    responses(
+        (status = 200, description = "The secret that signs this account's webhook deliveries (extension)", body = WebhookSecret),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn webhook_secret(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> AppResult<Json<WebhookSecret>> {
+    Ok(Json(state.app.webhook_secret(&caller).await?))
+}
+
+#[utoipa::path(post, path = "/v1/account/webhook-secret", tag = "account",
+    responses(
+        (status = 200, description = "A new webhook secret; deliveries are signed with it from now on (extension)", body = WebhookSecret),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 409, description = "A request with this Idempotency-Key is still running", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn rotate_webhook_secret(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> AppResult<Json<WebhookSecret>> {
+    Ok(Json(state.app.rotate_webhook_secret(&caller).await?))
 }
 
 #[utoipa::path(get, path = "/admin/accounts/{id}/ledger", tag = "admin",

@@ -11,6 +11,9 @@
 //! - `finish_task`/`cancel_task` move a task only from the state they expect, so a refund can
 //!   never race a completion.
 //! - The idempotency record of a task-creating request is written in the task's transaction.
+//! - A task with a webhook gets its delivery row (the outbox) in the transaction that records its
+//!   final state (`finish_task`, `cancel_task`), so no finished task misses its webhook; a
+//!   delivery attempt is recorded only under the claim that made it.
 
 pub mod postgres;
 mod rows;
@@ -19,7 +22,7 @@ pub mod sqlite;
 use crate::error::Result;
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use tollgate_contract::{ImageSize, RateLimit, TaskStatus};
+use tollgate_contract::{ImageSize, RateLimit, TaskStatus, WebhookState};
 
 /// An account row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +43,9 @@ pub struct NewAccount {
     pub credits: u64,
     pub rate_limit: Option<RateLimit>,
     pub created_at: OffsetDateTime,
+    /// The key that signs the account's webhooks (`whsec_…`); `None` leaves it to be made on
+    /// first use.
+    pub webhook_secret: Option<String>,
 }
 
 /// An API key as stored: its hash, never the key.
@@ -78,6 +84,10 @@ pub struct TaskRecord {
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub purged: bool,
+    /// How many times a worker claimed the task (0 while it waits for its first run).
+    pub runs: u32,
+    /// Where the task's outcome is POSTed once it is final.
+    pub webhook_url: Option<String>,
 }
 
 /// How a running task ended.
@@ -113,6 +123,46 @@ pub enum CancelOutcome {
     NotCancelable(TaskRecord),
     /// No task with that id for that account.
     NotFound,
+}
+
+/// A task's webhook delivery as stored: the outbox row written with the task's final state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDeliveryRecord {
+    pub task_id: String,
+    pub account_id: String,
+    pub url: String,
+    pub state: WebhookState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// While pending: when the next attempt is due (or, while claimed, when the claim lapses).
+    pub next_attempt_at: Option<OffsetDateTime>,
+    pub delivered_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+    /// The attempts, oldest first (filled by `webhook_deliveries`; empty from a claim).
+    pub history: Vec<WebhookAttemptRecord>,
+}
+
+/// One attempt to deliver a webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttemptRecord {
+    /// 1 for the first attempt.
+    pub number: u32,
+    pub at: OffsetDateTime,
+    /// The receiver's HTTP status.
+    pub status: Option<u16>,
+    /// Why no status came back.
+    pub error: Option<String>,
+}
+
+/// What follows a delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryNext {
+    /// Answered with a 2xx: done.
+    Delivered,
+    /// Failed; try again at this instant.
+    RetryAt(OffsetDateTime),
+    /// Failed for the last time: no more attempts.
+    GiveUp,
 }
 
 /// One change of balance.
@@ -221,6 +271,12 @@ pub enum IdempotencyBegin {
 /// Everything the domain asks of a database.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Whether other processes may write to this store (several instances on one database).
+    /// Caches of its answers are exact only when it is not.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     // --- operator token ---
     async fn admin_token_hash(&self) -> Result<Option<String>>;
     async fn set_admin_token_hash(&self, hash: &str) -> Result<()>;
@@ -303,9 +359,39 @@ pub trait Store: Send + Sync + 'static {
     async fn queue_depth(&self) -> Result<u64>;
     /// Ids of tasks created before `cutoff` whose data is not purged yet, oldest first.
     async fn expired_tasks(&self, cutoff: OffsetDateTime, limit: u32) -> Result<Vec<String>>;
-    /// Turns the tasks into tombstones (data dropped, id kept). A task still queued is cancelled
-    /// and refunded on the way: it expired before it could run.
+    /// Turns the tasks into tombstones (data dropped, id kept: the prompt, the webhook URL and
+    /// its deliveries go). A task still queued is cancelled and refunded on the way: it expired
+    /// before it could run.
     async fn mark_purged(&self, ids: &[String]) -> Result<()>;
+
+    // --- webhooks ---
+    /// The account's webhook secret, set to `candidate` first when it has none (accounts made
+    /// before webhooks existed), atomically. `None`: no such account.
+    async fn webhook_secret(&self, account_id: &str, candidate: &str) -> Result<Option<String>>;
+    /// Replaces the account's webhook secret; `false` when there is no such account.
+    async fn set_webhook_secret(&self, account_id: &str, secret: &str) -> Result<bool>;
+    /// Takes up to `limit` pending deliveries due at `now`, oldest due first, and holds them under
+    /// `claim` until `lease_until` (their `next_attempt_at` moves there, so the deliveries of a
+    /// sender that died are due again after it). Never hands one delivery to two claimers at once.
+    async fn claim_webhook_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+        limit: u32,
+    ) -> Result<Vec<WebhookDeliveryRecord>>;
+    /// Records attempt `attempt.number` of a delivery held under `claim`, and what follows it, in
+    /// one transaction. `false` (nothing written) when the claim is no longer the delivery's, or
+    /// the attempt is not the next one.
+    async fn record_webhook_attempt(
+        &self,
+        task_id: &str,
+        claim: &str,
+        attempt: &WebhookAttemptRecord,
+        next: DeliveryNext,
+    ) -> Result<bool>;
+    /// The deliveries of these tasks, with their attempts (tasks without one are left out).
+    async fn webhook_deliveries(&self, task_ids: &[String]) -> Result<Vec<WebhookDeliveryRecord>>;
 
     // --- ledger ---
     /// The account's ledger, newest first.

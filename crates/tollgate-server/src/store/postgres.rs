@@ -7,7 +7,8 @@
 //! is taken again once its lease runs out.
 
 use super::rows::{
-    self, signed, would_overdraw, ACCOUNT_COLUMNS, KEY_COLUMNS, LEDGER_COLUMNS, TASK_COLUMNS,
+    self, signed, would_overdraw, ACCOUNT_COLUMNS, ATTEMPT_COLUMNS, DELIVERY_COLUMNS, KEY_COLUMNS,
+    LEDGER_COLUMNS, TASK_COLUMNS,
 };
 use super::*;
 use crate::error::Error;
@@ -28,6 +29,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "dashboard",
         include_str!("../../migrations/postgres/0002_dashboard.sql"),
+    ),
+    (
+        3,
+        "backends_webhooks",
+        include_str!("../../migrations/postgres/0003_backends_webhooks.sql"),
     ),
 ];
 
@@ -167,8 +173,32 @@ async fn complete_idempotency(
     Ok(())
 }
 
+/// Puts the task's webhook in the outbox, when it has one: called in the transaction that records
+/// the task's final state.
+async fn enqueue_webhook(
+    tx: &mut Transaction<'_, Postgres>,
+    task_id: &str,
+    now: OffsetDateTime,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (task_id, account_id, url, state, attempts, next_attempt_at, created_at) \
+         SELECT id, account_id, webhook_url, 'pending', 0, $1, $1 FROM tasks \
+         WHERE id = $2 AND webhook_url IS NOT NULL AND purged = 0 \
+         ON CONFLICT (task_id) DO NOTHING",
+    )
+    .bind(to_millis(now))
+    .bind(task_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl Store for PostgresStore {
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     async fn admin_token_hash(&self) -> Result<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT value FROM settings WHERE name = 'admin_token_hash'")
@@ -191,13 +221,14 @@ impl Store for PostgresStore {
     async fn create_account(&self, account: &NewAccount, key: &KeyRecord) -> Result<AccountRecord> {
         let mut tx = self.pool.begin().await?;
         let credits = signed(account.credits)?;
-        sqlx::query("INSERT INTO accounts (id, name, credits, rpm, burst, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+        sqlx::query("INSERT INTO accounts (id, name, credits, rpm, burst, created_at, webhook_secret) VALUES ($1, $2, $3, $4, $5, $6, $7)")
             .bind(&account.id)
             .bind(&account.name)
             .bind(credits)
             .bind(account.rate_limit.map(|r| i64::from(r.requests_per_minute)))
             .bind(account.rate_limit.map(|r| i64::from(r.burst)))
             .bind(to_millis(account.created_at))
+            .bind(&account.webhook_secret)
             .execute(&mut *tx)
             .await?;
         sqlx::query("INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at) VALUES ($1, $2, $3, $4, $5)")
@@ -397,8 +428,8 @@ impl Store for PostgresStore {
             });
         };
         sqlx::query(
-            "INSERT INTO tasks (id, account_id, status, prompt, n, size, seed, cost, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO tasks (id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&task.id)
         .bind(&task.account_id)
@@ -409,6 +440,7 @@ impl Store for PostgresStore {
         .bind(task.seed)
         .bind(cost)
         .bind(to_millis(task.created_at))
+        .bind(&task.webhook_url)
         .execute(&mut *tx)
         .await?;
         ledger_entry(
@@ -501,6 +533,7 @@ impl Store for PostgresStore {
                 "canceled before it ran",
             )
             .await?;
+            enqueue_webhook(&mut tx, id, now).await?;
             tx.commit().await?;
             return Ok(CancelOutcome::Canceled(task));
         }
@@ -532,7 +565,7 @@ impl Store for PostgresStore {
              ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
         ] {
             let row = sqlx::query(&format!(
-                "UPDATE tasks SET status = 'running', started_at = $1, lease_until = $2, claim = $3 \
+                "UPDATE tasks SET status = 'running', started_at = $1, lease_until = $2, claim = $3, runs = runs + 1 \
                  WHERE seq = ({pick}) RETURNING {TASK_COLUMNS}"
             ))
             .bind(to_millis(now))
@@ -608,6 +641,7 @@ impl Store for PostgresStore {
             let cost: i64 = row.try_get("cost")?;
             refund(&mut tx, &account_id, id, cost, "task failed").await?;
         }
+        enqueue_webhook(&mut tx, id, now).await?;
         tx.commit().await?;
         Ok(FinishOutcome::Finished)
     }
@@ -657,13 +691,135 @@ impl Store for PostgresStore {
                 )
                 .await?;
             }
-            sqlx::query("UPDATE tasks SET purged = 1, prompt = '' WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            for table in ["webhook_attempts", "webhook_deliveries"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE task_id = $1"))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(
+                "UPDATE tasks SET purged = 1, prompt = '', webhook_url = NULL WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn webhook_secret(&self, account_id: &str, candidate: &str) -> Result<Option<String>> {
+        // COALESCE under the row lock: of concurrent first uses, the first one's candidate stays.
+        Ok(sqlx::query_scalar(
+            "UPDATE accounts SET webhook_secret = COALESCE(webhook_secret, $1) WHERE id = $2 \
+             RETURNING webhook_secret",
+        )
+        .bind(candidate)
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn set_webhook_secret(&self, account_id: &str, secret: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE accounts SET webhook_secret = $1 WHERE id = $2")
+            .bind(secret)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+        limit: u32,
+    ) -> Result<Vec<WebhookDeliveryRecord>> {
+        // SKIP LOCKED: senders of several instances take disjoint batches without waiting.
+        let found = sqlx::query(&format!(
+            "UPDATE webhook_deliveries SET claim = $1, next_attempt_at = $2 WHERE task_id IN \
+             (SELECT task_id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
+              ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING {DELIVERY_COLUMNS}"
+        ))
+        .bind(claim)
+        .bind(to_millis(lease_until))
+        .bind(to_millis(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        found.iter().map(rows::delivery).collect()
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        task_id: &str,
+        claim: &str,
+        attempt: &WebhookAttemptRecord,
+        next: DeliveryNext,
+    ) -> Result<bool> {
+        let (state, next_at, delivered_at) = rows::next_columns(next, attempt.at);
+        let number = i64::from(attempt.number);
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET state = $1, attempts = $2, next_attempt_at = $3, delivered_at = $4, \
+             claim = NULL WHERE task_id = $5 AND claim = $6 AND state = 'pending' AND attempts = $2 - 1",
+        )
+        .bind(state)
+        .bind(number)
+        .bind(next_at)
+        .bind(delivered_at)
+        .bind(task_id)
+        .bind(claim)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(&format!(
+            "INSERT INTO webhook_attempts ({ATTEMPT_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"
+        ))
+        .bind(task_id)
+        .bind(number)
+        .bind(to_millis(attempt.at))
+        .bind(attempt.status.map(i64::from))
+        .bind(&attempt.error)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn webhook_deliveries(&self, task_ids: &[String]) -> Result<Vec<WebhookDeliveryRecord>> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One snapshot for both reads, so the attempts match the delivery's count.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let deliveries = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE task_id = ANY($1)"
+        ))
+        .bind(task_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(rows::delivery)
+        .collect::<Result<Vec<_>>>()?;
+        let attempts = sqlx::query(&format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE task_id = ANY($1) ORDER BY task_id, number"
+        ))
+        .bind(task_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(rows::attempt)
+        .collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(rows::with_history(deliveries, attempts))
     }
 
     async fn ledger(&self, account_id: &str, limit: u32) -> Result<Vec<LedgerEntry>> {

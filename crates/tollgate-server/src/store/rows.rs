@@ -39,7 +39,7 @@ pub(crate) const ACCOUNT_COLUMNS: &str = "id, name, credits, rpm, burst, created
 pub(crate) const KEY_COLUMNS: &str = "id, account_id, key_hash, prefix, created_at, revoked_at";
 pub(crate) const TASK_COLUMNS: &str =
     "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
-                                       completed_at, error_code, error_message, purged";
+                                       completed_at, error_code, error_message, purged, runs, webhook_url";
 pub(crate) const LEDGER_COLUMNS: &str =
     "id, account_id, delta, balance_after, kind, task_id, note, created_at";
 
@@ -102,7 +102,84 @@ pub(crate) fn task(row: &impl Columns) -> Result<TaskRecord> {
         error_code: row.opt_text("error_code")?,
         error_message: row.opt_text("error_message")?,
         purged: row.int("purged")? != 0,
+        runs: u32::try_from(row.int("runs")?).map_err(Error::internal)?,
+        webhook_url: row.opt_text("webhook_url")?,
     })
+}
+
+pub(crate) const DELIVERY_COLUMNS: &str =
+    "task_id, account_id, url, state, attempts, next_attempt_at, delivered_at, created_at";
+pub(crate) const ATTEMPT_COLUMNS: &str = "task_id, number, at, status, error";
+
+fn webhook_state(text: &str) -> Result<WebhookState> {
+    Ok(match text {
+        "pending" => WebhookState::Pending,
+        "delivered" => WebhookState::Delivered,
+        "failed" => WebhookState::Failed,
+        other => {
+            return Err(Error::internal(format!(
+                "webhook delivery in unknown state {other:?}"
+            )))
+        }
+    })
+}
+
+/// A delivery row, without its attempts.
+pub(crate) fn delivery(row: &impl Columns) -> Result<WebhookDeliveryRecord> {
+    Ok(WebhookDeliveryRecord {
+        task_id: row.text("task_id")?,
+        account_id: row.text("account_id")?,
+        url: row.text("url")?,
+        state: webhook_state(&row.text("state")?)?,
+        attempts: u32::try_from(row.int("attempts")?).map_err(Error::internal)?,
+        next_attempt_at: opt_time(row, "next_attempt_at")?,
+        delivered_at: opt_time(row, "delivered_at")?,
+        created_at: from_millis(row.int("created_at")?),
+        history: Vec::new(),
+    })
+}
+
+/// An attempt row, with the task it belongs to.
+pub(crate) fn attempt(row: &impl Columns) -> Result<(String, WebhookAttemptRecord)> {
+    Ok((
+        row.text("task_id")?,
+        WebhookAttemptRecord {
+            number: u32::try_from(row.int("number")?).map_err(Error::internal)?,
+            at: from_millis(row.int("at")?),
+            status: row
+                .opt_int("status")?
+                .map(u16::try_from)
+                .transpose()
+                .map_err(Error::internal)?,
+            error: row.opt_text("error")?,
+        },
+    ))
+}
+
+/// Attaches attempts (ordered by task and number) to their deliveries.
+pub(crate) fn with_history(
+    mut deliveries: Vec<WebhookDeliveryRecord>,
+    attempts: Vec<(String, WebhookAttemptRecord)>,
+) -> Vec<WebhookDeliveryRecord> {
+    for (task_id, attempt) in attempts {
+        if let Some(d) = deliveries.iter_mut().find(|d| d.task_id == task_id) {
+            d.history.push(attempt);
+        }
+    }
+    deliveries
+}
+
+/// The columns `record_webhook_attempt` writes for what follows an attempt: state,
+/// next_attempt_at, delivered_at.
+pub(crate) fn next_columns(
+    next: DeliveryNext,
+    at: OffsetDateTime,
+) -> (&'static str, Option<i64>, Option<i64>) {
+    match next {
+        DeliveryNext::Delivered => ("delivered", None, Some(to_millis(at))),
+        DeliveryNext::RetryAt(when) => ("pending", Some(to_millis(when)), None),
+        DeliveryNext::GiveUp => ("failed", None, None),
+    }
 }
 
 pub(crate) fn ledger(row: &impl Columns) -> Result<LedgerEntry> {

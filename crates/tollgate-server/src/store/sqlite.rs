@@ -5,7 +5,7 @@
 //! SQLite admits one writer at a time anyway, and serialising in-process avoids `SQLITE_BUSY`
 //! when a read transaction would upgrade to a write. Reads use a separate pool and run in parallel.
 
-use super::rows::{self, signed, would_overdraw, TASK_COLUMNS};
+use super::rows::{self, signed, would_overdraw, ATTEMPT_COLUMNS, DELIVERY_COLUMNS, TASK_COLUMNS};
 use super::*;
 use crate::error::Error;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -27,6 +27,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "dashboard",
         include_str!("../../migrations/sqlite/0002_dashboard.sql"),
+    ),
+    (
+        3,
+        "backends_webhooks",
+        include_str!("../../migrations/sqlite/0003_backends_webhooks.sql"),
     ),
 ];
 
@@ -135,6 +140,26 @@ async fn refund(
     .await
 }
 
+/// Puts the task's webhook in the outbox, when it has one: called in the transaction that records
+/// the task's final state.
+async fn enqueue_webhook(
+    tx: &mut Transaction<'_, Sqlite>,
+    task_id: &str,
+    now: OffsetDateTime,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (task_id, account_id, url, state, attempts, next_attempt_at, created_at) \
+         SELECT id, account_id, webhook_url, 'pending', 0, ?1, ?1 FROM tasks \
+         WHERE id = ?2 AND webhook_url IS NOT NULL AND purged = 0 \
+         ON CONFLICT (task_id) DO NOTHING",
+    )
+    .bind(to_millis(now))
+    .bind(task_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn admin_token_hash(&self) -> Result<Option<String>> {
@@ -159,13 +184,14 @@ impl Store for SqliteStore {
     async fn create_account(&self, account: &NewAccount, key: &KeyRecord) -> Result<AccountRecord> {
         let mut tx = self.write.begin().await?;
         let credits = signed(account.credits)?;
-        sqlx::query("INSERT INTO accounts (id, name, credits, rpm, burst, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO accounts (id, name, credits, rpm, burst, created_at, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(&account.id)
             .bind(&account.name)
             .bind(credits)
             .bind(account.rate_limit.map(|r| i64::from(r.requests_per_minute)))
             .bind(account.rate_limit.map(|r| i64::from(r.burst)))
             .bind(to_millis(account.created_at))
+            .bind(&account.webhook_secret)
             .execute(&mut *tx)
             .await?;
         sqlx::query("INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)")
@@ -368,8 +394,8 @@ impl Store for SqliteStore {
             });
         };
         sqlx::query(
-            "INSERT INTO tasks (id, account_id, status, prompt, n, size, seed, cost, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tasks (id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&task.id)
         .bind(&task.account_id)
@@ -380,6 +406,7 @@ impl Store for SqliteStore {
         .bind(task.seed)
         .bind(cost)
         .bind(to_millis(task.created_at))
+        .bind(&task.webhook_url)
         .execute(&mut *tx)
         .await?;
         ledger_entry(
@@ -471,6 +498,7 @@ impl Store for SqliteStore {
                 "canceled before it ran",
             )
             .await?;
+            enqueue_webhook(&mut tx, id, now).await?;
             tx.commit().await?;
             return Ok(CancelOutcome::Canceled(task));
         }
@@ -502,7 +530,7 @@ impl Store for SqliteStore {
             "SELECT seq FROM tasks WHERE status = 'running' AND lease_until < ?1 AND purged = 0 ORDER BY seq LIMIT 1",
         ] {
             let row = sqlx::query(&format!(
-                "UPDATE tasks SET status = 'running', started_at = ?1, lease_until = ?2, claim = ?3 \
+                "UPDATE tasks SET status = 'running', started_at = ?1, lease_until = ?2, claim = ?3, runs = runs + 1 \
                  WHERE seq = ({pick}) RETURNING {TASK_COLUMNS}"
             ))
             .bind(to_millis(now))
@@ -578,6 +606,7 @@ impl Store for SqliteStore {
             let cost: i64 = row.try_get("cost")?;
             refund(&mut tx, &account_id, id, cost, "task failed").await?;
         }
+        enqueue_webhook(&mut tx, id, now).await?;
         tx.commit().await?;
         Ok(FinishOutcome::Finished)
     }
@@ -634,13 +663,149 @@ impl Store for SqliteStore {
                 )
                 .await?;
             }
-            sqlx::query("UPDATE tasks SET purged = 1, prompt = '' WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            for table in ["webhook_attempts", "webhook_deliveries"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE task_id = ?"))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(
+                "UPDATE tasks SET purged = 1, prompt = '', webhook_url = NULL WHERE id = ?",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn webhook_secret(&self, account_id: &str, candidate: &str) -> Result<Option<String>> {
+        let current: Option<Option<String>> =
+            sqlx::query_scalar("SELECT webhook_secret FROM accounts WHERE id = ?")
+                .bind(account_id)
+                .fetch_optional(&self.read)
+                .await?;
+        match current {
+            None => Ok(None),
+            Some(Some(secret)) => Ok(Some(secret)),
+            // Made before webhooks existed: set one, unless a concurrent call just did.
+            Some(None) => Ok(sqlx::query_scalar(
+                "UPDATE accounts SET webhook_secret = COALESCE(webhook_secret, ?) WHERE id = ? \
+                 RETURNING webhook_secret",
+            )
+            .bind(candidate)
+            .bind(account_id)
+            .fetch_optional(&self.write)
+            .await?),
+        }
+    }
+
+    async fn set_webhook_secret(&self, account_id: &str, secret: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE accounts SET webhook_secret = ? WHERE id = ?")
+            .bind(secret)
+            .bind(account_id)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+        limit: u32,
+    ) -> Result<Vec<WebhookDeliveryRecord>> {
+        // One writer at a time on SQLite: the select and the update cannot interleave with
+        // another claim.
+        let found = sqlx::query(&format!(
+            "UPDATE webhook_deliveries SET claim = ?1, next_attempt_at = ?2 WHERE task_id IN \
+             (SELECT task_id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ?3 \
+              ORDER BY next_attempt_at LIMIT ?4) RETURNING {DELIVERY_COLUMNS}"
+        ))
+        .bind(claim)
+        .bind(to_millis(lease_until))
+        .bind(to_millis(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.write)
+        .await?;
+        found.iter().map(rows::delivery).collect()
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        task_id: &str,
+        claim: &str,
+        attempt: &WebhookAttemptRecord,
+        next: DeliveryNext,
+    ) -> Result<bool> {
+        let (state, next_at, delivered_at) = rows::next_columns(next, attempt.at);
+        let number = i64::from(attempt.number);
+        let mut tx = self.write.begin().await?;
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_attempt_at = ?, delivered_at = ?, \
+             claim = NULL WHERE task_id = ? AND claim = ? AND state = 'pending' AND attempts = ? - 1",
+        )
+        .bind(state)
+        .bind(number)
+        .bind(next_at)
+        .bind(delivered_at)
+        .bind(task_id)
+        .bind(claim)
+        .bind(number)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(&format!(
+            "INSERT INTO webhook_attempts ({ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+        ))
+        .bind(task_id)
+        .bind(number)
+        .bind(to_millis(attempt.at))
+        .bind(attempt.status.map(i64::from))
+        .bind(&attempt.error)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn webhook_deliveries(&self, task_ids: &[String]) -> Result<Vec<WebhookDeliveryRecord>> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; task_ids.len()].join(", ");
+        let delivery_sql =
+            format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE task_id IN ({marks})");
+        let attempt_sql = format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE task_id IN ({marks}) ORDER BY task_id, number"
+        );
+        let mut deliveries = sqlx::query(&delivery_sql);
+        let mut attempts = sqlx::query(&attempt_sql);
+        for id in task_ids {
+            deliveries = deliveries.bind(id);
+            attempts = attempts.bind(id);
+        }
+        // One read transaction: one snapshot (WAL), so the attempts match the delivery's count.
+        let mut tx = self.read.begin().await?;
+        let deliveries = deliveries
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(rows::delivery)
+            .collect::<Result<Vec<_>>>()?;
+        let attempts = attempts
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(rows::attempt)
+            .collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(rows::with_history(deliveries, attempts))
     }
 
     async fn ledger(&self, account_id: &str, limit: u32) -> Result<Vec<LedgerEntry>> {

@@ -36,6 +36,19 @@ impl TestServer {
 
     /// Starts a server on `dir` (restarts reuse it).
     pub fn start_in(dir: &Path, args: &[&str]) -> TestServer {
+        TestServer::start_in_with_env(dir, args, &[])
+    }
+
+    /// Starts a server on a data dir of its own with extra environment variables (secrets that
+    /// are not flags, like `TOLLGATE_UPSTREAM_API_KEY`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> (tempfile::TempDir, TestServer) {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = TestServer::start_in_with_env(tmp.path(), args, env);
+        (tmp, server)
+    }
+
+    /// [`TestServer::start_in`] with extra environment variables.
+    pub fn start_in_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> TestServer {
         let log = dir.join(format!(
             "server-{}.log",
             std::time::SystemTime::now()
@@ -58,6 +71,7 @@ impl TestServer {
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("TOLLGATE_LOG", "info")
             .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))

@@ -1,0 +1,190 @@
+//! In-process caches that spare the hot read paths a database round trip, exactly.
+//!
+//! [`KeyCache`]: API-key lookups without a round trip, with revocation still immediate.
+//! [`FinishedTasks`]: tasks in a final state, which never change again (expiry is computed from
+//! `created_at` at read time, so a cached task still answers 410 once it is old enough).
+//!
+//! Every authenticated request must know its key's account and limit; reading them from the store
+//! costs a round trip (on SQLite, a hop to the connection's thread and back), more than the rest of
+//! a 401 or 429. The cache keeps the answers by key hash, known-live and known-unknown alike.
+//!
+//! **Why it is exact:** it is used only when the store belongs to this process alone (SQLite), and
+//! every change that could alter an answer goes through [`Tollgate`](super::service::Tollgate),
+//! which tells the cache before it returns: a revoked key is forgotten, an account whose limit
+//! changed is forgotten, a new key clears the unknown set. On a store shared by several instances
+//! (PostgreSQL) another instance could revoke a key behind our back, so there it is not used.
+
+use crate::store::{KeyAuth, TaskRecord};
+use dashmap::{DashMap, DashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How many unknown key hashes are remembered before the set starts over: random keys from a
+/// scanner must not grow memory without bound.
+const MAX_UNKNOWN: usize = 10_000;
+
+/// Answers of past lookups, by key hash.
+///
+/// A lookup that started before a change must not store its (now stale) answer after the change
+/// was applied: every change bumps `epoch` before it removes entries, and an answer is kept only
+/// if the epoch it was read under is still current once it is in (otherwise it is taken out again).
+#[derive(Default)]
+pub struct KeyCache {
+    live: DashMap<String, KeyAuth>,
+    unknown: DashSet<String>,
+    epoch: AtomicU64,
+}
+
+/// What the cache knows of a key hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    Live(KeyAuth),
+    Unknown,
+    Miss,
+}
+
+impl KeyCache {
+    pub fn get(&self, key_hash: &str) -> Cached {
+        if let Some(auth) = self.live.get(key_hash) {
+            return Cached::Live(auth.clone());
+        }
+        if self.unknown.contains(key_hash) {
+            return Cached::Unknown;
+        }
+        Cached::Miss
+    }
+
+    /// The epoch to pass to [`KeyCache::remember`]: read it before asking the store.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Remembers what the store answered for `key_hash`, unless something changed since `epoch`.
+    pub fn remember(&self, epoch: u64, key_hash: &str, auth: Option<&KeyAuth>) {
+        if self.epoch() != epoch {
+            return;
+        }
+        match auth {
+            Some(auth) => {
+                self.live.insert(key_hash.to_owned(), auth.clone());
+            }
+            None => {
+                if self.unknown.len() >= MAX_UNKNOWN {
+                    self.unknown.clear();
+                }
+                self.unknown.insert(key_hash.to_owned());
+            }
+        }
+        if self.epoch() != epoch {
+            self.live.remove(key_hash);
+            self.unknown.remove(key_hash);
+        }
+    }
+
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A key was revoked (call after the store committed it).
+    pub fn forget_key(&self, key_id: &str) {
+        self.bump();
+        self.live.retain(|_, auth| auth.key_id != key_id);
+    }
+
+    /// An account's limit (or anything else a lookup returns) changed.
+    pub fn forget_account(&self, account_id: &str) {
+        self.bump();
+        self.live.retain(|_, auth| auth.account_id != account_id);
+    }
+
+    /// A key was created: its hash may be in the unknown set (someone tried it before it existed).
+    pub fn forget_unknown(&self) {
+        self.bump();
+        self.unknown.clear();
+    }
+}
+
+/// How many finished tasks are kept before the cache starts over.
+const MAX_FINISHED: usize = 20_000;
+
+/// Tasks that reached a final state, by id. Used, like [`KeyCache`], only on a store of this
+/// process alone; the purge forgets what it turns into tombstones.
+#[derive(Default)]
+pub struct FinishedTasks {
+    tasks: DashMap<String, TaskRecord>,
+}
+
+impl FinishedTasks {
+    pub fn get(&self, id: &str) -> Option<TaskRecord> {
+        self.tasks.get(id).map(|t| t.clone())
+    }
+
+    /// Keeps `task` if it is final and not purged.
+    pub fn remember(&self, task: &TaskRecord) {
+        if task.status.is_terminal() && !task.purged {
+            if self.tasks.len() >= MAX_FINISHED {
+                self.tasks.clear();
+            }
+            self.tasks.insert(task.id.clone(), task.clone());
+        }
+    }
+
+    pub fn forget(&self, ids: &[String]) {
+        for id in ids {
+            self.tasks.remove(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(key: &str, account: &str) -> KeyAuth {
+        KeyAuth {
+            key_id: key.into(),
+            account_id: account.into(),
+            rate_limit: None,
+        }
+    }
+
+    #[test]
+    fn remembers_and_forgets() {
+        let cache = KeyCache::default();
+        assert_eq!(cache.get("h1"), Cached::Miss);
+        let e = cache.epoch();
+        cache.remember(e, "h1", Some(&auth("k1", "a1")));
+        cache.remember(e, "h2", Some(&auth("k2", "a1")));
+        cache.remember(e, "h3", None);
+        assert_eq!(cache.get("h1"), Cached::Live(auth("k1", "a1")));
+        assert_eq!(cache.get("h3"), Cached::Unknown);
+        cache.forget_key("k1");
+        assert_eq!(cache.get("h1"), Cached::Miss);
+        assert_eq!(cache.get("h2"), Cached::Live(auth("k2", "a1")));
+        cache.forget_account("a1");
+        assert_eq!(cache.get("h2"), Cached::Miss);
+        cache.forget_unknown();
+        assert_eq!(cache.get("h3"), Cached::Miss);
+    }
+
+    #[test]
+    fn an_answer_read_before_a_change_is_not_kept() {
+        let cache = KeyCache::default();
+        let before = cache.epoch();
+        // A revocation lands while the lookup is in flight...
+        cache.forget_key("k1");
+        // ...so the lookup's answer (still live when it was read) is dropped.
+        cache.remember(before, "h1", Some(&auth("k1", "a1")));
+        assert_eq!(cache.get("h1"), Cached::Miss);
+        cache.remember(cache.epoch(), "h1", None);
+        assert_eq!(cache.get("h1"), Cached::Unknown);
+    }
+
+    #[test]
+    fn the_unknown_set_is_bounded() {
+        let cache = KeyCache::default();
+        for i in 0..(MAX_UNKNOWN + 5) {
+            cache.remember(cache.epoch(), &format!("h{i}"), None);
+        }
+        assert!(cache.unknown.len() <= MAX_UNKNOWN);
+    }
+}
