@@ -6,7 +6,9 @@
 Reads WORK_DIR/results.jsonl (one JSON object per measurement, written by bench/run) and
 WORK_DIR/machine.json; prints the markdown table; writes OUT_DIR/STAMP.md, OUT_DIR/latest.md and
 OUT_DIR/latest.svg. Every figure is the median over the runs; every ratio is tollgate / reference,
-both taken from the same run of the harness. Standard library only.
+both taken from the same run of the harness; in the scale-out section (server "cluster": three
+instances on PostgreSQL + Redis), the reference is the single instance of the same run, and for the
+paid write also pgbench. Standard library only.
 """
 
 import json
@@ -27,6 +29,7 @@ AMPLIFICATION_MAX = 1.2
 RSS_MAX_MB = 100.0
 # What each scenario must answer: a run that answered otherwise measured the wrong path.
 EXPECT_REFUSED = {"429", "401"}
+CLUSTER_TITLE = "PostgreSQL + Redis, three instances"
 
 
 def load(work):
@@ -153,7 +156,68 @@ def summarize(rows):
         chart.append({"title": f"6. RSS after {m['accounts']:,} accounts and {m['tasks']:,} tasks (lower is better)",
                       "tollgate": rss, "reference": RSS_MAX_MB, "reference_name": "target",
                       "unit": "MB", "digits": 1, "label": f"target ≤ {RSS_MAX_MB:g} MB", "ok": ok})
+    cluster(rows, table, chart, notes)
     return table, chart, notes
+
+
+def stats(rows, key, server):
+    """Medians of req/s, p50 ms and p99 ms of one scenario and server (None where there are no runs)."""
+    runs = [r for r in rows if r["scenario"] == key and r.get("server") == server and "rps" in r]
+    return (med([r["rps"] for r in runs]), med([r["p50_us"] / 1000 for r in runs]),
+            med([r["p99_us"] / 1000 for r in runs]))
+
+
+def times(a, b):
+    r = ratio(a, b)
+    return fmt(r, 2) + "×" if r else "—"
+
+
+def cluster(rows, table, chart, notes):
+    """The scale-out section: three instances against the single instance of the same run (and, for
+    the paid write, pgbench). No targets of its own; only the paid write's durability is judged."""
+    if not any(r.get("server") == "cluster" for r in rows):
+        return
+    table.append([f"**{CLUSTER_TITLE}**", "", "three instances", "reference: one instance (SQLite), this run",
+                  "three / one", "", ""])
+    chart.append({"heading": f"{CLUSTER_TITLE}, nginx in front, all on the same CPU as one instance"})
+    for key, title, _reference, _min_ratio, _p99_max in HTTP:
+        c_rps, c50, c99 = stats(rows, key, "cluster")
+        if c_rps is None:
+            continue
+        t_rps, t50, t99 = stats(rows, key, "tollgate")
+        target, ok = "", None
+        if key == "write":
+            durable = [r for r in rows if r["scenario"] == "cluster-write-durable"]
+            if durable:
+                d = durable[-1]
+                ok = d["accepted"] <= d["tasks_in_db"]
+                target = "every 202 durable"
+                notes.append(
+                    f"{CLUSTER_TITLE}, paid write: {d['accepted']:,} tasks answered 202 and {d['tasks_in_db']:,} "
+                    f"tasks were added to PostgreSQL during the runs ({d['pg_settings']})"
+                    + ("" if ok else " — **accepted tasks are missing**"))
+        table.append([title, "req/s", fmt(c_rps), f"one instance: {fmt(t_rps)}", times(c_rps, t_rps), target,
+                      verdict(ok) if target else ""])
+        bars = [("three instances", c_rps, "#2b6cb0"), ("one instance", t_rps, "#a0aec0")]
+        label = f"{times(c_rps, t_rps)} one instance"
+        if key == "write":
+            r_rps = stats(rows, key, "reference")[0]
+            table.append(["", "req/s", fmt(c_rps), f"pgbench `-N` TPS: {fmt(r_rps)}", times(c_rps, r_rps), "", ""])
+            bars.append(("pgbench -N TPS", r_rps, "#cbd5e0"))
+            label += f", {times(c_rps, r_rps)} pgbench"
+            if target:
+                label += f"; {target}"
+        table.append(["", "p50 ms", fmt(c50, 2), fmt(t50, 2), times(c50, t50), "", ""])
+        table.append(["", "p99 ms", fmt(c99, 2), fmt(t99, 2), times(c99, t99), "", ""])
+        chart.append({"title": f"{title} — req/s (higher is better)", "bars": bars, "unit": "req/s",
+                      "label": label, "ok": ok})
+    for r in rows:
+        if r["scenario"] == "cluster-rss":
+            phase = r["phase"].replace("1-3", "1–3")
+            notes.append(f"{CLUSTER_TITLE}: RSS of the instances after {phase}: "
+                         + ", ".join(f"{kb / 1024:.1f}" for kb in r["rss_kb"]) + " MB")
+    notes.append(f"{CLUSTER_TITLE}: PostgreSQL and Redis are not pinned (they may use both CPUs); scenarios 1–3 "
+                 "alternate with the single instance and nginx, the paid write runs after pgbench")
 
 
 def markdown_table(table):
@@ -179,16 +243,24 @@ def svg_chart(chart, machine):
     y = 56
     parts = []
     for group in chart:
-        scale = max(group["tollgate"] or 0, group["reference"] or 0) or 1
+        if "heading" in group:
+            y += 6
+            parts.append(f'<text x="16" y="{y}" class="section">{escape(group["heading"])}</text>')
+            y += 26
+            continue
+        bars = group.get("bars") or [(group.get("tollgate_name", "tollgate"), group["tollgate"], "#2b6cb0"),
+                                     (group["reference_name"], group["reference"], "#a0aec0")]
+        scale = max(value or 0 for _, value, _ in bars) or 1
         digits = group.get("digits", 0)
-        colour = "#2f855a" if group["ok"] else "#c53030"
-        mark = "met" if group["ok"] else "missed"
+        if group["ok"] is None:
+            colour, label = "#4a5568", group["label"]
+        else:
+            colour = "#2f855a" if group["ok"] else "#c53030"
+            label = f'{group["label"]} — {"met" if group["ok"] else "missed"}'
         parts.append(f'<text x="16" y="{y}" class="title">{escape(group["title"])}</text>')
         parts.append(f'<text x="{width - 16}" y="{y}" class="ratio" text-anchor="end" fill="{colour}">'
-                     f'{escape(group["label"])} — {mark}</text>')
+                     f'{escape(label)}</text>')
         y += 10
-        bars = [(group.get("tollgate_name", "tollgate"), group["tollgate"], "#2b6cb0"),
-                (group["reference_name"], group["reference"], "#a0aec0")]
         for name, value, colour in bars:
             w = 0 if value is None else max(1, round(bar_w * value / scale))
             parts.append(f'<text x="{left - 8}" y="{y + 13}" class="name" text-anchor="end">{escape(name)}</text>')
@@ -204,6 +276,7 @@ def svg_chart(chart, machine):
   .h {{ font-size: 18px; font-weight: bold; fill: #1a202c; }}
   .sub {{ font-size: 11px; fill: #4a5568; }}
   .title {{ font-size: 13px; font-weight: bold; fill: #2d3748; }}
+  .section {{ font-size: 15px; font-weight: bold; fill: #1a202c; }}
   .name {{ font-size: 12px; fill: #2d3748; }}
   .value {{ font-size: 12px; fill: #1a202c; }}
   .ratio {{ font-size: 12px; font-weight: bold; }}
@@ -230,11 +303,15 @@ def main():
         for note in notes:
             print(f"- {note}")
 
+    cluster_note = ""
+    if any(r.get("server") == "cluster" for r in rows):
+        cluster_note = (f";\nin the section “{CLUSTER_TITLE}” it is three instances / one instance "
+                        "(and / pgbench for the paid write)")
     machine_lines = "\n".join(f"- **{k}**: {v}" for k, v in machine.items())
     doc = f"""# tollgate benchmark, {stamp}
 
 Produced by `bench/run` (see `bench/README.md`). Each figure is the median of {machine['runs']} runs;
-each ratio is tollgate / reference from the same run of the harness.
+each ratio is tollgate / reference from the same run of the harness{cluster_note}.
 
 {md_table}
 

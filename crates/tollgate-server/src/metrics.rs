@@ -6,8 +6,18 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::hash::{Hash, Hasher};
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The metric handles of one (route, method, status).
+struct RequestHandles {
+    route: String,
+    method: String,
+    status: u16,
+    count: Counter,
+    latency: Histogram,
+}
 
 /// Every metric the server exports.
 pub struct Metrics {
@@ -20,6 +30,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub task_duration: Histogram,
     tasks_finished: Family<Labels, Counter>,
+    request_handles: dashmap::DashMap<u64, RequestHandles>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -88,22 +99,49 @@ impl Default for Metrics {
             queue_depth,
             task_duration,
             tasks_finished,
+            request_handles: dashmap::DashMap::new(),
         }
     }
 }
 
 impl Metrics {
     pub fn observe_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
-        self.http_requests
+        // The label sets of a route are few and fixed; finding them must not allocate on every
+        // request, so the metric handles are kept by a hash of the labels (checked in full).
+        let mut hasher = std::hash::DefaultHasher::new();
+        (route, method, status).hash(&mut hasher);
+        let slot = hasher.finish();
+        if let Some(found) = self.request_handles.get(&slot) {
+            if found.route == route && found.method == method && found.status == status {
+                found.count.inc();
+                found.latency.observe(seconds);
+                return;
+            }
+        }
+        let count = self
+            .http_requests
             .get_or_create(&vec![
                 ("route", route.to_owned()),
                 ("method", method.to_owned()),
                 ("status", status.to_string()),
             ])
-            .inc();
-        self.http_duration
+            .clone();
+        let latency = self
+            .http_duration
             .get_or_create(&vec![("route", route.to_owned())])
-            .observe(seconds);
+            .clone();
+        count.inc();
+        latency.observe(seconds);
+        self.request_handles.insert(
+            slot,
+            RequestHandles {
+                route: route.to_owned(),
+                method: method.to_owned(),
+                status,
+                count,
+                latency,
+            },
+        );
     }
 
     pub fn task_finished(&self, status: &str) {

@@ -592,3 +592,19 @@ async fn every_response_carries_a_request_id_and_incoming_ids_are_kept() {
         "bad id with spaces"
     );
 }
+
+#[tokio::test]
+async fn simulation_headers_do_nothing_unless_the_operator_turned_them_on() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let acct = server.account(10).await;
+    for value in ["500", "503", "429", "panic"] {
+        let response = server
+            .get(&acct.key, "/v1/account")
+            .header("Tollgate-Simulate", value)
+            .header("Tollgate-Simulate-Delay-Ms", "5000")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "Tollgate-Simulate: {value}");
+    }
+}

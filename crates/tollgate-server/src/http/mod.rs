@@ -43,23 +43,34 @@ pub fn router(state: Arc<AppState>) -> Router {
     use routes as r;
     // Per-method layers (not `Router::route_layer`), so a wrong method answers 405 before any
     // credential is asked for.
+    // The simulation layers exist only when `--simulate-errors` asks for them: a production
+    // request does not pay for them.
+    let simulate = state.app.config().simulate_errors;
     let api_state = Arc::clone(&state);
     let api = move |route: MethodRouter<Arc<AppState>>| {
-        route
-            .route_layer(from_fn_with_state(
+        let route = if simulate {
+            route.route_layer(from_fn_with_state(
                 Arc::clone(&api_state),
                 mw::simulate_delay,
             ))
+        } else {
+            route
+        };
+        route
             .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
             .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_auth))
     };
     let admin_state = Arc::clone(&state);
     let admin = move |route: MethodRouter<Arc<AppState>>| {
-        route
-            .route_layer(from_fn_with_state(
+        let route = if simulate {
+            route.route_layer(from_fn_with_state(
                 Arc::clone(&admin_state),
                 mw::simulate_delay,
             ))
+        } else {
+            route
+        };
+        route
             .route_layer(from_fn_with_state(
                 Arc::clone(&admin_state),
                 mw::idempotency,
@@ -103,14 +114,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(r::healthz))
         .route("/metrics", get(r::metrics))
         .route("/openapi.json", get(r::openapi));
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .merge(admin)
         .merge(ops)
         .merge(dashboard::router())
         .fallback(r::unknown_endpoint)
-        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
-        .layer(from_fn_with_state(Arc::clone(&state), mw::simulate))
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT));
+    let router = if simulate {
+        router.layer(from_fn_with_state(Arc::clone(&state), mw::simulate))
+    } else {
+        router
+    };
+    router
         .layer(from_fn_with_state(Arc::clone(&state), mw::drain_gate))
         .layer(from_fn_with_state(Arc::clone(&state), mw::edge))
         .with_state(state)
