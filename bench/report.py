@@ -216,8 +216,12 @@ def cluster(rows, table, chart, notes):
             phase = r["phase"].replace("1-3", "1–3")
             notes.append(f"{CLUSTER_TITLE}: RSS of the instances after {phase}: "
                          + ", ".join(f"{kb / 1024:.1f}" for kb in r["rss_kb"]) + " MB")
-    notes.append(f"{CLUSTER_TITLE}: PostgreSQL and Redis are not pinned (they may use both CPUs); scenarios 1–3 "
-                 "alternate with the single instance and nginx, the paid write runs after pgbench")
+    order = []
+    if any(r.get("server") == "cluster" and r["scenario"] != "write" for r in rows):
+        order.append("scenarios 1–3 take turns with the single instance and nginx")
+    if any(r.get("server") == "cluster" and r["scenario"] == "write" for r in rows):
+        order.append("the paid write runs after the single instance and pgbench")
+    notes.append(f"{CLUSTER_TITLE}: PostgreSQL and Redis are not pinned (they may use both CPUs); " + ", ".join(order))
 
 
 def markdown_table(table):
