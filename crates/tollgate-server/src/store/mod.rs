@@ -36,7 +36,7 @@ pub struct AccountRecord {
 }
 
 /// A new account with its opening balance.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NewAccount {
     pub id: String,
     pub name: String,
@@ -46,6 +46,23 @@ pub struct NewAccount {
     /// The key that signs the account's webhooks (`whsec_…`); `None` leaves it to be made on
     /// first use.
     pub webhook_secret: Option<String>,
+}
+
+// The webhook secret signs the account's webhooks: a Debug that printed it would leak it to logs.
+impl std::fmt::Debug for NewAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewAccount")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("credits", &self.credits)
+            .field("rate_limit", &self.rate_limit)
+            .field("created_at", &self.created_at)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "whsec_…(redacted)"),
+            )
+            .finish()
+    }
 }
 
 /// An API key as stored: its hash, never the key.
