@@ -234,31 +234,7 @@ async fn tasks_of_an_instance_killed_mid_task_finish_on_the_others() {
         ids.push(task["id"].as_str().unwrap().to_owned());
     }
     let observer = &cluster.instances[1];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let list: Value = observer
-            .get(&acct.key, "/v1/tasks?limit=100")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let running = list["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|t| t["status"] == "running")
-            .count();
-        if running >= 4 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never saw four tasks running at once"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    observer.wait_until_running(&acct.key, 4).await;
     let victim = cluster.instances.remove(0);
     let status = Command::new("kill")
         .args(["-KILL", &victim.pid().to_string()])

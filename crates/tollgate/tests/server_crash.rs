@@ -7,7 +7,6 @@ mod common;
 use common::TestServer;
 use serde_json::{json, Value};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn sigkill_mid_batch_then_restart_finishes_every_accepted_task() {
@@ -24,28 +23,7 @@ async fn sigkill_mid_batch_then_restart_finishes_every_accepted_task() {
         ids.push(task["id"].as_str().unwrap().to_owned());
     }
     // Kill while tasks are running (two workers busy on heavy tasks).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let list: Value = server
-            .get(&acct.key, "/v1/tasks?limit=100")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let running = list["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|t| t["status"] == "running")
-            .count();
-        if running >= 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no task started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server.wait_until_running(&acct.key, 1).await;
     let status = Command::new("kill")
         .args(["-KILL", &server.pid().to_string()])
         .status()

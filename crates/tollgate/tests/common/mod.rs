@@ -232,6 +232,35 @@ impl TestServer {
         panic!("task {id} did not finish");
     }
 
+    /// Polls the account's tasks until at least `count` run at the same moment.
+    pub async fn wait_until_running(&self, key: &str, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let list: Value = self
+                .get(key, "/v1/tasks?limit=100")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let running = list["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["status"] == "running")
+                .count();
+            if running >= count {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never saw {count} tasks running at once"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn balance(&self, key: &str) -> u64 {
         let account: Value = self
             .get(key, "/v1/account")
