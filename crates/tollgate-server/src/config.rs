@@ -99,6 +99,16 @@ pub enum BackendKind {
     OpenAi,
 }
 
+impl BackendKind {
+    /// The name `--backend` takes.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Builtin => "builtin",
+            BackendKind::OpenAi => "openai",
+        }
+    }
+}
+
 impl std::str::FromStr for BackendKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -186,7 +186,13 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         writeln!(out, "listening on http://{local}")?;
         out.flush()?;
     }
-    tracing::info!(addr = %local, data_dir = %args.data_dir.display(), retention_secs = args.retention.as_secs(), "serving");
+    tracing::info!(
+        addr = %local,
+        data_dir = %args.data_dir.display(),
+        retention_secs = args.retention.as_secs(),
+        backend = args.backend.as_str(),
+        "serving"
+    );
     server.run(listener, shutdown_signal()).await?;
     Ok(())
 }

@@ -180,7 +180,12 @@ async fn images_come_from_the_upstream_with_its_key_and_the_right_request() {
                "response_format": "b64_json", "model": "dall-e-2"})
     );
     assert_eq!(server.balance(&acct.key).await, 98);
-    assert!(server.logs().contains("backend=\"openai\"") || server.logs().contains("openai"));
+    let logs = server.logs();
+    let serving = logs
+        .lines()
+        .find(|l| l.contains("serving"))
+        .expect("the serving line");
+    assert!(serving.contains("backend=\"openai\""), "{serving}");
     assert_no_key(&server, &done);
 }
 

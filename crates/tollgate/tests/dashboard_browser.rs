@@ -311,20 +311,8 @@ async fn a_key_revoked_in_the_browser_is_refused_by_the_api_at_once() {
     let _one = ONE_BROWSER.lock().await;
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(5).await;
-    let second: Value = server
-        .admin(
-            reqwest::Method::POST,
-            &format!("/admin/accounts/{}/keys", acct.id),
-            None,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let (second_id, second_key) = (
-        second["id"].as_str().unwrap(),
-        second["api_key"].as_str().unwrap(),
-    );
+    let (second_id, second_key) = server.new_key(&acct.id).await;
+    let (second_id, second_key) = (second_id.as_str(), second_key.as_str());
     assert_eq!(server.balance(second_key).await, 5);
 
     let browser = Browser::start().await;

@@ -362,17 +362,8 @@ async fn revoking_the_key_ends_its_sessions_at_once() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(1).await;
     let mut browser = Browser::signed_in(&server, &acct.key, "/dashboard/overview").await;
-    let keys: Value = server
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/accounts/{}/keys", acct.id),
-            None,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let key_id = keys["data"][0]["id"].as_str().unwrap();
+    let keys = server.keys(&acct.id).await;
+    let key_id = keys[0]["id"].as_str().unwrap();
     let response = server
         .admin(
             reqwest::Method::DELETE,
@@ -695,17 +686,8 @@ async fn the_operator_manages_accounts_keys_credits_and_vouchers() {
     let key = shown_once(&page);
     assert!(key.starts_with("tg_") && key.len() == 51, "{key}");
     assert_eq!(server.balance(&key).await, 43);
-    let keys: Value = server
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/accounts/{}/keys", acct.id),
-            None,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let key_id = keys["data"][1]["id"].as_str().unwrap();
+    let keys = server.keys(&acct.id).await;
+    let key_id = keys[1]["id"].as_str().unwrap();
     let response = operator
         .post(
             &format!("/dashboard/admin/accounts/{}/keys/{key_id}/revoke", acct.id),
@@ -787,17 +769,8 @@ async fn account_holders_manage_their_own_keys_only() {
     assert_eq!(server.balance(&new_key).await, 3);
 
     // Another account's key is not theirs to revoke.
-    let keys: Value = server
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/accounts/{}/keys", other.id),
-            None,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let foreign = keys["data"][0]["id"].as_str().unwrap();
+    let keys = server.keys(&other.id).await;
+    let foreign = keys[0]["id"].as_str().unwrap();
     let response = browser
         .post(
             &format!("/dashboard/keys/{foreign}/revoke"),
@@ -812,17 +785,8 @@ async fn account_holders_manage_their_own_keys_only() {
     assert_eq!(server.balance(&other.key).await, 3);
 
     // Revoking the key of the session signs the browser out.
-    let keys: Value = server
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/accounts/{}/keys", acct.id),
-            None,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let own = keys["data"][0]["id"].as_str().unwrap();
+    let keys = server.keys(&acct.id).await;
+    let own = keys[0]["id"].as_str().unwrap();
     let response = browser
         .post(&format!("/dashboard/keys/{own}/revoke"), &[("csrf", &csrf)])
         .await;

@@ -181,22 +181,9 @@ async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
     );
 
     // A key revoked through one instance is refused by the others at once.
-    let response = a
-        .admin(
-            reqwest::Method::POST,
-            &format!("/admin/accounts/{}/keys", acct.id),
-            None,
-        )
-        .await;
-    let created: Value = response.json().await.unwrap();
-    let (key, key_id) = (
-        created["api_key"].as_str().unwrap(),
-        created["id"].as_str().unwrap(),
-    );
-    assert_eq!(
-        c.get(key, "/v1/account").send().await.unwrap().status(),
-        200
-    );
+    let (key_id, key) = a.new_key(&acct.id).await;
+    let (key, key_id) = (key.as_str(), key_id.as_str());
+    assert_eq!(c.status(key, "/v1/account").await, 200);
     let revoked_at = Instant::now();
     assert_eq!(
         a.admin(
@@ -320,15 +307,7 @@ async fn when_redis_goes_away_the_limit_fails_closed_by_default_or_open_if_asked
         let (_tmp, server) =
             TestServer::start(&["--redis-url", &redis.url, "--redis-failure", mode]);
         let acct = server.account(10).await;
-        assert_eq!(
-            server
-                .get(&acct.key, "/v1/account")
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
         redis.child.kill().unwrap();
         redis.child.wait().unwrap();
         let response = server.get(&acct.key, "/v1/account").send().await.unwrap();

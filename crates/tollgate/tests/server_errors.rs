@@ -368,27 +368,11 @@ async fn row_429_exact_retry_after_and_ratelimit_headers() {
 
     // Waiting exactly Retry-After is enough: never earlier than the server can admit.
     tokio::time::sleep(Duration::from_secs(retry_after)).await;
-    assert_eq!(
-        server
-            .get(&acct.key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
 
     // Other accounts are not affected.
     let other = server.account_with_limit(10, 30, 1).await;
-    assert_eq!(
-        server
-            .get(&other.key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.status(&other.key, "/v1/account").await, 200);
 }
 
 #[tokio::test]
@@ -408,33 +392,9 @@ async fn row_429_limits_are_set_by_the_operator_and_apply_at_once() {
     );
     let key = created["api_key"].as_str().unwrap().to_owned();
     let id = created["account"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        server
-            .get(&key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        server
-            .get(&key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        server
-            .get(&key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
+    assert_eq!(server.status(&key, "/v1/account").await, 200);
+    assert_eq!(server.status(&key, "/v1/account").await, 200);
+    assert_eq!(server.status(&key, "/v1/account").await, 429);
 
     let patch = json!({"rate_limit": {"requests_per_minute": 6000, "burst": 50}});
     let response = server
@@ -446,15 +406,7 @@ async fn row_429_limits_are_set_by_the_operator_and_apply_at_once() {
         .await;
     assert_eq!(response.status(), 200);
     for _ in 0..20 {
-        assert_eq!(
-            server
-                .get(&key, "/v1/account")
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(server.status(&key, "/v1/account").await, 200);
     }
 }
 
@@ -481,15 +433,7 @@ async fn row_500_panic_is_caught_enveloped_and_logged_with_the_request_id() {
         assert!(line.contains("simulated"), "{line}");
     }
     // The server is still serving.
-    assert_eq!(
-        server
-            .get(&acct.key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
 }
 
 #[tokio::test]

@@ -188,12 +188,7 @@ async fn another_accounts_task_is_404_never_403() {
     expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     // Alice still sees it.
     assert_eq!(
-        server
-            .get(&alice.key, &format!("/v1/tasks/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        server.status(&alice.key, &format!("/v1/tasks/{id}")).await,
         200
     );
 }
@@ -202,27 +197,10 @@ async fn another_accounts_task_is_404_never_403() {
 async fn a_revoked_key_is_refused_on_the_very_next_request() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
-    let response = server
-        .admin(
-            reqwest::Method::POST,
-            &format!("/admin/accounts/{}/keys", acct.id),
-            None,
-        )
-        .await;
-    assert_eq!(response.status(), 201);
-    let second: Value = response.json().await.unwrap();
-    let second_key = second["api_key"].as_str().unwrap();
-    let second_id = second["id"].as_str().unwrap();
+    let (second_id, second_key) = server.new_key(&acct.id).await;
+    let (second_id, second_key) = (second_id.as_str(), second_key.as_str());
     assert!(second_key.starts_with("tg_") && second_key.len() >= 3 + 32);
-    assert_eq!(
-        server
-            .get(second_key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.status(second_key, "/v1/account").await, 200);
 
     let response = server
         .admin(
@@ -235,15 +213,7 @@ async fn a_revoked_key_is_refused_on_the_very_next_request() {
     let response = server.get(second_key, "/v1/account").send().await.unwrap();
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
     // The account's other key is untouched.
-    assert_eq!(
-        server
-            .get(&acct.key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
     // Revoking twice: the key is no longer live.
     let response = server
         .admin(
@@ -254,17 +224,7 @@ async fn a_revoked_key_is_refused_on_the_very_next_request() {
         .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
     // The key list shows both, without secrets.
-    let keys: Value = server
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/accounts/{}/keys", acct.id),
-            None,
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let keys = keys["data"].as_array().unwrap();
+    let keys = server.keys(&acct.id).await;
     assert_eq!(keys.len(), 2);
     assert!(keys
         .iter()

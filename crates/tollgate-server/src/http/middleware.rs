@@ -168,10 +168,8 @@ impl Drop for InFlight {
     }
 }
 
-pub async fn simulate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if !state.app.config().simulate_errors {
-        return next.run(req).await;
-    }
+/// `Tollgate-Simulate`; the router installs this layer only with `--simulate-errors`.
+pub async fn simulate(req: Request, next: Next) -> Response {
     let Some(value) = req.headers().get(h::SIMULATE) else {
         return next.run(req).await;
     };
@@ -199,24 +197,22 @@ pub async fn simulate(State(state): State<Arc<AppState>>, req: Request, next: Ne
     }
 }
 
-pub async fn simulate_delay(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if state.app.config().simulate_errors {
-        if let Some(value) = req.headers().get(h::SIMULATE_DELAY_MS) {
-            match value.to_str().ok().and_then(|v| v.parse::<u64>().ok()).filter(|ms| *ms <= 10_000) {
-                Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-                None => {
-                    return Error::invalid(
-                        ErrorCode::InvalidValue,
-                        "Tollgate-Simulate-Delay-Ms",
-                        "Tollgate-Simulate-Delay-Ms must be a whole number of milliseconds up to 10000.",
-                    )
-                    .into_response()
-                }
-            }
+/// `Tollgate-Simulate-Delay-Ms`; the router installs this layer only with `--simulate-errors`.
+pub async fn simulate_delay(req: Request, next: Next) -> Response {
+    if let Some(value) = req.headers().get(h::SIMULATE_DELAY_MS) {
+        match value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms <= 10_000)
+        {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => return Error::invalid(
+                ErrorCode::InvalidValue,
+                "Tollgate-Simulate-Delay-Ms",
+                "Tollgate-Simulate-Delay-Ms must be a whole number of milliseconds up to 10000.",
+            )
+            .into_response(),
         }
     }
     next.run(req).await

@@ -12,7 +12,7 @@ pub mod routes;
 
 use crate::domain::service::Tollgate;
 use axum::extract::DefaultBodyLimit;
-use axum::middleware::from_fn_with_state;
+use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::Router;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -49,10 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api_state = Arc::clone(&state);
     let api = move |route: MethodRouter<Arc<AppState>>| {
         let route = if simulate {
-            route.route_layer(from_fn_with_state(
-                Arc::clone(&api_state),
-                mw::simulate_delay,
-            ))
+            route.route_layer(from_fn(mw::simulate_delay))
         } else {
             route
         };
@@ -63,10 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let admin_state = Arc::clone(&state);
     let admin = move |route: MethodRouter<Arc<AppState>>| {
         let route = if simulate {
-            route.route_layer(from_fn_with_state(
-                Arc::clone(&admin_state),
-                mw::simulate_delay,
-            ))
+            route.route_layer(from_fn(mw::simulate_delay))
         } else {
             route
         };
@@ -122,7 +116,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(r::unknown_endpoint)
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT));
     let router = if simulate {
-        router.layer(from_fn_with_state(Arc::clone(&state), mw::simulate))
+        router.layer(from_fn(mw::simulate))
     } else {
         router
     };

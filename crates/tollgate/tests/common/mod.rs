@@ -261,6 +261,35 @@ impl TestServer {
         }
     }
 
+    /// The status of `GET path` with `key`.
+    pub async fn status(&self, key: &str, path: &str) -> u16 {
+        self.get(key, path).send().await.unwrap().status().as_u16()
+    }
+
+    /// The account's keys as the operator lists them (the `data` array).
+    pub async fn keys(&self, account_id: &str) -> Vec<Value> {
+        let path = format!("/admin/accounts/{account_id}/keys");
+        let list: Value = self
+            .admin(reqwest::Method::GET, &path, None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        list["data"].as_array().unwrap().clone()
+    }
+
+    /// Another key for the account (asserting 201): its id and the key.
+    pub async fn new_key(&self, account_id: &str) -> (String, String) {
+        let path = format!("/admin/accounts/{account_id}/keys");
+        let response = self.admin(reqwest::Method::POST, &path, None).await;
+        assert_eq!(response.status(), 201);
+        let created: Value = response.json().await.unwrap();
+        (
+            created["id"].as_str().unwrap().to_owned(),
+            created["api_key"].as_str().unwrap().to_owned(),
+        )
+    }
+
     pub async fn balance(&self, key: &str) -> u64 {
         let account: Value = self
             .get(key, "/v1/account")
