@@ -99,7 +99,7 @@ impl Server {
         let sender = webhooks::spawn(Arc::clone(&self.app), stop_rx);
 
         let state = Arc::new(AppState::new(Arc::clone(&self.app)));
-        let router = http::router(Arc::clone(&state));
+        let gateway = Arc::new(http::gateway::Gateway::new(Arc::clone(&state)));
         let drain_state = Arc::clone(&state);
         let grace = config.shutdown_grace;
         let drained = async move {
@@ -111,13 +111,7 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        // The peer address is what the dashboard's sign-in limit counts by.
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(drained)
-        .await?;
+        http::serve::serve(listener, gateway, drained).await?;
 
         let _ = stop_tx.send(true);
         for handle in workers {

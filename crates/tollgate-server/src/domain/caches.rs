@@ -15,8 +15,10 @@
 //! (PostgreSQL) another instance could revoke a key behind our back, so there it is not used.
 
 use crate::store::{KeyAuth, TaskRecord};
+use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// How many unknown key hashes are remembered before the set starts over: random keys from a
 /// scanner must not grow memory without bound.
@@ -110,12 +112,20 @@ const MAX_FINISHED: usize = 20_000;
 /// process alone; the purge forgets what it turns into tombstones.
 #[derive(Default)]
 pub struct FinishedTasks {
-    tasks: DashMap<String, TaskRecord>,
+    tasks: DashMap<String, Arc<FinishedTask>>,
+}
+
+/// A task in a final state, and its wire form once it was asked for.
+pub struct FinishedTask {
+    pub record: TaskRecord,
+    /// The task as JSON, for a task without a webhook (whose delivery state still changes):
+    /// polling clients read the same bytes again and again.
+    pub json: OnceLock<Bytes>,
 }
 
 impl FinishedTasks {
-    pub fn get(&self, id: &str) -> Option<TaskRecord> {
-        self.tasks.get(id).map(|t| t.clone())
+    pub fn get(&self, id: &str) -> Option<Arc<FinishedTask>> {
+        self.tasks.get(id).map(|t| Arc::clone(&t))
     }
 
     /// Keeps `task` if it is final and not purged.
@@ -124,7 +134,11 @@ impl FinishedTasks {
             if self.tasks.len() >= MAX_FINISHED {
                 self.tasks.clear();
             }
-            self.tasks.insert(task.id.clone(), task.clone());
+            let entry = FinishedTask {
+                record: task.clone(),
+                json: OnceLock::new(),
+            };
+            self.tasks.insert(task.id.clone(), Arc::new(entry));
         }
     }
 

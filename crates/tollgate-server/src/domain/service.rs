@@ -15,6 +15,7 @@ use crate::store::{
     now, AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount,
     Store, StoredResponse, TaskRecord, WebhookDeliveryRecord,
 };
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -253,6 +254,23 @@ impl Tollgate {
         Ok(self.views(&[record]).await?.remove(0))
     }
 
+    /// [`Tollgate::get_task`] as JSON: what clients poll. A finished task without a webhook
+    /// never changes again, so its JSON is made once and kept with it in the cache.
+    pub async fn get_task_json(&self, caller: &Caller, id: &str) -> Result<Bytes> {
+        if let Some(entry) = self.finished_tasks.as_ref().and_then(|cache| cache.get(id)) {
+            let record = &entry.record;
+            if record.webhook_url.is_none() {
+                self.check_live(caller, id, record)?;
+                if let Some(json) = entry.json.get() {
+                    return Ok(json.clone());
+                }
+                let json = to_json(&self.task_view(record))?;
+                return Ok(entry.json.get_or_init(|| json).clone());
+            }
+        }
+        to_json(&self.get_task(caller, id).await?)
+    }
+
     /// The caller's tasks, newest first, `limit` (1–100, default 20) after the task `after`.
     pub async fn list_tasks(
         &self,
@@ -337,7 +355,7 @@ impl Tollgate {
     async fn live_task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
         let cached = self.finished_tasks.as_ref().and_then(|cache| cache.get(id));
         let found = match cached {
-            Some(record) => Some(record),
+            Some(entry) => Some(entry.record.clone()),
             None => {
                 let found = self.store.get_task(id).await?;
                 if let (Some(cache), Some(record)) = (&self.finished_tasks, &found) {
@@ -346,20 +364,30 @@ impl Tollgate {
                 found
             }
         };
-        let record = found
-            .filter(|record| record.account_id == caller.account_id)
-            .ok_or_else(|| Error::NotFound {
+        let record = found.ok_or_else(|| Error::NotFound {
+            what: "task",
+            id: shorten(id),
+        })?;
+        self.check_live(caller, id, &record)?;
+        Ok(record)
+    }
+
+    /// 404 for a task of another account (never 403), 410 once it is past the retention.
+    fn check_live(&self, caller: &Caller, id: &str, record: &TaskRecord) -> Result<()> {
+        if record.account_id != caller.account_id {
+            return Err(Error::NotFound {
                 what: "task",
                 id: shorten(id),
-            })?;
-        if record.purged || now() >= self.expires_at(&record) {
+            });
+        }
+        if record.purged || now() >= self.expires_at(record) {
             return Err(Error::Gone {
                 what: "task",
-                id: record.id,
+                id: record.id.clone(),
                 retention: self.config.retention,
             });
         }
-        Ok(record)
+        Ok(())
     }
 
     fn expires_at(&self, record: &TaskRecord) -> OffsetDateTime {
@@ -856,4 +884,10 @@ fn shorten(id: &str) -> String {
     } else {
         format!("{}…", id.chars().take(64).collect::<String>())
     }
+}
+
+fn to_json(task: &Task) -> Result<Bytes> {
+    serde_json::to_vec(task)
+        .map(Bytes::from)
+        .map_err(Error::internal)
 }

@@ -1,8 +1,8 @@
 //! The one place where an error becomes the contract's envelope.
 //!
 //! [`Error`]'s `IntoResponse` picks status, type, code, message and headers; [`envelope`] writes
-//! the body, with the request id of the current request (a task-local set by the edge
-//! middleware). Internal causes are logged here, inside the request's span, and never sent.
+//! the body, with the request id of the current request (a task-local set by the
+//! gateway). Internal causes are logged here, inside the request's span, and never sent.
 
 use crate::error::{Error, VoucherRefusal};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -72,7 +72,7 @@ pub fn voucher_refusal_message(refusal: VoucherRefusal) -> &'static str {
     }
 }
 
-/// Marks a response whose body is already the envelope, so the edge leaves it alone.
+/// Marks a response whose body is already the envelope, so the gateway leaves it alone.
 #[derive(Debug, Clone, Copy)]
 pub struct Enveloped;
 

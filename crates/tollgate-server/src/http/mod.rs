@@ -6,9 +6,11 @@
 pub mod dashboard;
 pub mod error;
 pub mod extract;
+pub mod gateway;
 pub mod middleware;
 pub mod openapi;
 pub mod routes;
+pub mod serve;
 
 use crate::domain::service::Tollgate;
 use axum::extract::DefaultBodyLimit;
@@ -37,7 +39,8 @@ impl AppState {
     }
 }
 
-/// The whole API.
+/// Every route, behind the [`gateway::Gateway`] (which authenticates the API routes and serves
+/// their refusals and the task read itself).
 pub fn router(state: Arc<AppState>) -> Router {
     use middleware as mw;
     use routes as r;
@@ -46,6 +49,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     // The simulation layers exist only when `--simulate-errors` asks for them: a production
     // request does not pay for them.
     let simulate = state.app.config().simulate_errors;
+    // The API key and the rate limit of these routes are checked by the gateway, which puts
+    // the `Caller` into the request (it knows them by `gateway::api_route`).
     let api_state = Arc::clone(&state);
     let api = move |route: MethodRouter<Arc<AppState>>| {
         let route = if simulate {
@@ -53,9 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         } else {
             route
         };
-        route
-            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
-            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_auth))
+        route.route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
     };
     let admin_state = Arc::clone(&state);
     let admin = move |route: MethodRouter<Arc<AppState>>| {
@@ -108,20 +111,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(r::healthz))
         .route("/metrics", get(r::metrics))
         .route("/openapi.json", get(r::openapi));
-    let router = Router::new()
+    Router::new()
         .merge(api)
         .merge(admin)
         .merge(ops)
         .merge(dashboard::router())
         .fallback(r::unknown_endpoint)
-        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT));
-    let router = if simulate {
-        router.layer(from_fn(mw::simulate))
-    } else {
-        router
-    };
-    router
-        .layer(from_fn_with_state(Arc::clone(&state), mw::drain_gate))
-        .layer(from_fn_with_state(Arc::clone(&state), mw::edge))
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(from_fn(mw::served_by))
         .with_state(state)
 }

@@ -78,8 +78,16 @@ pub async fn get_task(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> AppResult<Json<Task>> {
-    Ok(Json(state.app.get_task(&caller, &id).await?))
+) -> AppResult<Response> {
+    let json = state.app.get_task_json(&caller, &id).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
@@ -487,6 +495,6 @@ pub async fn openapi() -> Response {
 
 /// Any path no route matches.
 pub async fn unknown_endpoint() -> StatusCode {
-    // The edge turns a bare 404 into the envelope, naming the method and path.
+    // The gateway turns a bare 404 into the envelope, naming the method and path.
     StatusCode::NOT_FOUND
 }
