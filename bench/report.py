@@ -123,6 +123,16 @@ def summarize(rows):
                       "label": f"{fmt(rps_ratio, 2)}× (target ≥ {min_ratio:.1f}×)" if rps_ratio else "",
                       "ok": rps_ok})
 
+    # The floor (bare hyper answering tollgate's own bytes): how much of the gap to nginx is the
+    # HTTP stack's rather than tollgate's.
+    for key, title, reference, _, _ in HTTP:
+        f_rps, _, f99 = stats(rows, key, "floor")
+        t_rps, _, _ = stats(rows, key, "tollgate")
+        r_rps, _, _ = stats(rows, key, "reference")
+        if f_rps:
+            notes.append(f"{title}: bare hyper answering the same bytes (the floor) {fmt(f_rps)} req/s = "
+                         f"{times(f_rps, r_rps)} {reference}; tollgate reaches {times(t_rps, f_rps)} of the floor")
+
     amp = [r for r in rows if r["scenario"] == "amp"]
     if amp:
         sdk, naive = med([r["sdk_budget"] for r in amp]), med([r["naive"] for r in amp])

@@ -10,7 +10,7 @@ mod serve_cmd;
 use clap::{Parser, Subcommand};
 
 // The server allocates a few small buffers per request; glibc's malloc/free took ~13% of the
-// CPU of the 429 path in a profile (bench/README.md). mimalloc is built for exactly this.
+// CPU of the 429 path in a profile. mimalloc is built for exactly this.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;

@@ -8,7 +8,7 @@ use crate::error::{Error, VoucherRefusal};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
-use tollgate_contract::{headers as h, retry_after, ErrorBody, ErrorCode};
+use tollgate_contract::{retry_after, ErrorBody, ErrorCode};
 
 /// Where the 402 message sends people to top up: the dashboard's credits page.
 pub const TOP_UP_PATH: &str = "/dashboard/credits";
@@ -104,10 +104,33 @@ pub fn envelope(
 
 fn retry_after_header(wait: Duration) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(&retry_after::format(wait)) {
-        headers.insert(h::RETRY_AFTER, value);
+    if let Some(value) = header_value(format_args!("{}", retry_after::whole_seconds_ceil(wait))) {
+        headers.insert(header::RETRY_AFTER, value);
     }
     headers
+}
+
+/// A header value formatted on the stack: one allocation (the value's own) instead of three.
+pub fn header_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    struct Buf {
+        bytes: [u8; 96],
+        len: usize,
+    }
+    impl std::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let end = self.len + s.len();
+            let slot = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+            slot.copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut buf = Buf {
+        bytes: [0; 96],
+        len: 0,
+    };
+    std::fmt::write(&mut buf, args).ok()?;
+    HeaderValue::from_bytes(&buf.bytes[..buf.len]).ok()
 }
 
 fn www_authenticate() -> HeaderMap {

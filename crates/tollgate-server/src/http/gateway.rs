@@ -13,7 +13,7 @@
 //! and a route lookup. As one hand-written service in front of the router, a 429 or 401 never
 //! reaches the router at all (bench/README.md has the figures).
 
-use super::error::{envelope, internal_error, Enveloped, Origin, ORIGIN, REQUEST_ID};
+use super::error::{envelope, header_value, internal_error, Enveloped, Origin, ORIGIN, REQUEST_ID};
 use super::extract::{bearer, body_too_large, Credential};
 use super::AppState;
 use crate::domain::ratelimit::Admission;
@@ -21,7 +21,7 @@ use crate::domain::service::Caller;
 use crate::error::Error;
 use axum::body::Body;
 use axum::extract::MatchedPath;
-use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures_util::FutureExt;
@@ -30,8 +30,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_contract::{headers as h, retry_after, ErrorCode};
+
 use tower::ServiceExt;
 use tracing::Instrument;
+
+// Names made once: a `&str` name is parsed again on every insert.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static(h::RATELIMIT_POLICY);
+const RATELIMIT: HeaderName = HeaderName::from_static(h::RATELIMIT);
 
 /// The route template of `GET /v1/tasks/{id}`, the read served without the router.
 const TASK_ROUTE: &str = "/v1/tasks/{id}";
@@ -85,18 +91,15 @@ impl Gateway {
         Gateway { state, router }
     }
 
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
-    }
-
     /// Serves one request, whatever happens: every response leaves through here.
     pub async fn serve(&self, req: Request<Body>) -> Response {
         let started = Instant::now();
         let request_id = req
             .headers()
-            .get(h::REQUEST_ID)
+            .get(&X_REQUEST_ID)
             .and_then(sane_request_id)
             .unwrap_or_else(new_request_id);
+        let request_id_header = HeaderValue::from_str(&request_id).ok();
         let method = req.method().clone();
         // Reference-counted, not copied: this runs on every request.
         let uri = req.uri().clone();
@@ -105,19 +108,10 @@ impl Gateway {
         let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
 
         let origin = Origin::of(req.headers());
-        let outcome = REQUEST_ID
-            .scope(
-                request_id.clone(),
-                ORIGIN.scope(
-                    origin,
-                    AssertUnwindSafe(self.dispatch(req, route)).catch_unwind(),
-                ),
-            )
-            .instrument(span.clone())
-            .await;
-
-        let mut response = REQUEST_ID.sync_scope(request_id.clone(), || {
-            let _entered = span.enter();
+        let respond = async {
+            let outcome = AssertUnwindSafe(self.dispatch(req, route))
+                .catch_unwind()
+                .await;
             match outcome {
                 Ok(response) => ensure_envelope(response, &method, path),
                 Err(payload) => {
@@ -125,9 +119,13 @@ impl Gateway {
                     internal_error()
                 }
             }
-        });
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(h::REQUEST_ID, value);
+        };
+        let mut response = REQUEST_ID
+            .scope(request_id, ORIGIN.scope(origin, respond))
+            .instrument(span.clone())
+            .await;
+        if let Some(value) = request_id_header {
+            response.headers_mut().insert(X_REQUEST_ID, value);
         }
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
@@ -249,7 +247,14 @@ impl Drop for InFlight<'_> {
 }
 
 fn new_request_id() -> String {
-    format!("req_{:016x}", rand::random::<u64>())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = rand::random::<u64>();
+    let mut id = String::with_capacity(20);
+    id.push_str("req_");
+    for shift in (0..16).rev() {
+        id.push(char::from(HEX[((bits >> (shift * 4)) & 0xf) as usize]));
+    }
+    id
 }
 
 /// An incoming `X-Request-Id` is kept when it is short and plain, so a caller's trace id carries through.
@@ -345,13 +350,19 @@ fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
     } else {
         retry_after::whole_seconds_ceil(admission.reset)
     };
-    let policy = format!("\"default\";q={};w={window}", admission.limit.burst);
-    let state = format!("\"default\";r={};t={reset}", admission.remaining);
-    if let Ok(v) = HeaderValue::from_str(&policy) {
-        headers.insert(h::RATELIMIT_POLICY, v);
+    let policy = header_value(format_args!(
+        "\"default\";q={};w={window}",
+        admission.limit.burst
+    ));
+    let state = header_value(format_args!(
+        "\"default\";r={};t={reset}",
+        admission.remaining
+    ));
+    if let Some(v) = policy {
+        headers.insert(RATELIMIT_POLICY, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&state) {
-        headers.insert(h::RATELIMIT, v);
+    if let Some(v) = state {
+        headers.insert(RATELIMIT, v);
     }
 }
 
