@@ -194,18 +194,13 @@ impl Gateway {
             Ok(admission) => admission,
             Err(e) => return e.into_response(),
         };
-        let mut response = match admission.retry_after {
-            Some(wait) => Error::RateLimited { retry_after: wait }.into_response(),
-            None if route == TASK_ROUTE && req.method() == Method::GET => {
-                match plain_segment(req.uri().path(), 2) {
-                    Some(id) => self.read_task(&caller, id).await,
-                    None => {
-                        req.extensions_mut().insert(caller);
-                        self.route(req).await
-                    }
-                }
-            }
-            None => {
+        let task_id = (route == TASK_ROUTE && req.method() == Method::GET)
+            .then(|| plain_segment(req.uri().path(), 2))
+            .flatten();
+        let mut response = match (admission.retry_after, task_id) {
+            (Some(wait), _) => Error::RateLimited { retry_after: wait }.into_response(),
+            (None, Some(id)) => self.read_task(&caller, id).await,
+            (None, None) => {
                 req.extensions_mut().insert(caller);
                 self.route(req).await
             }
