@@ -461,14 +461,7 @@ async fn a_task_interrupted_three_times_is_failed_and_refunded() {
         .contains("interrupted 3 times"));
     assert_eq!(fake.seen.lock().unwrap().len(), 3, "no fourth run");
     assert_eq!(server.balance(&acct.key).await, 10, "refunded");
-    let ledger: Value = server
-        .get(&acct.key, "/v1/account/ledger")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger: Value = server.get_json(&acct.key, "/v1/account/ledger").await;
     let kinds: Vec<_> = ledger["data"]
         .as_array()
         .unwrap()

@@ -636,14 +636,7 @@ async fn the_402_links_to_the_top_up_page_where_a_voucher_fixes_it() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let ledger: Value = server
-        .get(&acct.key, "/v1/account/ledger")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger: Value = server.get_json(&acct.key, "/v1/account/ledger").await;
     assert!(ledger["data"]
         .as_array()
         .unwrap()

@@ -133,14 +133,7 @@ async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
     for server in [a, b, c] {
         assert_eq!(server.balance(&acct.key).await, 0);
     }
-    let ledger: Value = b
-        .get(&acct.key, "/v1/account/ledger?limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger: Value = b.get_json(&acct.key, "/v1/account/ledger?limit=100").await;
     let charges = ledger["data"]
         .as_array()
         .unwrap()
@@ -239,13 +232,8 @@ async fn tasks_of_an_instance_killed_mid_task_finish_on_the_others() {
     // Nothing charged twice, nothing refunded: 8 tasks × 16 credits.
     assert_eq!(observer.balance(&acct.key).await, 1000 - 8 * 16);
     let ledger: Value = observer
-        .get(&acct.key, "/v1/account/ledger?limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&acct.key, "/v1/account/ledger?limit=100")
+        .await;
     let kinds: Vec<&str> = ledger["data"]
         .as_array()
         .unwrap()

@@ -48,13 +48,8 @@ async fn sigkill_mid_batch_then_restart_finishes_every_accepted_task() {
     }
     // balance + charges − refunds = what was granted; one charge per task, none twice.
     let ledger: Value = server
-        .get(&acct.key, "/v1/account/ledger?limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&acct.key, "/v1/account/ledger?limit=100")
+        .await;
     let entries = ledger["data"].as_array().unwrap();
     let sum = |kind: &str| {
         entries

@@ -8,14 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 async fn ledger(server: &TestServer, key: &str) -> Vec<Value> {
-    let body: Value = server
-        .get(key, "/v1/account/ledger?limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = server.get_json(key, "/v1/account/ledger?limit=100").await;
     assert_eq!(body["has_more"], false);
     body["data"].as_array().unwrap().clone()
 }
@@ -55,14 +48,7 @@ async fn two_hundred_concurrent_creates_against_fifty_credits() {
         .iter()
         .all(|e| e["balance_after"].as_i64().unwrap() >= 0));
 
-    let tasks: Value = server
-        .get(&acct.key, "/v1/tasks?limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tasks: Value = server.get_json(&acct.key, "/v1/tasks?limit=100").await;
     let tasks = tasks["data"].as_array().unwrap();
     assert_eq!(tasks.len(), 50);
     // Every task has exactly one charge, and every charge names a task.

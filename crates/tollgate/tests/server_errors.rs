@@ -171,23 +171,9 @@ async fn row_402_insufficient_credits_creates_and_charges_nothing() {
     );
 
     assert_eq!(server.balance(&acct.key).await, 3);
-    let list: Value = server
-        .get(&acct.key, "/v1/tasks")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = server.get_json(&acct.key, "/v1/tasks").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0);
-    let ledger: Value = server
-        .get(&acct.key, "/v1/account/ledger")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger: Value = server.get_json(&acct.key, "/v1/account/ledger").await;
     assert_eq!(
         ledger["data"].as_array().unwrap().len(),
         1,

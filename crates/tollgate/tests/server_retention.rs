@@ -67,14 +67,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     )
     .await;
     // Expired tasks leave the list.
-    let list: serde_json::Value = server
-        .get(&acct.key, "/v1/tasks")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value = server.get_json(&acct.key, "/v1/tasks").await;
     assert_eq!(list["data"], json!([]));
     // Another account still gets 404 for it, not 410.
     let other = server.account(1).await;

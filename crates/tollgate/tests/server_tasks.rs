@@ -87,14 +87,7 @@ async fn listing_is_newest_first_with_a_cursor() {
         ids.push(task["id"].as_str().unwrap().to_owned());
     }
     ids.reverse();
-    let page: Value = server
-        .get(&acct.key, "/v1/tasks?limit=2")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = server.get_json(&acct.key, "/v1/tasks?limit=2").await;
     assert_eq!(page["object"], "list");
     assert_eq!(page["has_more"], true);
     let got: Vec<&str> = page["data"]
@@ -171,14 +164,7 @@ async fn another_accounts_task_is_404_never_403() {
         .await
         .unwrap();
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
-    let list: Value = server
-        .get(&bob.key, "/v1/tasks")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = server.get_json(&bob.key, "/v1/tasks").await;
     assert_eq!(list["data"], json!([]));
     let response = server
         .get(&bob.key, &format!("/v1/tasks?after={id}"))

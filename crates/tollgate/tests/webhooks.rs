@@ -295,14 +295,7 @@ async fn private_and_malformed_webhook_urls_are_refused_and_nothing_is_charged()
         );
     }
     assert_eq!(server.balance(&acct.key).await, 10, "nothing charged");
-    let list: Value = server
-        .get(&acct.key, "/v1/tasks")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = server.get_json(&acct.key, "/v1/tasks").await;
     assert_eq!(list["data"], json!([]), "nothing created");
     // A public address is accepted (this server runs no workers: nothing is sent).
     let task = server

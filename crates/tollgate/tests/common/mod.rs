@@ -194,6 +194,17 @@ impl TestServer {
         self.http.get(self.url(path)).bearer_auth(key)
     }
 
+    /// `GET path` with `key`, its body as JSON (whatever the status).
+    pub async fn get_json(&self, key: &str, path: &str) -> Value {
+        self.get(key, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub fn post(&self, key: &str, path: &str) -> reqwest::RequestBuilder {
         self.http.post(self.url(path)).bearer_auth(key)
     }
@@ -236,14 +247,7 @@ impl TestServer {
     pub async fn wait_until_running(&self, key: &str, count: usize) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let list: Value = self
-                .get(key, "/v1/tasks?limit=100")
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let list: Value = self.get_json(key, "/v1/tasks?limit=100").await;
             let running = list["data"]
                 .as_array()
                 .unwrap()
@@ -291,14 +295,7 @@ impl TestServer {
     }
 
     pub async fn balance(&self, key: &str) -> u64 {
-        let account: Value = self
-            .get(key, "/v1/account")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let account: Value = self.get_json(key, "/v1/account").await;
         account["credits"].as_u64().unwrap()
     }
 }
