@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -30,7 +30,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub task_duration: Histogram,
     tasks_finished: Family<Labels, Counter>,
-    request_handles: dashmap::DashMap<u64, RequestHandles>,
+    request_handles: dashmap::DashMap<u64, RequestHandles, crate::domain::caches::FastHash>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -99,7 +99,7 @@ impl Default for Metrics {
             queue_depth,
             task_duration,
             tasks_finished,
-            request_handles: dashmap::DashMap::new(),
+            request_handles: dashmap::DashMap::default(),
         }
     }
 }
@@ -108,9 +108,7 @@ impl Metrics {
     pub fn observe_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
         // The label sets of a route are few and fixed; finding them must not allocate on every
         // request, so the metric handles are kept by a hash of the labels (checked in full).
-        let mut hasher = std::hash::DefaultHasher::new();
-        (route, method, status).hash(&mut hasher);
-        let slot = hasher.finish();
+        let slot = foldhash::fast::FixedState::with_seed(0).hash_one((route, method, status));
         if let Some(found) = self.request_handles.get(&slot) {
             if found.route == route && found.method == method && found.status == status {
                 found.count.inc();

@@ -24,6 +24,13 @@ use std::sync::{Arc, OnceLock};
 /// scanner must not grow memory without bound.
 const MAX_UNKNOWN: usize = 10_000;
 
+/// The hasher of the hot maps (key cache, rate limits): seeded per process like std's, but a
+/// fraction of SipHash's cost on every authenticated request.
+pub type FastHash = foldhash::fast::RandomState;
+
+/// A key's SHA-256 (see [`secrets::key_digest`](super::secrets::key_digest)).
+pub type KeyDigest = [u8; 32];
+
 /// Answers of past lookups, by key hash.
 ///
 /// A lookup that started before a change must not store its (now stale) answer after the change
@@ -31,8 +38,8 @@ const MAX_UNKNOWN: usize = 10_000;
 /// if the epoch it was read under is still current once it is in (otherwise it is taken out again).
 #[derive(Default)]
 pub struct KeyCache {
-    live: DashMap<String, KeyAuth>,
-    unknown: DashSet<String>,
+    live: DashMap<KeyDigest, KeyAuth, FastHash>,
+    unknown: DashSet<KeyDigest, FastHash>,
     epoch: AtomicU64,
 }
 
@@ -45,7 +52,7 @@ pub enum Cached {
 }
 
 impl KeyCache {
-    pub fn get(&self, key_hash: &str) -> Cached {
+    pub fn get(&self, key_hash: &KeyDigest) -> Cached {
         if let Some(auth) = self.live.get(key_hash) {
             return Cached::Live(auth.clone());
         }
@@ -61,19 +68,19 @@ impl KeyCache {
     }
 
     /// Remembers what the store answered for `key_hash`, unless something changed since `epoch`.
-    pub fn remember(&self, epoch: u64, key_hash: &str, auth: Option<&KeyAuth>) {
+    pub fn remember(&self, epoch: u64, key_hash: &KeyDigest, auth: Option<&KeyAuth>) {
         if self.epoch() != epoch {
             return;
         }
         match auth {
             Some(auth) => {
-                self.live.insert(key_hash.to_owned(), auth.clone());
+                self.live.insert(*key_hash, auth.clone());
             }
             None => {
                 if self.unknown.len() >= MAX_UNKNOWN {
                     self.unknown.clear();
                 }
-                self.unknown.insert(key_hash.to_owned());
+                self.unknown.insert(*key_hash);
             }
         }
         if self.epoch() != epoch {
@@ -153,6 +160,10 @@ impl FinishedTasks {
 mod tests {
     use super::*;
 
+    fn d(key: &str) -> KeyDigest {
+        crate::domain::secrets::key_digest(key)
+    }
+
     fn auth(key: &str, account: &str) -> KeyAuth {
         KeyAuth {
             key_id: key.into(),
@@ -164,20 +175,20 @@ mod tests {
     #[test]
     fn remembers_and_forgets() {
         let cache = KeyCache::default();
-        assert_eq!(cache.get("h1"), Cached::Miss);
+        assert_eq!(cache.get(&d("h1")), Cached::Miss);
         let e = cache.epoch();
-        cache.remember(e, "h1", Some(&auth("k1", "a1")));
-        cache.remember(e, "h2", Some(&auth("k2", "a1")));
-        cache.remember(e, "h3", None);
-        assert_eq!(cache.get("h1"), Cached::Live(auth("k1", "a1")));
-        assert_eq!(cache.get("h3"), Cached::Unknown);
+        cache.remember(e, &d("h1"), Some(&auth("k1", "a1")));
+        cache.remember(e, &d("h2"), Some(&auth("k2", "a1")));
+        cache.remember(e, &d("h3"), None);
+        assert_eq!(cache.get(&d("h1")), Cached::Live(auth("k1", "a1")));
+        assert_eq!(cache.get(&d("h3")), Cached::Unknown);
         cache.forget_key("k1");
-        assert_eq!(cache.get("h1"), Cached::Miss);
-        assert_eq!(cache.get("h2"), Cached::Live(auth("k2", "a1")));
+        assert_eq!(cache.get(&d("h1")), Cached::Miss);
+        assert_eq!(cache.get(&d("h2")), Cached::Live(auth("k2", "a1")));
         cache.forget_account("a1");
-        assert_eq!(cache.get("h2"), Cached::Miss);
+        assert_eq!(cache.get(&d("h2")), Cached::Miss);
         cache.forget_unknown();
-        assert_eq!(cache.get("h3"), Cached::Miss);
+        assert_eq!(cache.get(&d("h3")), Cached::Miss);
     }
 
     #[test]
@@ -187,17 +198,17 @@ mod tests {
         // A revocation lands while the lookup is in flight...
         cache.forget_key("k1");
         // ...so the lookup's answer (still live when it was read) is dropped.
-        cache.remember(before, "h1", Some(&auth("k1", "a1")));
-        assert_eq!(cache.get("h1"), Cached::Miss);
-        cache.remember(cache.epoch(), "h1", None);
-        assert_eq!(cache.get("h1"), Cached::Unknown);
+        cache.remember(before, &d("h1"), Some(&auth("k1", "a1")));
+        assert_eq!(cache.get(&d("h1")), Cached::Miss);
+        cache.remember(cache.epoch(), &d("h1"), None);
+        assert_eq!(cache.get(&d("h1")), Cached::Unknown);
     }
 
     #[test]
     fn the_unknown_set_is_bounded() {
         let cache = KeyCache::default();
         for i in 0..(MAX_UNKNOWN + 5) {
-            cache.remember(cache.epoch(), &format!("h{i}"), None);
+            cache.remember(cache.epoch(), &d(&format!("h{i}")), None);
         }
         assert!(cache.unknown.len() <= MAX_UNKNOWN);
     }

@@ -5,6 +5,7 @@
 //! refills) and, when refused, the exact wait until the next request would be admitted: the
 //! `Retry-After` the client gets is that wait rounded up, never earlier.
 
+use super::caches::FastHash;
 use crate::config::RedisFailure;
 use crate::error::{Error, Result};
 use dashmap::DashMap;
@@ -49,18 +50,10 @@ fn interval(limit: RateLimit) -> Duration {
 }
 
 /// The limiters of every account that has sent a request.
+#[derive(Default)]
 pub struct RateLimits {
-    limiters: DashMap<String, (RateLimit, Arc<Gcra>)>,
+    limiters: DashMap<String, (RateLimit, Arc<Gcra>), FastHash>,
     clock: DefaultClock,
-}
-
-impl Default for RateLimits {
-    fn default() -> Self {
-        RateLimits {
-            limiters: DashMap::new(),
-            clock: DefaultClock::default(),
-        }
-    }
 }
 
 impl RateLimits {

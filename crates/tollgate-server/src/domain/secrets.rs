@@ -18,7 +18,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     Ok(bytes)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -68,7 +68,12 @@ pub fn new_id(prefix: &str) -> Result<String> {
 /// The stored form of a secret. Keys carry ≥128 random bits, so a fast hash is enough: nothing
 /// can be brute-forced from it, and lookups by hash compare no secret byte by byte.
 pub fn hash_secret(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
+    hex(&key_digest(secret))
+}
+
+/// The SHA-256 of a secret, as bytes: what [`hash_secret`] writes in hex.
+pub fn key_digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
 }
 
 /// Hex SHA-256 of arbitrary bytes (request fingerprints).

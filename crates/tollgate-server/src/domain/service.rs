@@ -119,9 +119,9 @@ impl Tollgate {
         if !key.starts_with(secrets::API_KEY_PREFIX) {
             return Err(Error::InvalidCredential { admin: false });
         }
-        let hash = secrets::hash_secret(key);
+        let digest = secrets::key_digest(key);
         let cached = match &self.key_cache {
-            Some(cache) => cache.get(&hash),
+            Some(cache) => cache.get(&digest),
             None => Cached::Miss,
         };
         let auth = match cached {
@@ -129,9 +129,9 @@ impl Tollgate {
             Cached::Unknown => return Err(Error::InvalidCredential { admin: false }),
             Cached::Miss => {
                 let epoch = self.key_cache.as_ref().map(KeyCache::epoch);
-                let found = self.store.authenticate(&hash).await?;
+                let found = self.store.authenticate(&secrets::hex(&digest)).await?;
                 if let (Some(cache), Some(epoch)) = (&self.key_cache, epoch) {
-                    cache.remember(epoch, &hash, found.as_ref());
+                    cache.remember(epoch, &digest, found.as_ref());
                 }
                 found.ok_or(Error::InvalidCredential { admin: false })?
             }

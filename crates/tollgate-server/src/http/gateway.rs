@@ -13,7 +13,7 @@
 //! and a route lookup. As one hand-written service in front of the router, a 429 or 401 never
 //! reaches the router at all (bench/README.md has the figures).
 
-use super::error::{envelope, header_value, internal_error, Enveloped, Origin, ORIGIN, REQUEST_ID};
+use super::error::{envelope, internal_error, Enveloped, Origin, ORIGIN, REQUEST_ID};
 use super::extract::{bearer, body_too_large, Credential};
 use super::AppState;
 use crate::domain::ratelimit::Admission;
@@ -41,6 +41,8 @@ const RATELIMIT: HeaderName = HeaderName::from_static(h::RATELIMIT);
 
 /// The route template of `GET /v1/tasks/{id}`, the read served without the router.
 const TASK_ROUTE: &str = "/v1/tasks/{id}";
+/// The route template of an image download (a file, streamed).
+pub const IMAGE_ROUTE: &str = "/v1/tasks/{id}/images/{index}";
 
 /// The routes that take an API key, by method and path: the template (as the router names it)
 /// when `method path` is one of them. Anything else (an unknown path, a wrong method) goes to
@@ -52,25 +54,26 @@ pub fn api_route(method: &Method, path: &str) -> Option<&'static str> {
     let rest = path.strip_prefix("/v1/")?;
     let get = *method == Method::GET || *method == Method::HEAD;
     let post = *method == Method::POST;
-    let mut segments = rest.split('/');
-    let parts: [Option<&str>; 5] = std::array::from_fn(|_| segments.next());
+    // Bytes, not `str::split`: the paths are short and this runs on every request.
+    let mut segments = rest.as_bytes().split(|b| *b == b'/');
+    let parts: [Option<&[u8]>; 5] = std::array::from_fn(|_| segments.next());
     if segments.next().is_some() || parts.iter().flatten().any(|s| s.is_empty()) {
         return None;
     }
     match parts {
-        [Some("images"), Some("generations"), None, ..] if post => Some("/v1/images/generations"),
-        [Some("tasks"), None, ..] if get => Some("/v1/tasks"),
-        [Some("tasks"), Some(_), None, ..] if get => Some(TASK_ROUTE),
-        [Some("tasks"), Some(_), Some("cancel"), None, ..] if post => Some("/v1/tasks/{id}/cancel"),
-        [Some("tasks"), Some(_), Some("images"), Some(_), None] if get => {
-            Some("/v1/tasks/{id}/images/{index}")
+        [Some(b"images"), Some(b"generations"), None, ..] if post => Some("/v1/images/generations"),
+        [Some(b"tasks"), None, ..] if get => Some("/v1/tasks"),
+        [Some(b"tasks"), Some(_), None, ..] if get => Some(TASK_ROUTE),
+        [Some(b"tasks"), Some(_), Some(b"cancel"), None, ..] if post => {
+            Some("/v1/tasks/{id}/cancel")
         }
-        [Some("account"), None, ..] if get => Some("/v1/account"),
-        [Some("account"), Some("ledger"), None, ..] if get => Some("/v1/account/ledger"),
-        [Some("account"), Some("webhook-secret"), None, ..] if get || post => {
+        [Some(b"tasks"), Some(_), Some(b"images"), Some(_), None] if get => Some(IMAGE_ROUTE),
+        [Some(b"account"), None, ..] if get => Some("/v1/account"),
+        [Some(b"account"), Some(b"ledger"), None, ..] if get => Some("/v1/account/ledger"),
+        [Some(b"account"), Some(b"webhook-secret"), None, ..] if get || post => {
             Some("/v1/account/webhook-secret")
         }
-        [Some("vouchers"), Some("redeem"), None, ..] if post => Some("/v1/vouchers/redeem"),
+        [Some(b"vouchers"), Some(b"redeem"), None, ..] if post => Some("/v1/vouchers/redeem"),
         _ => None,
     }
 }
@@ -107,7 +110,13 @@ impl Gateway {
         let route = api_route(&method, path);
         let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
 
-        let origin = Origin::of(req.headers());
+        // Only a charge can be refused for credits (the 402 whose message links to this server),
+        // and no `GET` charges: the many reads skip the header lookups.
+        let origin = if method == Method::GET || method == Method::HEAD {
+            Origin::default()
+        } else {
+            Origin::of(req.headers())
+        };
         let respond = async {
             let outcome = AssertUnwindSafe(self.dispatch(req, route))
                 .catch_unwind()
@@ -228,9 +237,9 @@ impl Gateway {
 /// The `index`th segment of `path` (0: the one after the first `/`) when it needs no
 /// percent-decoding; else `None`, and the router's `Path` extractor decodes it.
 fn plain_segment(path: &str, index: usize) -> Option<&str> {
-    path.split('/')
-        .nth(index + 1)
-        .filter(|segment| !segment.contains('%'))
+    let segment = path.as_bytes().split(|b| *b == b'/').nth(index + 1)?;
+    let segment = std::str::from_utf8(segment).ok()?;
+    (!segment.contains('%')).then_some(segment)
 }
 
 struct InFlight<'a>(&'a AppState);
@@ -277,10 +286,8 @@ fn ensure_envelope(response: Response, method: &Method, path: &str) -> Response 
     if status.as_u16() < 400 || response.extensions().get::<Enveloped>().is_some() {
         return response;
     }
-    let mut keep = HeaderMap::new();
-    if let Some(allow) = response.headers().get(header::ALLOW) {
-        keep.insert(header::ALLOW, allow.clone());
-    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let keep = allow.clone().map(|allow| (header::ALLOW, allow));
     let shown_path: String = path.chars().take(200).collect();
     match status {
         StatusCode::NOT_FOUND => envelope(
@@ -290,7 +297,7 @@ fn ensure_envelope(response: Response, method: &Method, path: &str) -> Response 
             keep,
         ),
         StatusCode::METHOD_NOT_ALLOWED => {
-            let allowed = keep.get(header::ALLOW).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let allowed = allow.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
             envelope(
                 ErrorCode::MethodNotAllowed,
                 format!("{method} is not allowed on {shown_path}; use {allowed}."),
@@ -345,20 +352,33 @@ fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
     } else {
         retry_after::whole_seconds_ceil(admission.reset)
     };
-    let policy = header_value(format_args!(
-        "\"default\";q={};w={window}",
-        admission.limit.burst
-    ));
-    let state = header_value(format_args!(
-        "\"default\";r={};t={reset}",
-        admission.remaining
-    ));
+    let policy = rate_limit_value(
+        b"\"default\";q=",
+        admission.limit.burst.into(),
+        b";w=",
+        window,
+    );
+    let state = rate_limit_value(b"\"default\";r=", admission.remaining.into(), b";t=", reset);
     if let Some(v) = policy {
         headers.insert(RATELIMIT_POLICY, v);
     }
     if let Some(v) = state {
         headers.insert(RATELIMIT, v);
     }
+}
+
+/// `{a}{x}{b}{y}` as a header value, without `fmt` (this runs on every API request).
+fn rate_limit_value(a: &[u8], x: u64, b: &[u8], y: u64) -> Option<HeaderValue> {
+    let mut numbers = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (x, y) = (
+        numbers.0.format(x).as_bytes(),
+        numbers.1.format(y).as_bytes(),
+    );
+    let mut value = Vec::with_capacity(a.len() + x.len() + b.len() + y.len());
+    for part in [a, x, b, y] {
+        value.extend_from_slice(part);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
 }
 
 #[cfg(test)]

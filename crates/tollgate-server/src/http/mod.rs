@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod gateway;
+pub mod lane;
 pub mod middleware;
 pub mod openapi;
 pub mod routes;

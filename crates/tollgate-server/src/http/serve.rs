@@ -1,9 +1,11 @@
-//! The connection loop: HTTP/1.1 on hyper, every request to the [`Gateway`].
+//! The connection loop: every request to the [`Gateway`], read first by the fast
+//! [`lane`](super::lane) and, from the first request the lane does not take, by hyper (HTTP/1.1).
 //!
 //! Not `axum::serve`: that one negotiates HTTP/2 and upgrades, which this API does not use, and
 //! leaves Nagle's algorithm on; a response here is one write, so `TCP_NODELAY` sends it at once.
 
 use super::gateway::Gateway;
+use super::lane::{self, LaneEnd, Rewind};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
@@ -55,7 +57,13 @@ pub async fn serve(
         let mut close = close_rx.clone();
         let closed = closed_rx.clone();
         tokio::spawn(async move {
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), connection);
+            let mut stream = stream;
+            let prefix = match lane::run(&mut stream, &connection.gateway, peer, &mut close).await {
+                LaneEnd::Closed => return drop(closed),
+                LaneEnd::HandOff(prefix) => prefix,
+            };
+            let io = TokioIo::new(Rewind::new(prefix, stream));
+            let conn = http1::Builder::new().serve_connection(io, connection);
             let mut conn = pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => log_end(result),

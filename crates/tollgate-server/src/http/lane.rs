@@ -1,0 +1,370 @@
+//! The fast lane: the API's plain `GET`s read and answered on the connection, without hyper.
+//!
+//! Why: a poll of a task, a 401 and a 429 are the requests a gateway sees most and does least
+//! for, and for them hyper's own machinery per request (its dispatcher, buffered IO, incoming
+//! body and encoder) cost more instructions than tollgate's work and as much as nginx spends on
+//! a whole request (bench/README.md has the counts). The lane reads the request head with
+//! `httparse` (the parser hyper itself uses) and writes the response in one buffer.
+//!
+//! What it takes: an HTTP/1.1 `GET` of an API route other than an image, with the whole head
+//! in hand, no body, no `Expect`, `Upgrade` or `Transfer-Encoding`, and no `Connection` other
+//! than `keep-alive`. Everything else, malformed or not, and everything after it on the same
+//! connection, is hyper's: the bytes read so far are handed to it first ([`Rewind`]).
+//!
+//! What it does not change: the request goes through the very same [`Gateway::serve`] as one
+//! from hyper (request id, drain gate, key, limit, router, envelope, metrics, log), so the
+//! answers are the same; only the bytes on the wire are written here. A test sends the same
+//! requests both ways and compares them.
+
+use super::gateway::Gateway;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use axum::response::Response;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// More headers than this and the request is hyper's (which has its own, higher limit).
+const MAX_HEADERS: usize = 32;
+/// A head longer than this without its end is hyper's too (it answers 431 when it must).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// How the lane left a connection.
+pub enum LaneEnd {
+    /// The connection is finished (closed by the client, failed, or asked to close).
+    Closed,
+    /// A request the lane does not take: the bytes already read, for hyper to start from.
+    HandOff(Bytes),
+}
+
+/// Serves requests on `stream` while they are the lane's; returns when one is not, or the
+/// connection ends. `close` changes (or is dropped) when the server shuts down: the lane then
+/// stops between requests.
+pub async fn run(
+    stream: &mut TcpStream,
+    gateway: &Gateway,
+    peer: SocketAddr,
+    close: &mut watch::Receiver<()>,
+) -> LaneEnd {
+    let mut input = BytesMut::with_capacity(4096);
+    let mut output = Vec::with_capacity(1024);
+    // One wait for the whole connection, not a new one for every read.
+    let mut closing = std::pin::pin!(close.changed());
+    loop {
+        // Every complete request read so far, in order; their responses go out in one write.
+        let mut end = None;
+        loop {
+            match next_request(&input, peer) {
+                Next::Request(request, len) => {
+                    input.advance(len);
+                    let response = gateway.serve(request).await;
+                    match write_response(response, &mut output).await {
+                        Ok(Keep::Open) => {}
+                        Ok(Keep::Close) => {
+                            end = Some(LaneEnd::Closed);
+                            break;
+                        }
+                        Err(e) => {
+                            // A response body that failed: what was sent cannot be undone.
+                            tracing::error!(error = %e, "response body failed; closing the connection");
+                            return LaneEnd::Closed;
+                        }
+                    }
+                }
+                Next::Incomplete if input.len() < MAX_HEAD => break,
+                Next::Incomplete | Next::NotOurs => {
+                    end = Some(LaneEnd::HandOff(input.split().freeze()));
+                    break;
+                }
+            }
+        }
+        if !output.is_empty() {
+            if let Err(e) = stream.write_all(&output).await {
+                tracing::debug!(error = %e, "connection ended while writing");
+                return LaneEnd::Closed;
+            }
+            output.clear();
+        }
+        if let Some(end) = end {
+            return end;
+        }
+        if input.capacity() - input.len() < 1024 {
+            input.reserve(4096);
+        }
+        tokio::select! {
+            read = stream.read_buf(&mut input) => match read {
+                Ok(0) => return LaneEnd::Closed,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection ended while reading");
+                    return LaneEnd::Closed;
+                }
+            },
+            // Shutting down: a connection between requests is closed, as hyper closes its idle ones.
+            _ = &mut closing => return LaneEnd::Closed,
+        }
+    }
+}
+
+// Lives for one match: boxing the request would cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    /// A request of the lane's, and how many bytes of the input it took.
+    Request(Request<Body>, usize),
+    /// The head is not complete yet.
+    Incomplete,
+    /// Not a request the lane takes (or not a valid one: hyper gives the 400).
+    NotOurs,
+}
+
+fn next_request(input: &[u8], peer: SocketAddr) -> Next {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut headers);
+    let len = match head.parse(input) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Next::Incomplete,
+        Err(_) => return Next::NotOurs,
+    };
+    let (Some("GET"), Some(1), Some(target)) = (head.method, head.version, head.path) else {
+        return Next::NotOurs;
+    };
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    match super::gateway::api_route(&Method::GET, path) {
+        Some(route) if route != super::gateway::IMAGE_ROUTE => {}
+        _ => return Next::NotOurs,
+    }
+    let Ok(uri) = Uri::try_from(target) else {
+        return Next::NotOurs;
+    };
+    let mut request = Request::new(Body::empty());
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    let map = request.headers_mut();
+    map.reserve(head.headers.len());
+    for h in head.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Next::NotOurs;
+        };
+        let ours = if name == header::CONNECTION {
+            h.value.eq_ignore_ascii_case(b"keep-alive")
+        } else if name == header::CONTENT_LENGTH {
+            h.value == b"0"
+        } else {
+            name != header::TRANSFER_ENCODING && name != header::EXPECT && name != header::UPGRADE
+        };
+        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+            return Next::NotOurs;
+        };
+        if !ours {
+            return Next::NotOurs;
+        }
+        map.append(name, value);
+    }
+    request.extensions_mut().insert(ConnectInfo(peer));
+    Next::Request(request, len)
+}
+
+enum Keep {
+    Open,
+    Close,
+}
+
+/// Appends `response` to `output` as HTTP/1.1, the way hyper writes it: the status line, the
+/// headers in order, `content-length`, `date`, the body.
+async fn write_response(response: Response, output: &mut Vec<u8>) -> Result<Keep, axum::Error> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let status = parts.status;
+    output.extend_from_slice(b"HTTP/1.1 ");
+    output.extend_from_slice(status.as_str().as_bytes());
+    output.push(b' ');
+    output.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    output.extend_from_slice(b"\r\n");
+    let mut keep = Keep::Open;
+    let mut has_date = false;
+    for (name, value) in &parts.headers {
+        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if *name == header::CONNECTION && value.as_bytes().eq_ignore_ascii_case(b"close") {
+            keep = Keep::Close;
+        }
+        has_date |= *name == header::DATE;
+        output.extend_from_slice(name.as_str().as_bytes());
+        output.extend_from_slice(b": ");
+        output.extend_from_slice(value.as_bytes());
+        output.extend_from_slice(b"\r\n");
+    }
+    let bodyless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if !bodyless {
+        output.extend_from_slice(b"content-length: ");
+        output.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        output.extend_from_slice(b"\r\n");
+    }
+    if !has_date {
+        output.extend_from_slice(b"date: ");
+        http_date(output);
+        output.extend_from_slice(b"\r\n");
+    }
+    output.extend_from_slice(b"\r\n");
+    if !bodyless {
+        output.extend_from_slice(&body);
+    }
+    Ok(keep)
+}
+
+/// Appends the current time as an HTTP date, formatted once a second per thread (as hyper does).
+fn http_date(output: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|(cached_second, text)| {
+        if *cached_second != second {
+            *text = httpdate::fmt_http_date(now);
+            *cached_second = second;
+        }
+        output.extend_from_slice(text.as_bytes());
+    });
+}
+
+/// A connection with bytes already read from it put back in front, for hyper.
+pub struct Rewind {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(prefix: Bytes, inner: TcpStream) -> Rewind {
+        Rewind { prefix, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    fn taken(input: &str) -> bool {
+        matches!(next_request(input.as_bytes(), peer()), Next::Request(..))
+    }
+
+    #[test]
+    fn takes_plain_gets_of_api_routes() {
+        assert!(taken(
+            "GET /v1/tasks/task_1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer tg_x\r\n\r\n"
+        ));
+        assert!(taken(
+            "GET /v1/tasks?limit=2 HTTP/1.1\r\nConnection: Keep-Alive\r\n\r\n"
+        ));
+        assert!(taken(
+            "GET /v1/account HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn leaves_everything_else_to_hyper() {
+        let not_ours = [
+            "POST /v1/images/generations HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            "HEAD /v1/account HTTP/1.1\r\n\r\n",
+            "GET /v1/account HTTP/1.0\r\n\r\n",
+            "GET /v1/tasks/task_1/images/0 HTTP/1.1\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\n\r\n",
+            "GET /dashboard HTTP/1.1\r\n\r\n",
+            "GET /v1/account HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /v1/account HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET /v1/account HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "GET /v1/account HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET /v1/account HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET http://example.com/v1/account HTTP/1.1\r\n\r\n",
+            "GET /v1/account HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ];
+        for input in not_ours {
+            assert!(
+                matches!(next_request(input.as_bytes(), peer()), Next::NotOurs),
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn waits_for_the_whole_head() {
+        let input = b"GET /v1/account HTTP/1.1\r\nAuthorization: Bearer";
+        assert!(matches!(next_request(input, peer()), Next::Incomplete));
+    }
+
+    #[test]
+    fn a_request_takes_only_its_own_bytes() {
+        let first = "GET /v1/account HTTP/1.1\r\nHost: a\r\n\r\n";
+        let both = format!("{first}GET /v1/tasks HTTP/1.1\r\n\r\n");
+        match next_request(both.as_bytes(), peer()) {
+            Next::Request(request, len) => {
+                assert_eq!(len, first.len());
+                assert_eq!(request.uri().path(), "/v1/account");
+                assert_eq!(request.headers()[header::HOST], "a");
+            }
+            _ => panic!("not taken"),
+        }
+    }
+}
