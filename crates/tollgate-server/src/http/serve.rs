@@ -57,9 +57,11 @@ pub async fn serve(
         let mut close = close_rx.clone();
         let closed = closed_rx.clone();
         tokio::spawn(async move {
+            // Held until the connection is done, however it ends (see `closed_rx` below).
+            let _closed = closed;
             let mut stream = stream;
             let prefix = match lane::run(&mut stream, &connection.gateway, peer, &mut close).await {
-                LaneEnd::Closed => return drop(closed),
+                LaneEnd::Closed => return,
                 LaneEnd::HandOff(prefix) => prefix,
             };
             let io = TokioIo::new(Rewind::new(prefix, stream));
@@ -72,7 +74,6 @@ pub async fn serve(
                     log_end(conn.await);
                 }
             }
-            drop(closed);
         });
     }
     drop(listener);
