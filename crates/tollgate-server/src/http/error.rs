@@ -150,10 +150,9 @@ fn json_string(out: &mut Vec<u8>, text: &str) {
     }
 }
 
-fn retry_after_header(wait: Duration) -> Option<(HeaderName, HeaderValue)> {
+fn retry_after_header(wait: Duration) -> [(HeaderName, HeaderValue); 1] {
     let seconds = retry_after::whole_seconds_ceil(wait);
-    let value = HeaderValue::from_str(itoa::Buffer::new().format(seconds)).ok()?;
-    Some((header::RETRY_AFTER, value))
+    [(header::RETRY_AFTER, HeaderValue::from(seconds))]
 }
 
 fn www_authenticate() -> [(HeaderName, HeaderValue); 1] {

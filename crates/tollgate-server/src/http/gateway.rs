@@ -17,6 +17,7 @@ use super::error::{envelope, internal_error, Enveloped, Origin, ORIGIN, REQUEST_
 use super::extract::{bearer, body_too_large, Credential};
 use super::AppState;
 use crate::domain::ratelimit::Admission;
+use crate::domain::secrets;
 use crate::domain::service::Caller;
 use crate::error::Error;
 use axum::body::Body;
@@ -251,13 +252,9 @@ impl Drop for InFlight<'_> {
 }
 
 fn new_request_id() -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits = rand::random::<u64>();
     let mut id = String::with_capacity(20);
     id.push_str("req_");
-    for shift in (0..16).rev() {
-        id.push(char::from(HEX[((bits >> (shift * 4)) & 0xf) as usize]));
-    }
+    secrets::push_hex(&mut id, &rand::random::<u64>().to_be_bytes());
     id
 }
 
