@@ -134,8 +134,17 @@ async fn plain_gets_are_answered_alike_by_the_lane_and_by_hyper() {
         .await;
     let id = task["id"].as_str().unwrap();
     server.wait_task(&acct.key, id).await;
+    // Spent for the next minute: each of its requests below is a 429, from the lane and hyper alike.
+    let spent = server.account_with_limit(100, 1, 1).await;
+    assert_eq!(server.status(&spent.key, "/v1/account").await, 200);
     let requests = [
         get(&format!("/v1/tasks/{id}"), &acct.key),
+        get("/v1/account", &spent.key),
+        get(&format!("/v1/tasks/{id}"), &spent.key),
+        format!(
+            "GET /v1/account HTTP/1.1\r\nHost: t\r\nX-Request-Id: trace-1\r\nAuthorization: Bearer {}\r\n\r\n",
+            spent.key
+        ),
         get("/v1/tasks/task_nothing", &acct.key),
         get("/v1/account", "tg_wrong"),
         get("/v1/account", "not-even-a-key"),
@@ -175,10 +184,21 @@ async fn plain_gets_are_answered_alike_by_the_lane_and_by_hyper() {
             "{request:?}"
         );
         assert!(from_lane.header("date").is_some());
-        assert!(from_lane
-            .header("x-request-id")
-            .unwrap()
-            .starts_with("req_"));
+        let request_id = from_lane.header("x-request-id").unwrap();
+        if request.contains("X-Request-Id: trace-1") {
+            // A caller's own id carries through, in the header and in the envelope.
+            assert_eq!(request_id, "trace-1");
+            assert_eq!(from_hyper.header("x-request-id"), Some("trace-1"));
+            assert_eq!(from_lane.json()["error"]["request_id"], json!("trace-1"));
+        } else {
+            assert!(request_id.starts_with("req_"), "{request_id}");
+        }
+        if from_lane.status_line.contains(" 429 ") {
+            // The exact wait, not a fixed one: under a minute for a spent 1/min limit.
+            let wait: u64 = from_lane.header("retry-after").unwrap().parse().unwrap();
+            assert!((1..=60).contains(&wait), "{wait}");
+            assert!(from_lane.header("ratelimit-policy").is_some());
+        }
     }
 }
 

@@ -1,13 +1,14 @@
 //! The one place where an error becomes the contract's envelope.
 //!
-//! [`Error`]'s `IntoResponse` picks status, type, code, message and headers; [`envelope`] writes
-//! the body, with the request id of the current request (a task-local set by the
-//! gateway). Internal causes are logged here, inside the request's span, and never sent.
+//! `From<Error> for` [`ErrorReply`] picks status, type, code, message and headers;
+//! [`ErrorReply::write_body`] writes the body, with the request id of the current request.
+//! Internal causes are logged here, inside the request's span, and never sent.
 
 use crate::error::{Error, VoucherRefusal};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
 use std::time::Duration;
 use tollgate_contract::{retry_after, ErrorCode};
 
@@ -77,59 +78,162 @@ pub fn voucher_refusal_message(refusal: VoucherRefusal) -> &'static str {
 #[derive(Debug, Clone, Copy)]
 pub struct Enveloped;
 
-/// Builds an error response in the envelope. Every error body of the server comes from here.
+const APPLICATION_JSON: &[u8] = b"application/json";
+
+/// An error as the client gets it: the envelope's code, message and `param`, and the headers
+/// that go with them (`Retry-After`, `WWW-Authenticate`, `Allow`, `Connection: close`).
 ///
-/// `extra` are headers of the error (`Retry-After`, `WWW-Authenticate`, `Allow`).
-pub fn envelope(
+/// `From<Error>` is the mapping, the only one. A reply is then rendered either as a [`Response`]
+/// ([`ErrorReply::into_response`], for the router and hyper) or, for the refusals the gateway
+/// makes from a request's head, written straight onto the connection by the fast lane from the
+/// same [`ErrorReply::headers`] and [`ErrorReply::write_body`]: one set of headers, one body.
+#[derive(Debug)]
+pub struct ErrorReply {
     code: ErrorCode,
-    message: impl AsRef<str>,
-    param: Option<&str>,
-    extra: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
-) -> Response {
-    let body = REQUEST_ID
-        .try_with(|id| envelope_json(code, message.as_ref(), param, Some(id)))
-        .unwrap_or_else(|_| envelope_json(code, message.as_ref(), param, None));
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() =
-        StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let headers = response.headers_mut();
-    // Room for what the gateway adds (rate limit, request id) without growing the map.
-    headers.reserve(6);
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.extend(extra);
-    response.extensions_mut().insert(Enveloped);
-    response
+    message: Cow<'static, str>,
+    param: Option<Cow<'static, str>>,
+    /// `Retry-After`, in whole seconds.
+    retry_after: Option<u64>,
+    www_authenticate: bool,
+    allow: Option<HeaderValue>,
+    /// `Connection: close`: the server is going away.
+    close: bool,
 }
 
-/// The body of [`envelope`]: [`ErrorBody`]'s JSON (a test holds the two equal), written
-/// directly because a 401 and a 429 are answered thousands of times a second and serde's
-/// path (owned strings, escaping byte by byte) was the largest part of their cost.
-fn envelope_json(
+impl ErrorReply {
+    /// A reply with `code` and `message`, and no headers of its own yet.
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> ErrorReply {
+        ErrorReply {
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+            www_authenticate: false,
+            allow: None,
+            close: false,
+        }
+    }
+
+    fn param(mut self, param: Option<impl Into<Cow<'static, str>>>) -> ErrorReply {
+        self.param = param.map(Into::into);
+        self
+    }
+
+    fn retry_after(mut self, wait: Duration) -> ErrorReply {
+        self.retry_after = Some(retry_after::whole_seconds_ceil(wait));
+        self
+    }
+
+    fn www_authenticate(mut self) -> ErrorReply {
+        self.www_authenticate = true;
+        self
+    }
+
+    /// With the `Allow` header of a 405.
+    pub fn allow(mut self, allow: Option<HeaderValue>) -> ErrorReply {
+        self.allow = allow;
+        self
+    }
+
+    /// The 500 a client sees, whatever the cause.
+    pub fn internal() -> ErrorReply {
+        ErrorReply::new(
+            ErrorCode::InternalError,
+            "The server failed to process the request. Retry after a moment; if it persists, contact support with the request id.",
+        )
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// The reply's headers, in the order they are sent: `Content-Type` first.
+    pub fn headers(&self, mut header: impl FnMut(&HeaderName, &[u8])) {
+        header(&header::CONTENT_TYPE, APPLICATION_JSON);
+        if let Some(seconds) = self.retry_after {
+            header(
+                &header::RETRY_AFTER,
+                itoa::Buffer::new().format(seconds).as_bytes(),
+            );
+        }
+        if self.www_authenticate {
+            header(&header::WWW_AUTHENTICATE, b"Bearer");
+        }
+        if let Some(allow) = &self.allow {
+            header(&header::ALLOW, allow.as_bytes());
+        }
+        if self.close {
+            header(&header::CONNECTION, b"close");
+        }
+    }
+
+    /// Appends the envelope to `out`. Every error body of the server is written here.
+    pub fn write_body(&self, out: &mut Vec<u8>, request_id: Option<&str>) {
+        write_envelope(
+            out,
+            self.code,
+            &self.message,
+            self.param.as_deref(),
+            request_id,
+        );
+    }
+
+    /// The response, with the request id of the request being served (the gateway's task-local).
+    pub fn into_response(self) -> Response {
+        match REQUEST_ID.try_with(|id| self.response(Some(id))) {
+            Ok(response) => response,
+            Err(_) => self.response(None),
+        }
+    }
+
+    /// The response, with `request_id` in its body.
+    pub fn response(&self, request_id: Option<&str>) -> Response {
+        let mut body = Vec::with_capacity(128 + self.message.len());
+        self.write_body(&mut body, request_id);
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        // Room for what the gateway adds (rate limit, request id) without growing the map.
+        headers.reserve(6);
+        self.headers(|name, value| {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.insert(name.clone(), value);
+            }
+        });
+        response.extensions_mut().insert(Enveloped);
+        response
+    }
+}
+
+/// The body of every error: [`ErrorBody`](tollgate_contract::ErrorBody)'s JSON (a test holds
+/// the two equal), written directly because a 401 and a 429 are answered thousands of times a
+/// second and serde's path (owned strings, escaping byte by byte) was the largest part of their cost.
+fn write_envelope(
+    out: &mut Vec<u8>,
     code: ErrorCode,
     message: &str,
     param: Option<&str>,
     request_id: Option<&str>,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128 + message.len());
+) {
     out.extend_from_slice(b"{\"error\":{\"message\":");
-    json_string(&mut out, message);
+    json_string(out, message);
     out.extend_from_slice(b",\"type\":");
-    json_string(&mut out, code.error_type().as_str());
+    json_string(out, code.error_type().as_str());
     out.extend_from_slice(b",\"code\":");
-    json_string(&mut out, code.as_str());
+    json_string(out, code.as_str());
     if let Some(param) = param {
         out.extend_from_slice(b",\"param\":");
-        json_string(&mut out, param);
+        json_string(out, param);
     }
     if let Some(id) = request_id {
         out.extend_from_slice(b",\"request_id\":");
-        json_string(&mut out, id);
+        json_string(out, id);
     }
     out.extend_from_slice(b"}}");
-    out
 }
 
 /// A JSON string: copied as is when nothing in it needs escaping (the usual case), else by serde.
@@ -148,15 +252,6 @@ fn json_string(out: &mut Vec<u8>, text: &str) {
         // Writing to a Vec cannot fail; an empty string keeps the JSON whole regardless.
         out.extend_from_slice(b"\"\"");
     }
-}
-
-fn retry_after_header(wait: Duration) -> [(HeaderName, HeaderValue); 1] {
-    let seconds = retry_after::whole_seconds_ceil(wait);
-    [(header::RETRY_AFTER, HeaderValue::from(seconds))]
-}
-
-fn www_authenticate() -> [(HeaderName, HeaderValue); 1] {
-    [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))]
 }
 
 /// `{before}{wait}{after}`, the wait as "1 second", "3 seconds" and rounded the same way as the
@@ -196,117 +291,94 @@ fn push_human(text: &mut String, duration: Duration) {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let code = self.code();
-        let none = || None::<(HeaderName, HeaderValue)>;
-        match self {
+impl From<Error> for ErrorReply {
+    /// The mapping: status, type and code come from the error's [`ErrorCode`]; the message says
+    /// what to fix. An internal cause is logged here, inside the request's span, and never sent.
+    fn from(error: Error) -> ErrorReply {
+        let code = error.code();
+        let reply = |message: &'static str| ErrorReply::new(code, message);
+        match error {
             Error::InvalidRequest { message, param, .. } => {
-                envelope(code, message, param.as_deref(), none())
+                ErrorReply::new(code, message).param(param)
             }
-            Error::MissingCredential { admin: false } => envelope(
-                code,
-                "No API key was sent. Include it in the Authorization header as `Bearer tg_…`.",
-                None,
-                www_authenticate(),
-            ),
-            Error::MissingCredential { admin: true } => envelope(
-                code,
-                "This route needs the operator's token in the Authorization header as `Bearer <token>`.",
-                None,
-                www_authenticate(),
-            ),
-            Error::InvalidCredential { admin: false } => envelope(
-                code,
-                "The API key is not valid. Check that it is typed correctly and has not been revoked.",
-                None,
-                www_authenticate(),
-            ),
+            Error::MissingCredential { admin: false } => {
+                reply("No API key was sent. Include it in the Authorization header as `Bearer tg_…`.")
+                    .www_authenticate()
+            }
+            Error::MissingCredential { admin: true } => {
+                reply("This route needs the operator's token in the Authorization header as `Bearer <token>`.")
+                    .www_authenticate()
+            }
+            Error::InvalidCredential { admin: false } => {
+                reply("The API key is not valid. Check that it is typed correctly and has not been revoked.")
+                    .www_authenticate()
+            }
             Error::InvalidCredential { admin: true } => {
-                envelope(code, "The operator token is not valid. Check TOLLGATE_ADMIN_TOKEN.", None, www_authenticate())
+                reply("The operator token is not valid. Check TOLLGATE_ADMIN_TOKEN.").www_authenticate()
             }
-            Error::InsufficientCredits { cost, balance } => envelope(
+            Error::InsufficientCredits { cost, balance } => ErrorReply::new(
                 code,
                 format!(
                     "This request costs {cost} credits but the balance is {balance}. \
                      Top up credits in the Dashboard: {} (sign in with your API key).",
                     top_up_link()
                 ),
-                None,
-                none(),
             ),
             Error::NotFound { what, id } => {
-                envelope(code, format!("No {what} with id `{id}` was found. Check the id."), None, none())
+                ErrorReply::new(code, format!("No {what} with id `{id}` was found. Check the id."))
             }
-            Error::Gone { what, id, retention } => envelope(
+            Error::Gone { what, id, retention } => ErrorReply::new(
                 code,
                 format!("The {what} `{id}` has expired: it is kept for {} after creation.", human(retention)),
-                None,
-                none(),
             ),
-            Error::RateLimited { retry_after } => envelope(
+            Error::RateLimited { retry_after } => ErrorReply::new(
                 code,
                 with_seconds("Rate limit exceeded. Please slow down and retry after ", retry_after, "."),
-                None,
-                retry_after_header(retry_after),
-            ),
-            Error::IdempotencyKeyReused => envelope(
-                code,
+            )
+            .retry_after(retry_after),
+            Error::IdempotencyKeyReused => reply(
                 "This Idempotency-Key was already used with a different request. Use a new key for a new request.",
-                Some("Idempotency-Key"),
-                none(),
-            ),
-            Error::IdempotencyKeyInUse => envelope(
-                code,
+            )
+            .param(Some("Idempotency-Key")),
+            Error::IdempotencyKeyInUse => reply(
                 "A request with this Idempotency-Key is still being processed. Retry in a moment.",
-                None,
-                none(),
             ),
-            Error::NotCancelable { id, status } => envelope(
+            Error::NotCancelable { id, status } => ErrorReply::new(
                 code,
                 format!("The task `{id}` is {status}; only a queued task can be cancelled."),
-                None,
-                none(),
             ),
-            Error::CsrfTokenInvalid => envelope(
-                code,
+            Error::CsrfTokenInvalid => reply(
                 "This form is out of date or did not come from the dashboard. Reload the page and submit it again.",
-                None,
-                none(),
             ),
-            Error::VoucherRefused(refusal) => envelope(
-                code,
-                voucher_refusal_message(refusal),
-                Some("code"),
-                none(),
-            ),
+            Error::VoucherRefused(refusal) => {
+                reply(voucher_refusal_message(refusal)).param(Some("code"))
+            }
             Error::Unavailable { reason, retry_after } => {
-                let close = (reason == "shutting down")
-                    .then(|| (header::CONNECTION, HeaderValue::from_static("close")));
-                let headers = retry_after_header(retry_after).into_iter().chain(close);
-                envelope(
+                let mut unavailable = ErrorReply::new(
                     code,
                     with_seconds(&format!("The service is unavailable ({reason}). Retry after "), retry_after, "."),
-                    None,
-                    headers,
                 )
+                .retry_after(retry_after);
+                unavailable.close = reason == "shutting down";
+                unavailable
             }
             Error::Internal(cause) => {
                 tracing::error!(cause = %cause, "internal error");
-                internal_error()
+                ErrorReply::internal()
             }
         }
     }
 }
 
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        ErrorReply::from(self).into_response()
+    }
+}
+
 /// The 500 a client sees, whatever the cause.
 pub fn internal_error() -> Response {
-    envelope(
-        ErrorCode::InternalError,
-        "The server failed to process the request. Retry after a moment; if it persists, contact support with the request id.",
-        None,
-        None,
-    )
+    ErrorReply::internal().into_response()
 }
 
 #[cfg(test)]
@@ -331,7 +403,14 @@ mod tests {
                 let mut expected = ErrorBody::new(ErrorCode::RateLimitExceeded, message);
                 expected.error.param = param.map(str::to_owned);
                 expected.error.request_id = id.map(str::to_owned);
-                let written = envelope_json(ErrorCode::RateLimitExceeded, message, param, id);
+                let mut written = Vec::new();
+                write_envelope(
+                    &mut written,
+                    ErrorCode::RateLimitExceeded,
+                    message,
+                    param,
+                    id,
+                );
                 assert_eq!(
                     written,
                     serde_json::to_vec(&expected).unwrap(),

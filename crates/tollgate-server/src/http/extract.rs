@@ -3,7 +3,7 @@
 use crate::error::Error;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 use tollgate_contract::ErrorCode;
 
@@ -144,10 +144,21 @@ pub enum Credential<'a> {
 
 /// Reads `Authorization: Bearer <credential>`.
 pub fn bearer(headers: &HeaderMap) -> Credential<'_> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+    bearer_value(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// [`bearer`] of the header's value (the first one), as bytes: the fast lane has no `HeaderMap`.
+pub fn bearer_value(value: Option<&[u8]>) -> Credential<'_> {
+    let Some(value) = value else {
         return Credential::Missing;
     };
-    let Ok(value) = value.to_str() else {
+    // What `HeaderValue::to_str` accepts: visible ASCII and tabs.
+    let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
+    let Some(value) = visible.then(|| std::str::from_utf8(value).ok()).flatten() else {
         return Credential::Unsupported;
     };
     let value = value.trim();

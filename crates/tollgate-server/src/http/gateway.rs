@@ -13,8 +13,8 @@
 //! and a route lookup. As one hand-written service in front of the router, a 429 or 401 never
 //! reaches the router at all (bench/README.md has the figures).
 
-use super::error::{envelope, internal_error, Enveloped, Origin, ORIGIN, REQUEST_ID};
-use super::extract::{bearer, body_too_large, Credential};
+use super::error::{internal_error, Enveloped, ErrorReply, Origin, ORIGIN, REQUEST_ID};
+use super::extract::{bearer_value, body_too_large, Credential};
 use super::AppState;
 use crate::domain::ratelimit::Admission;
 use crate::domain::secrets;
@@ -33,12 +33,13 @@ use std::time::{Duration, Instant};
 use tollgate_contract::{headers as h, retry_after, ErrorCode};
 
 use tower::ServiceExt;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 // Names made once: a `&str` name is parsed again on every insert.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static(h::RATELIMIT_POLICY);
 const RATELIMIT: HeaderName = HeaderName::from_static(h::RATELIMIT);
+const SIMULATE: HeaderName = HeaderName::from_static(h::SIMULATE);
 
 /// The route template of `GET /v1/tasks/{id}`, the read served without the router.
 const TASK_ROUTE: &str = "/v1/tasks/{id}";
@@ -83,6 +84,97 @@ pub fn api_route(method: &Method, path: &str) -> Option<&'static str> {
 #[derive(Debug, Clone)]
 pub struct ServedBy(pub MatchedPath);
 
+/// What the gateway reads of a request before anything else: its method, its path and three
+/// headers (the first of each). A request from hyper lends them from its `Request`
+/// ([`Head::of`]); the fast lane lends them from the bytes it parsed, before any `Request` exists.
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub authorization: Option<&'a [u8]>,
+    pub request_id: Option<&'a [u8]>,
+    /// `Tollgate-Simulate` (read only with `--simulate-errors`).
+    pub simulate: Option<&'a [u8]>,
+}
+
+impl<'a> Head<'a> {
+    pub fn of<B>(req: &'a Request<B>) -> Head<'a> {
+        let headers = req.headers();
+        let value = |name: &HeaderName| headers.get(name).map(HeaderValue::as_bytes);
+        Head {
+            method: req.method(),
+            path: req.uri().path(),
+            authorization: value(&header::AUTHORIZATION),
+            request_id: value(&X_REQUEST_ID),
+            simulate: value(&SIMULATE),
+        }
+    }
+}
+
+/// What the gateway made of a request's [`Head`].
+pub enum Screened<'g> {
+    /// Refused from the head alone (401, 429, the drain's 503, a simulated failure): counted and
+    /// logged already; only the bytes are left to send.
+    Refused(Refusal),
+    /// Let through: serve it with [`Gateway::serve_passed`].
+    Passed(Pass<'g>),
+}
+
+/// A request refused from its head, ready to be rendered: the error's [`ErrorReply`], then the
+/// `RateLimit` headers (for a 429) and `X-Request-Id`. [`Refusal::into_response`] renders it
+/// for hyper; the fast lane writes the same [`Refusal::headers`] and [`Refusal::write_body`].
+pub struct Refusal {
+    reply: ErrorReply,
+    admission: Option<Admission>,
+    request_id: String,
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        self.reply.status()
+    }
+
+    /// Every header of the response, in the order sent (hyper adds `content-length` and `date`).
+    pub fn headers(&self, mut header: impl FnMut(&HeaderName, &[u8])) {
+        self.reply.headers(&mut header);
+        if let Some(admission) = &self.admission {
+            rate_limit_fields(admission, &mut header);
+        }
+        if sendable(&self.request_id) {
+            header(&X_REQUEST_ID, self.request_id.as_bytes());
+        }
+    }
+
+    pub fn write_body(&self, out: &mut Vec<u8>) {
+        self.reply.write_body(out, Some(&self.request_id));
+    }
+
+    pub fn into_response(self) -> Response {
+        let mut response = self.reply.response(Some(&self.request_id));
+        let headers = response.headers_mut();
+        if let Some(admission) = &self.admission {
+            rate_limit_headers(headers, admission);
+        }
+        if let Ok(id) = HeaderValue::from_str(&self.request_id) {
+            headers.insert(X_REQUEST_ID, id);
+        }
+        response
+    }
+}
+
+/// A request the gateway let through, with what it learnt: the caller and its admission (on an
+/// API route), the request id, the span, and its place among the requests in flight.
+pub struct Pass<'g> {
+    started: Instant,
+    request_id: String,
+    span: Span,
+    route: Option<&'static str>,
+    access: Option<(Caller, Admission)>,
+    _in_flight: InFlight<'g>,
+}
+
+/// Why the head was refused, and the admission when the refusal is a 429.
+type Stop = (Error, Option<Admission>);
+
 /// The front service. One per server, shared by every connection.
 pub struct Gateway {
     state: Arc<AppState>,
@@ -95,22 +187,115 @@ impl Gateway {
         Gateway { state, router }
     }
 
-    /// Serves one request, whatever happens: every response leaves through here.
+    /// Serves one request, whatever happens: every response hyper sends comes from here.
     pub async fn serve(&self, req: Request<Body>) -> Response {
+        let screened = self.screen(&Head::of(&req)).await;
+        match screened {
+            Screened::Refused(refusal) => refusal.into_response(),
+            Screened::Passed(pass) => self.serve_passed(req, pass).await,
+        }
+    }
+
+    /// The checks that need only the head, in order: request id and span; the drain gate;
+    /// with `--simulate-errors`, `Tollgate-Simulate`; on an API route ([`api_route`]), the key
+    /// and the account's rate limit. A refusal is counted and logged here.
+    pub async fn screen(&self, head: &Head<'_>) -> Screened<'_> {
         let started = Instant::now();
-        let request_id = req
-            .headers()
-            .get(&X_REQUEST_ID)
+        let request_id = head
+            .request_id
             .and_then(sane_request_id)
             .unwrap_or_else(new_request_id);
+        let route = api_route(head.method, head.path);
+        let span = tracing::info_span!("request", request_id = %request_id, method = %head.method, path = %head.path);
+        let checked = AssertUnwindSafe(self.check(head, route))
+            .catch_unwind()
+            .instrument(span.clone())
+            .await;
+        let (reply, admission) = match checked {
+            Ok(Ok((access, in_flight))) => {
+                return Screened::Passed(Pass {
+                    started,
+                    request_id,
+                    span,
+                    route,
+                    access,
+                    _in_flight: in_flight,
+                })
+            }
+            // Inside the span: an internal cause is logged by the mapping.
+            Ok(Err((error, admission))) => (span.in_scope(|| ErrorReply::from(error)), admission),
+            Err(payload) => {
+                let panic = panic_message(payload.as_ref());
+                span.in_scope(|| tracing::error!(panic = %panic, "handler panicked"));
+                (ErrorReply::internal(), None)
+            }
+        };
+        let status = reply.status().as_u16();
+        self.finish(route, None, head.method, status, started, &span);
+        Screened::Refused(Refusal {
+            reply,
+            admission,
+            request_id,
+        })
+    }
+
+    async fn check(
+        &self,
+        head: &Head<'_>,
+        route: Option<&'static str>,
+    ) -> Result<(Option<(Caller, Admission)>, InFlight<'_>), Stop> {
+        let state = &self.state;
+        let app = &state.app;
+        if state.draining.load(Ordering::Acquire) {
+            let shutting_down = Error::Unavailable {
+                reason: "shutting down",
+                retry_after: app.shutdown_retry_after(),
+            };
+            return Err((shutting_down, None));
+        }
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        // Decrements even if the request is cancelled, panics or is refused.
+        let in_flight = InFlight(state);
+        if app.config().simulate_errors {
+            if let Some(failure) = head.simulate.map(simulated_failure) {
+                return Err((failure, None));
+            }
+        }
+        let Some(_) = route else {
+            return Ok((None, in_flight));
+        };
+        let credential = match bearer_value(head.authorization) {
+            Credential::Missing => None,
+            Credential::Bearer(key) => Some(key),
+            Credential::Unsupported => {
+                return Err((Error::InvalidCredential { admin: false }, None))
+            }
+        };
+        let caller = app.authenticate(credential).await.map_err(|e| (e, None))?;
+        let admission = app.admit(&caller).await.map_err(|e| (e, None))?;
+        match admission.retry_after {
+            Some(wait) => Err((Error::RateLimited { retry_after: wait }, Some(admission))),
+            None => Ok((Some((caller, admission)), in_flight)),
+        }
+    }
+
+    /// Serves a request that [`Gateway::screen`] let through: the task read here, everything
+    /// else through the router; then the envelope for any error that is not in it yet, the
+    /// `RateLimit` headers and the request id, and the count and the log line.
+    pub async fn serve_passed(&self, req: Request<Body>, pass: Pass<'_>) -> Response {
+        let Pass {
+            started,
+            request_id,
+            span,
+            route,
+            access,
+            _in_flight,
+        } = pass;
         let request_id_header = HeaderValue::from_str(&request_id).ok();
         let method = req.method().clone();
         // Reference-counted, not copied: this runs on every request.
         let uri = req.uri().clone();
         let path = uri.path();
-        let route = api_route(&method, path);
-        let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
-
         // Only a charge can be refused for credits (the 402 whose message links to this server),
         // and no `GET` charges: the many reads skip the header lookups.
         let origin = if method == Method::GET || method == Method::HEAD {
@@ -119,7 +304,7 @@ impl Gateway {
             Origin::of(req.headers())
         };
         let respond = async {
-            let outcome = AssertUnwindSafe(self.dispatch(req, route))
+            let outcome = AssertUnwindSafe(self.dispatch(req, route, access))
                 .catch_unwind()
                 .await;
             match outcome {
@@ -138,45 +323,32 @@ impl Gateway {
             response.headers_mut().insert(X_REQUEST_ID, value);
         }
         let status = response.status().as_u16();
-        let elapsed = started.elapsed();
-        let label = match route {
-            Some(route) => route,
-            None => response
-                .extensions()
-                .get::<ServedBy>()
-                .map_or("unmatched", |ServedBy(path)| path.as_str()),
-        };
-        self.state.app.metrics().observe_request(
-            label,
-            method.as_str(),
-            status,
-            elapsed.as_secs_f64(),
-        );
-        span.in_scope(|| tracing::info!(status, micros = elapsed.as_micros() as u64, "served"));
+        let served_by = response.extensions().get::<ServedBy>();
+        self.finish(route, served_by, &method, status, started, &span);
         response
     }
 
-    async fn dispatch(&self, req: Request<Body>, route: Option<&'static str>) -> Response {
-        let state = &self.state;
-        if state.draining.load(Ordering::Acquire) {
-            return Error::Unavailable {
-                reason: "shutting down",
-                retry_after: state.app.shutdown_retry_after(),
+    async fn dispatch(
+        &self,
+        mut req: Request<Body>,
+        route: Option<&'static str>,
+        access: Option<(Caller, Admission)>,
+    ) -> Response {
+        let Some((caller, admission)) = access else {
+            return self.route(req).await;
+        };
+        let task_id = (route == Some(TASK_ROUTE) && req.method() == Method::GET)
+            .then(|| plain_segment(req.uri().path(), 2))
+            .flatten();
+        let mut response = match task_id {
+            Some(id) => self.read_task(&caller, id).await,
+            None => {
+                req.extensions_mut().insert(caller);
+                self.route(req).await
             }
-            .into_response();
-        }
-        state.in_flight.fetch_add(1, Ordering::AcqRel);
-        // Decrements even if the request is cancelled or panics.
-        let _in_flight = InFlight(state);
-        if state.app.config().simulate_errors {
-            if let Some(response) = simulated_failure(req.headers()) {
-                return response;
-            }
-        }
-        match route {
-            Some(route) => self.api(req, route).await,
-            None => self.route(req).await,
-        }
+        };
+        rate_limit_headers(response.headers_mut(), &admission);
+        response
     }
 
     async fn route(&self, req: Request<Body>) -> Response {
@@ -184,39 +356,6 @@ impl Gateway {
             Ok(response) => response,
             Err(never) => match never {},
         }
-    }
-
-    /// A route that takes an API key: the key, the rate limit, then the handler.
-    async fn api(&self, mut req: Request<Body>, route: &'static str) -> Response {
-        let app = &self.state.app;
-        let credential = match bearer(req.headers()) {
-            Credential::Missing => None,
-            Credential::Bearer(key) => Some(key),
-            Credential::Unsupported => {
-                return Error::InvalidCredential { admin: false }.into_response()
-            }
-        };
-        let caller = match app.authenticate(credential).await {
-            Ok(caller) => caller,
-            Err(e) => return e.into_response(),
-        };
-        let admission = match app.admit(&caller).await {
-            Ok(admission) => admission,
-            Err(e) => return e.into_response(),
-        };
-        let task_id = (route == TASK_ROUTE && req.method() == Method::GET)
-            .then(|| plain_segment(req.uri().path(), 2))
-            .flatten();
-        let mut response = match (admission.retry_after, task_id) {
-            (Some(wait), _) => Error::RateLimited { retry_after: wait }.into_response(),
-            (None, Some(id)) => self.read_task(&caller, id).await,
-            (None, None) => {
-                req.extensions_mut().insert(caller);
-                self.route(req).await
-            }
-        };
-        rate_limit_headers(response.headers_mut(), &admission);
-        response
     }
 
     /// `GET /v1/tasks/{id}`, the route clients poll.
@@ -233,6 +372,31 @@ impl Gateway {
             Err(e) => e.into_response(),
         }
     }
+
+    /// Counts the request (by its API route, else the route the router matched) and logs it.
+    fn finish(
+        &self,
+        route: Option<&'static str>,
+        served_by: Option<&ServedBy>,
+        method: &Method,
+        status: u16,
+        started: Instant,
+        span: &Span,
+    ) {
+        let elapsed = started.elapsed();
+        let label = match (route, served_by) {
+            (Some(route), _) => route,
+            (None, Some(ServedBy(path))) => path.as_str(),
+            (None, None) => "unmatched",
+        };
+        self.state.app.metrics().observe_request(
+            label,
+            method.as_str(),
+            status,
+            elapsed.as_secs_f64(),
+        );
+        span.in_scope(|| tracing::info!(status, micros = elapsed.as_micros() as u64, "served"));
+    }
 }
 
 /// The `index`th segment of `path` (0: the one after the first `/`) when it needs no
@@ -243,7 +407,8 @@ fn plain_segment(path: &str, index: usize) -> Option<&str> {
     (!segment.contains('%')).then_some(segment)
 }
 
-struct InFlight<'a>(&'a AppState);
+/// One request past the drain gate, until it is answered (the drain waits for none to be left).
+pub struct InFlight<'a>(&'a AppState);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -259,13 +424,20 @@ fn new_request_id() -> String {
 }
 
 /// An incoming `X-Request-Id` is kept when it is short and plain, so a caller's trace id carries through.
-fn sane_request_id(value: &HeaderValue) -> Option<String> {
-    let text = value.to_str().ok()?;
-    let ok = (1..=128).contains(&text.len())
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-    ok.then(|| text.to_owned())
+fn sane_request_id(value: &[u8]) -> Option<String> {
+    let ok = (1..=128).contains(&value.len()) && sendable_bytes(value);
+    ok.then(|| String::from_utf8_lossy(value).into_owned())
+}
+
+/// Whether a request id can be sent back as it is (every id the gateway keeps or makes can).
+fn sendable(request_id: &str) -> bool {
+    sendable_bytes(request_id.as_bytes())
+}
+
+fn sendable_bytes(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -276,7 +448,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-/// Turns any error response that did not come from [`envelope`] (axum's own 404/405/413/415 and
+/// Turns any error response that is not in the envelope yet (axum's own 404/405/413/415 and
 /// the like) into the envelope, keeping its status and headers such as `Allow`.
 fn ensure_envelope(response: Response, method: &Method, path: &str) -> Response {
     let status = response.status();
@@ -284,98 +456,115 @@ fn ensure_envelope(response: Response, method: &Method, path: &str) -> Response 
         return response;
     }
     let allow = response.headers().get(header::ALLOW).cloned();
-    let keep = allow.clone().map(|allow| (header::ALLOW, allow));
     let shown_path: String = path.chars().take(200).collect();
-    match status {
-        StatusCode::NOT_FOUND => envelope(
+    let reply = match status {
+        StatusCode::NOT_FOUND => ErrorReply::new(
             ErrorCode::UnknownEndpoint,
             format!("There is no endpoint at {method} {shown_path}. Check the URL against /openapi.json."),
-            None,
-            keep,
         ),
         StatusCode::METHOD_NOT_ALLOWED => {
             let allowed = allow.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
-            envelope(
+            ErrorReply::new(
                 ErrorCode::MethodNotAllowed,
                 format!("{method} is not allowed on {shown_path}; use {allowed}."),
-                None,
-                keep,
             )
         }
-        StatusCode::PAYLOAD_TOO_LARGE => body_too_large().into_response(),
-        s if s.is_server_error() => internal_error(),
-        _ => envelope(
+        StatusCode::PAYLOAD_TOO_LARGE => return body_too_large().into_response(),
+        s if s.is_server_error() => return internal_error(),
+        _ => ErrorReply::new(
             ErrorCode::InvalidValue,
             format!("The request could not be understood ({}).", status.canonical_reason().unwrap_or("bad request")),
-            None,
-            keep,
         ),
-    }
+    };
+    reply.allow(allow).into_response()
 }
 
-/// `Tollgate-Simulate` (only with `--simulate-errors`): the failure it asks for, if any.
-fn simulated_failure(headers: &HeaderMap) -> Option<Response> {
-    let value = headers.get(h::SIMULATE)?;
+/// The failure `Tollgate-Simulate` asks for (only with `--simulate-errors`).
+fn simulated_failure(value: &[u8]) -> Error {
     let one_second = Duration::from_secs(1);
-    Some(match value.as_bytes() {
+    match value {
         b"429" => Error::RateLimited {
             retry_after: one_second,
-        }
-        .into_response(),
-        b"500" => {
-            Error::Internal("simulated failure (Tollgate-Simulate: 500)".to_owned()).into_response()
-        }
+        },
+        b"500" => Error::Internal("simulated failure (Tollgate-Simulate: 500)".to_owned()),
         b"503" => Error::Unavailable {
             reason: "simulated outage",
             retry_after: one_second,
-        }
-        .into_response(),
+        },
         b"panic" => panic!("simulated panic (Tollgate-Simulate: panic)"),
         _ => Error::invalid(
             ErrorCode::InvalidValue,
             "Tollgate-Simulate",
             "Tollgate-Simulate must be 429, 500, 503 or panic.",
-        )
-        .into_response(),
-    })
+        ),
+    }
+}
+
+/// [`rate_limit_fields`] into a header map.
+fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
+    rate_limit_fields(admission, |name, value| {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            headers.insert(name.clone(), value);
+        }
+    });
 }
 
 /// `RateLimit-Policy` and `RateLimit` of draft-ietf-httpapi-ratelimit-headers: the quota is the
 /// burst, its window the time to refill it; `r` is what is left now, `t` the seconds until full.
-fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
+fn rate_limit_fields(admission: &Admission, mut header: impl FnMut(&HeaderName, &[u8])) {
     let window = retry_after::whole_seconds_ceil(admission.window());
     let reset = if admission.reset.is_zero() {
         0
     } else {
         retry_after::whole_seconds_ceil(admission.reset)
     };
-    let policy = rate_limit_value(
+    let mut value = FieldValue::default();
+    value.join(
         b"\"default\";q=",
         admission.limit.burst.into(),
         b";w=",
         window,
     );
-    let state = rate_limit_value(b"\"default\";r=", admission.remaining.into(), b";t=", reset);
-    if let Some(v) = policy {
-        headers.insert(RATELIMIT_POLICY, v);
-    }
-    if let Some(v) = state {
-        headers.insert(RATELIMIT, v);
+    header(&RATELIMIT_POLICY, value.as_bytes());
+    value.join(b"\"default\";r=", admission.remaining.into(), b";t=", reset);
+    header(&RATELIMIT, value.as_bytes());
+}
+
+/// A header value of the form `{a}{x}{b}{y}`, made on the stack without `fmt` (this runs on
+/// every API request). 64 bytes hold the longest: 15 bytes of text and two 20-digit numbers.
+struct FieldValue {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl Default for FieldValue {
+    fn default() -> FieldValue {
+        FieldValue {
+            bytes: [0; 64],
+            len: 0,
+        }
     }
 }
 
-/// `{a}{x}{b}{y}` as a header value, without `fmt` (this runs on every API request).
-fn rate_limit_value(a: &[u8], x: u64, b: &[u8], y: u64) -> Option<HeaderValue> {
-    let mut numbers = (itoa::Buffer::new(), itoa::Buffer::new());
-    let (x, y) = (
-        numbers.0.format(x).as_bytes(),
-        numbers.1.format(y).as_bytes(),
-    );
-    let mut value = Vec::with_capacity(a.len() + x.len() + b.len() + y.len());
-    for part in [a, x, b, y] {
-        value.extend_from_slice(part);
+impl FieldValue {
+    fn join(&mut self, a: &[u8], x: u64, b: &[u8], y: u64) {
+        self.len = 0;
+        let mut numbers = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (x, y) = (
+            numbers.0.format(x).as_bytes(),
+            numbers.1.format(y).as_bytes(),
+        );
+        for part in [a, x, b, y] {
+            let end = (self.len + part.len()).min(self.bytes.len());
+            let taken = end - self.len;
+            self.bytes[self.len..end].copy_from_slice(&part[..taken]);
+            self.len = end;
+        }
     }
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 #[cfg(test)]

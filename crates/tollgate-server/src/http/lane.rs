@@ -16,7 +16,7 @@
 //! answers are the same; only the bytes on the wire are written here. A test sends the same
 //! requests both ways and compares them.
 
-use super::gateway::Gateway;
+use super::gateway::{Gateway, Head, Refusal, Screened};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
@@ -32,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tollgate_contract::headers as h;
 
 /// More headers than this and the request is hyper's (which has its own, higher limit).
 const MAX_HEADERS: usize = 32;
@@ -57,31 +58,44 @@ pub async fn run(
 ) -> LaneEnd {
     let mut input = BytesMut::with_capacity(4096);
     let mut output = Vec::with_capacity(1024);
+    let mut body = Vec::with_capacity(512);
     // One wait for the whole connection, not a new one for every read.
     let mut closing = std::pin::pin!(close.changed());
     loop {
         // Every complete request read so far, in order; their responses go out in one write.
         let mut end = None;
         loop {
-            match next_request(&input, peer) {
-                Next::Request(request, len) => {
-                    input.advance(len);
-                    let response = gateway.serve(request).await;
-                    match write_response(response, &mut output).await {
-                        Ok(Keep::Open) => {}
-                        Ok(Keep::Close) => {
-                            end = Some(LaneEnd::Closed);
-                            break;
-                        }
-                        Err(e) => {
-                            // A response body that failed: what was sent cannot be undone.
-                            tracing::error!(error = %e, "response body failed; closing the connection");
-                            return LaneEnd::Closed;
-                        }
+            let served = match next_request(&input) {
+                Next::Request(head, len) => match gateway.screen(&head.head()).await {
+                    Screened::Refused(refusal) => {
+                        Served::Answered(write_refusal(&refusal, &mut output, &mut body), len)
                     }
+                    Screened::Passed(pass) => match head.request(peer) {
+                        Some(request) => {
+                            let response = gateway.serve_passed(request, pass).await;
+                            match write_response(response, &mut output).await {
+                                Ok(keep) => Served::Answered(keep, len),
+                                Err(e) => {
+                                    // A response body that failed: what was sent cannot be undone.
+                                    tracing::error!(error = %e, "response body failed; closing the connection");
+                                    return LaneEnd::Closed;
+                                }
+                            }
+                        }
+                        None => Served::NotOurs,
+                    },
+                },
+                Next::Incomplete if input.len() < MAX_HEAD => Served::Incomplete,
+                Next::Incomplete | Next::NotOurs => Served::NotOurs,
+            };
+            match served {
+                Served::Answered(Keep::Open, len) => input.advance(len),
+                Served::Answered(Keep::Close, _) => {
+                    end = Some(LaneEnd::Closed);
+                    break;
                 }
-                Next::Incomplete if input.len() < MAX_HEAD => break,
-                Next::Incomplete | Next::NotOurs => {
+                Served::Incomplete => break,
+                Served::NotOurs => {
                     end = Some(LaneEnd::HandOff(input.split().freeze()));
                     break;
                 }
@@ -115,18 +129,71 @@ pub async fn run(
     }
 }
 
-// Lives for one match: boxing the request would cost an allocation per request for nothing.
-#[allow(clippy::large_enum_variant)]
-enum Next {
-    /// A request of the lane's, and how many bytes of the input it took.
-    Request(Request<Body>, usize),
+/// What became of the next request in the input.
+enum Served {
+    /// Answered; the request took this many bytes of the input.
+    Answered(Keep, usize),
     /// The head is not complete yet.
     Incomplete,
     /// Not a request the lane takes (or not a valid one: hyper gives the 400).
     NotOurs,
 }
 
-fn next_request(input: &[u8], peer: SocketAddr) -> Next {
+// Lives for one match: boxing the head would cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Next<'a> {
+    /// A request of the lane's, and how many bytes of the input it took.
+    Request(LaneHead<'a>, usize),
+    /// The head is not complete yet.
+    Incomplete,
+    /// Not a request the lane takes (or not a valid one: hyper gives the 400).
+    NotOurs,
+}
+
+/// The head of a request the lane takes, borrowed from the input: enough for the gateway to
+/// refuse it ([`LaneHead::head`]) and to build the `Request` when it does not ([`LaneHead::request`]).
+struct LaneHead<'a> {
+    target: &'a str,
+    path: &'a str,
+    headers: [httparse::Header<'a>; MAX_HEADERS],
+    count: usize,
+    authorization: Option<&'a [u8]>,
+    request_id: Option<&'a [u8]>,
+    simulate: Option<&'a [u8]>,
+}
+
+impl<'a> LaneHead<'a> {
+    fn head(&self) -> Head<'_> {
+        Head {
+            method: &Method::GET,
+            path: self.path,
+            authorization: self.authorization,
+            request_id: self.request_id,
+            simulate: self.simulate,
+        }
+    }
+
+    /// The `Request` hyper would have made of the head. `None` cannot happen for a head that
+    /// [`next_request`] took (httparse checks header names and values by the same rules as
+    /// `http`, and the target's characters were checked), but is hyper's if it does.
+    fn request(&self, peer: SocketAddr) -> Option<Request<Body>> {
+        let uri = Uri::try_from(self.target).ok()?;
+        let mut request = Request::new(Body::empty());
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        let map = request.headers_mut();
+        map.reserve(self.count);
+        for h in &self.headers[..self.count] {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+            let value = HeaderValue::from_bytes(h.value).ok()?;
+            map.append(name, value);
+        }
+        request.extensions_mut().insert(ConnectInfo(peer));
+        Some(request)
+    }
+}
+
+fn next_request(input: &[u8]) -> Next<'_> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut headers);
     let len = match head.parse(input) {
@@ -137,45 +204,92 @@ fn next_request(input: &[u8], peer: SocketAddr) -> Next {
     let (Some("GET"), Some(1), Some(target)) = (head.method, head.version, head.path) else {
         return Next::NotOurs;
     };
+    let count = head.headers.len();
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     match super::gateway::api_route(&Method::GET, path) {
-        Some(route) if route != super::gateway::IMAGE_ROUTE => {}
+        Some(route) if route != super::gateway::IMAGE_ROUTE && plain_target(target) => {}
         _ => return Next::NotOurs,
     }
-    let Ok(uri) = Uri::try_from(target) else {
-        return Next::NotOurs;
+    let mut taken = LaneHead {
+        target,
+        path,
+        headers,
+        count,
+        authorization: None,
+        request_id: None,
+        simulate: None,
     };
-    let mut request = Request::new(Body::empty());
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    let map = request.headers_mut();
-    map.reserve(head.headers.len());
-    for h in head.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-            return Next::NotOurs;
-        };
-        let ours = if name == header::CONNECTION {
+    for h in &taken.headers[..count] {
+        let name = h.name.as_bytes();
+        let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
+        let ours = if is(&header::CONNECTION) {
             h.value.eq_ignore_ascii_case(b"keep-alive")
-        } else if name == header::CONTENT_LENGTH {
+        } else if is(&header::CONTENT_LENGTH) {
             h.value == b"0"
         } else {
-            name != header::TRANSFER_ENCODING && name != header::EXPECT && name != header::UPGRADE
-        };
-        let Ok(value) = HeaderValue::from_bytes(h.value) else {
-            return Next::NotOurs;
+            !is(&header::TRANSFER_ENCODING) && !is(&header::EXPECT) && !is(&header::UPGRADE)
         };
         if !ours {
             return Next::NotOurs;
         }
-        map.append(name, value);
+        // The first of each, as `HeaderMap::get` gives it.
+        if is(&header::AUTHORIZATION) && taken.authorization.is_none() {
+            taken.authorization = Some(h.value);
+        } else if name.eq_ignore_ascii_case(h::REQUEST_ID.as_bytes()) && taken.request_id.is_none()
+        {
+            taken.request_id = Some(h.value);
+        } else if name.eq_ignore_ascii_case(h::SIMULATE.as_bytes()) && taken.simulate.is_none() {
+            taken.simulate = Some(h.value);
+        }
     }
-    request.extensions_mut().insert(ConnectInfo(peer));
-    Next::Request(request, len)
+    Next::Request(taken, len)
+}
+
+/// Whether a request target has only characters that `http`'s URI parser takes in a path and
+/// query (a conservative subset: anything else goes to hyper, which decides).
+fn plain_target(target: &str) -> bool {
+    target.starts_with('/')
+        && target.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'/' | b'?'
+                        | b'='
+                        | b'&'
+                        | b'%'
+                        | b'-'
+                        | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'+'
+                        | b':'
+                        | b'@'
+                        | b','
+                )
+        })
 }
 
 enum Keep {
     Open,
     Close,
+}
+
+/// Appends a refusal the gateway made from the head, from its own headers and body: the bytes
+/// hyper sends for the same [`Refusal`] (a test compares the two).
+fn write_refusal(refusal: &Refusal, output: &mut Vec<u8>, body: &mut Vec<u8>) -> Keep {
+    body.clear();
+    refusal.write_body(body);
+    status_line(output, refusal.status());
+    let mut keep = Keep::Open;
+    refusal.headers(|name, value| {
+        if *name == header::CONNECTION && value.eq_ignore_ascii_case(b"close") {
+            keep = Keep::Close;
+        }
+        header_line(output, name, value);
+    });
+    end_of_head(output, Some(body.len()), false);
+    output.extend_from_slice(body);
+    keep
 }
 
 /// Appends `response` to `output` as HTTP/1.1, the way hyper writes it: the status line, the
@@ -184,11 +298,7 @@ async fn write_response(response: Response, output: &mut Vec<u8>) -> Result<Keep
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
     let status = parts.status;
-    output.extend_from_slice(b"HTTP/1.1 ");
-    output.extend_from_slice(status.as_str().as_bytes());
-    output.push(b' ');
-    output.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    output.extend_from_slice(b"\r\n");
+    status_line(output, status);
     let mut keep = Keep::Open;
     let mut has_date = false;
     for (name, value) in &parts.headers {
@@ -199,17 +309,39 @@ async fn write_response(response: Response, output: &mut Vec<u8>) -> Result<Keep
             keep = Keep::Close;
         }
         has_date |= *name == header::DATE;
-        output.extend_from_slice(name.as_str().as_bytes());
-        output.extend_from_slice(b": ");
-        output.extend_from_slice(value.as_bytes());
-        output.extend_from_slice(b"\r\n");
+        header_line(output, name, value.as_bytes());
     }
     let bodyless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    end_of_head(output, (!bodyless).then_some(body.len()), has_date);
     if !bodyless {
+        output.extend_from_slice(&body);
+    }
+    Ok(keep)
+}
+
+fn status_line(output: &mut Vec<u8>, status: StatusCode) {
+    output.extend_from_slice(b"HTTP/1.1 ");
+    output.extend_from_slice(status.as_str().as_bytes());
+    output.push(b' ');
+    output.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    output.extend_from_slice(b"\r\n");
+}
+
+fn header_line(output: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    output.extend_from_slice(name.as_str().as_bytes());
+    output.extend_from_slice(b": ");
+    output.extend_from_slice(value);
+    output.extend_from_slice(b"\r\n");
+}
+
+/// `content-length` (unless the status has no body) and `date` (unless sent already), as hyper
+/// adds them, and the blank line.
+fn end_of_head(output: &mut Vec<u8>, content_length: Option<usize>, has_date: bool) {
+    if let Some(length) = content_length {
         output.extend_from_slice(b"content-length: ");
-        output.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        output.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
         output.extend_from_slice(b"\r\n");
     }
     if !has_date {
@@ -218,10 +350,6 @@ async fn write_response(response: Response, output: &mut Vec<u8>) -> Result<Keep
         output.extend_from_slice(b"\r\n");
     }
     output.extend_from_slice(b"\r\n");
-    if !bodyless {
-        output.extend_from_slice(&body);
-    }
-    Ok(keep)
 }
 
 /// Appends the current time as an HTTP date, formatted once a second per thread (as hyper does).
@@ -307,7 +435,7 @@ mod tests {
     }
 
     fn taken(input: &str) -> bool {
-        matches!(next_request(input.as_bytes(), peer()), Next::Request(..))
+        matches!(next_request(input.as_bytes()), Next::Request(..))
     }
 
     #[test]
@@ -342,7 +470,7 @@ mod tests {
         ];
         for input in not_ours {
             assert!(
-                matches!(next_request(input.as_bytes(), peer()), Next::NotOurs),
+                matches!(next_request(input.as_bytes()), Next::NotOurs),
                 "{input:?}"
             );
         }
@@ -351,16 +479,17 @@ mod tests {
     #[test]
     fn waits_for_the_whole_head() {
         let input = b"GET /v1/account HTTP/1.1\r\nAuthorization: Bearer";
-        assert!(matches!(next_request(input, peer()), Next::Incomplete));
+        assert!(matches!(next_request(input), Next::Incomplete));
     }
 
     #[test]
     fn a_request_takes_only_its_own_bytes() {
         let first = "GET /v1/account HTTP/1.1\r\nHost: a\r\n\r\n";
         let both = format!("{first}GET /v1/tasks HTTP/1.1\r\n\r\n");
-        match next_request(both.as_bytes(), peer()) {
-            Next::Request(request, len) => {
+        match next_request(both.as_bytes()) {
+            Next::Request(head, len) => {
                 assert_eq!(len, first.len());
+                let request = head.request(peer()).unwrap();
                 assert_eq!(request.uri().path(), "/v1/account");
                 assert_eq!(request.headers()[header::HOST], "a");
             }
