@@ -152,24 +152,42 @@ pub fn bearer(headers: &HeaderMap) -> Credential<'_> {
 }
 
 /// [`bearer`] of the header's value (the first one), as bytes: the fast lane has no `HeaderMap`.
+/// Bytes to the end, because this runs on every API request.
 pub fn bearer_value(value: Option<&[u8]>) -> Credential<'_> {
     let Some(value) = value else {
         return Credential::Missing;
     };
-    // What `HeaderValue::to_str` accepts: visible ASCII and tabs.
-    let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
-    let Some(value) = visible.then(|| std::str::from_utf8(value).ok()).flatten() else {
+    // What `HeaderValue::to_str` accepts: visible ASCII and tabs (no early exit: vectorised).
+    let visible = value.iter().fold(true, |ok, &b| {
+        ok & ((b == b'\t') | ((32..127).contains(&b)))
+    });
+    if !visible {
         return Credential::Unsupported;
+    }
+    let value = trim_blanks(value);
+    let (scheme, credential) = match value.iter().position(|&b| b == b' ') {
+        Some(at) => (&value[..at], &value[at + 1..]),
+        None => (value, &[][..]),
     };
-    let value = value.trim();
-    let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Credential::Unsupported;
     }
-    match credential.trim() {
-        "" => Credential::Missing,
-        credential => Credential::Bearer(credential),
+    match std::str::from_utf8(trim_blanks(credential)) {
+        Ok("") => Credential::Missing,
+        Ok(credential) => Credential::Bearer(credential),
+        Err(_) => Credential::Unsupported,
     }
+}
+
+/// Without leading and trailing spaces and tabs (the only whitespace a header value can hold).
+fn trim_blanks(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
 }
 
 #[cfg(test)]
@@ -233,5 +251,15 @@ mod tests {
         assert_eq!(bearer(&h), Credential::Missing);
         h.insert(header::AUTHORIZATION, "Basic dXNlcg==".parse().unwrap());
         assert_eq!(bearer(&h), Credential::Unsupported);
+        h.insert(header::AUTHORIZATION, " BEARER  tg_abc\t".parse().unwrap());
+        assert_eq!(bearer(&h), Credential::Bearer("tg_abc"));
+        h.insert(header::AUTHORIZATION, "Bearer\ttg_abc".parse().unwrap());
+        assert_eq!(bearer(&h), Credential::Unsupported);
+        h.insert(header::AUTHORIZATION, "Bearertg_abc".parse().unwrap());
+        assert_eq!(bearer(&h), Credential::Unsupported);
+        let not_text = HeaderValue::from_bytes(b"Bearer tg_\xff").unwrap();
+        h.insert(header::AUTHORIZATION, not_text);
+        assert_eq!(bearer(&h), Credential::Unsupported);
+        assert_eq!(bearer_value(Some(b"Bearer")), Credential::Missing);
     }
 }

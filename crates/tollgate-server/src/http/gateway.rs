@@ -90,6 +90,8 @@ pub struct ServedBy(pub MatchedPath);
 pub struct Head<'a> {
     pub method: &'a Method,
     pub path: &'a str,
+    /// [`api_route`] of the method and path.
+    pub route: Option<&'static str>,
     pub authorization: Option<&'a [u8]>,
     pub request_id: Option<&'a [u8]>,
     /// `Tollgate-Simulate` (read only with `--simulate-errors`).
@@ -103,6 +105,7 @@ impl<'a> Head<'a> {
         Head {
             method: req.method(),
             path: req.uri().path(),
+            route: api_route(req.method(), req.uri().path()),
             authorization: value(&header::AUTHORIZATION),
             request_id: value(&X_REQUEST_ID),
             simulate: value(&SIMULATE),
@@ -139,9 +142,8 @@ impl Refusal {
         if let Some(admission) = &self.admission {
             rate_limit_fields(admission, &mut header);
         }
-        if sendable(&self.request_id) {
-            header(&X_REQUEST_ID, self.request_id.as_bytes());
-        }
+        // Every id the gateway keeps or makes is a valid header value (see `sane_request_id`).
+        header(&X_REQUEST_ID, self.request_id.as_bytes());
     }
 
     pub fn write_body(&self, out: &mut Vec<u8>) {
@@ -205,7 +207,7 @@ impl Gateway {
             .request_id
             .and_then(sane_request_id)
             .unwrap_or_else(new_request_id);
-        let route = api_route(head.method, head.path);
+        let route = head.route;
         let span = tracing::info_span!("request", request_id = %request_id, method = %head.method, path = %head.path);
         let checked = AssertUnwindSafe(self.check(head, route))
             .catch_unwind()
@@ -425,19 +427,11 @@ fn new_request_id() -> String {
 
 /// An incoming `X-Request-Id` is kept when it is short and plain, so a caller's trace id carries through.
 fn sane_request_id(value: &[u8]) -> Option<String> {
-    let ok = (1..=128).contains(&value.len()) && sendable_bytes(value);
+    let ok = (1..=128).contains(&value.len())
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     ok.then(|| String::from_utf8_lossy(value).into_owned())
-}
-
-/// Whether a request id can be sent back as it is (every id the gateway keeps or makes can).
-fn sendable(request_id: &str) -> bool {
-    sendable_bytes(request_id.as_bytes())
-}
-
-fn sendable_bytes(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
