@@ -118,7 +118,9 @@ impl Limiter {
     pub async fn check(&self, account_id: &str, limit: RateLimit) -> Result<Admission> {
         match self {
             Limiter::Local(limits) => Ok(limits.check(account_id, limit)),
-            Limiter::Redis(limits) => limits.check(account_id, limit).await,
+            // Boxed: the Redis call's future is large, and every request's future (local
+            // limits included) would otherwise carry and move it. A round trip dwarfs the box.
+            Limiter::Redis(limits) => Box::pin(limits.check(account_id, limit)).await,
         }
     }
 }

@@ -541,18 +541,39 @@ impl Default for FieldValue {
 }
 
 impl FieldValue {
-    fn join(&mut self, a: &[u8], x: u64, b: &[u8], y: u64) {
+    /// Constant-length text parts: their copies are inlined moves, not calls.
+    fn join<const A: usize, const B: usize>(&mut self, a: &[u8; A], x: u64, b: &[u8; B], y: u64) {
         self.len = 0;
-        let mut numbers = (itoa::Buffer::new(), itoa::Buffer::new());
-        let (x, y) = (
-            numbers.0.format(x).as_bytes(),
-            numbers.1.format(y).as_bytes(),
-        );
-        for part in [a, x, b, y] {
-            let end = (self.len + part.len()).min(self.bytes.len());
-            let taken = end - self.len;
-            self.bytes[self.len..end].copy_from_slice(&part[..taken]);
-            self.len = end;
+        self.text(a);
+        self.number(x);
+        self.text(b);
+        self.number(y);
+    }
+
+    fn text<const N: usize>(&mut self, part: &[u8; N]) {
+        if let Some(slot) = self.bytes.get_mut(self.len..self.len + N) {
+            slot.copy_from_slice(part);
+            self.len += N;
+        }
+    }
+
+    /// Decimal digits written in place (itoa would format into its own buffer, then be copied).
+    fn number(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &digit in &digits[at..] {
+            if let Some(slot) = self.bytes.get_mut(self.len) {
+                *slot = digit;
+                self.len += 1;
+            }
         }
     }
 
@@ -608,6 +629,16 @@ mod tests {
             }
         }
         assert!(seen >= 10, "only {seen} API operations documented");
+    }
+
+    #[test]
+    fn field_values() {
+        let mut value = FieldValue::default();
+        for (x, y) in [(0, 0), (9, 10), (1_000_000, 59), (u64::MAX, u64::MAX)] {
+            value.join(b"\"default\";q=", x, b";w=", y);
+            let expected = format!("\"default\";q={x};w={y}");
+            assert_eq!(value.as_bytes(), expected.as_bytes());
+        }
     }
 
     #[test]

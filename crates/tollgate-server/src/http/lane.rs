@@ -211,7 +211,10 @@ fn next_request(input: &[u8]) -> Next<'_> {
     let (Some("GET"), Some(1), Some(target)) = (head.method, head.version, head.path) else {
         return Next::NotOurs;
     };
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let path = match target.bytes().position(|b| b == b'?') {
+        Some(at) => &target[..at],
+        None => target,
+    };
     let route = match super::gateway::api_route(&Method::GET, path) {
         Some(route) if route != super::gateway::IMAGE_ROUTE && plain_target(target) => route,
         _ => return Next::NotOurs,
@@ -351,9 +354,21 @@ fn status_line(output: &mut Vec<u8>, status: StatusCode) {
 }
 
 fn header_line(output: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    output.extend_from_slice(name.as_str().as_bytes());
-    output.push(b':');
-    output.push(b' ');
+    // The refusals' own names with their separator, whole: one copy, and no lookup in `http`'s
+    // table of standard names.
+    let start: &[u8] = match name {
+        n if *n == header::CONTENT_TYPE => b"content-type: ",
+        n if *n == header::RETRY_AFTER => b"retry-after: ",
+        n if *n == header::WWW_AUTHENTICATE => b"www-authenticate: ",
+        n if n.as_str() == h::RATELIMIT_POLICY => b"ratelimit-policy: ",
+        n if n.as_str() == h::RATELIMIT => b"ratelimit: ",
+        n if n.as_str() == h::REQUEST_ID => b"x-request-id: ",
+        n => {
+            output.extend_from_slice(n.as_str().as_bytes());
+            b": "
+        }
+    };
+    output.extend_from_slice(start);
     output.extend_from_slice(value);
     output.push(b'\r');
     output.push(b'\n');
