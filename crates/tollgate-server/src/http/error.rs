@@ -143,10 +143,6 @@ impl ErrorReply {
         )
     }
 
-    pub fn code(&self) -> ErrorCode {
-        self.code
-    }
-
     pub fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
@@ -194,19 +190,29 @@ impl ErrorReply {
     pub fn response(&self, request_id: Option<&str>) -> Response {
         let mut body = Vec::with_capacity(128 + self.message.len());
         self.write_body(&mut body, request_id);
-        let mut response = Response::new(Body::from(body));
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
-        // Room for what the gateway adds (rate limit, request id) without growing the map.
-        headers.reserve(6);
-        self.headers(|name, value| {
-            if let Ok(value) = HeaderValue::from_bytes(value) {
-                headers.insert(name.clone(), value);
-            }
-        });
-        response.extensions_mut().insert(Enveloped);
-        response
+        enveloped_response(self.status(), body, |header| self.headers(header))
     }
+}
+
+/// A response whose body is already the envelope, with the headers `each_header` lists (an
+/// [`ErrorReply`]'s, or a gateway refusal's, which adds its own to the reply's).
+pub fn enveloped_response(
+    status: StatusCode,
+    body: Vec<u8>,
+    each_header: impl FnOnce(&mut dyn FnMut(&HeaderName, &[u8])),
+) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    // Room for what the gateway adds (rate limit, request id) without growing the map.
+    headers.reserve(6);
+    each_header(&mut |name, value| {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            headers.insert(name.clone(), value);
+        }
+    });
+    response.extensions_mut().insert(Enveloped);
+    response
 }
 
 /// The body of every error: [`ErrorBody`](tollgate_contract::ErrorBody)'s JSON (a test holds

@@ -13,7 +13,9 @@
 //! and a route lookup. As one hand-written service in front of the router, a 429 or 401 never
 //! reaches the router at all (bench/README.md has the figures).
 
-use super::error::{internal_error, Enveloped, ErrorReply, Origin, ORIGIN, REQUEST_ID};
+use super::error::{
+    enveloped_response, internal_error, Enveloped, ErrorReply, Origin, ORIGIN, REQUEST_ID,
+};
 use super::extract::{bearer_value, body_too_large, Credential};
 use super::AppState;
 use crate::domain::ratelimit::Admission;
@@ -150,16 +152,11 @@ impl Refusal {
         self.reply.write_body(out, Some(&self.request_id));
     }
 
+    /// The response hyper sends: the same [`Refusal::headers`] and body the lane writes.
     pub fn into_response(self) -> Response {
-        let mut response = self.reply.response(Some(&self.request_id));
-        let headers = response.headers_mut();
-        if let Some(admission) = &self.admission {
-            rate_limit_headers(headers, admission);
-        }
-        if let Ok(id) = HeaderValue::from_str(&self.request_id) {
-            headers.insert(X_REQUEST_ID, id);
-        }
-        response
+        let mut body = Vec::with_capacity(256);
+        self.write_body(&mut body);
+        enveloped_response(self.status(), body, |header| self.headers(header))
     }
 }
 
