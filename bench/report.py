@@ -118,6 +118,17 @@ def summarize(rows):
         p99_ok = None if p99_max is None or t99 is None else t99 <= p99_max
         table.append(["", "p99 ms", fmt(t99, 2), fmt(r99, 2), fmt(ratio(t99, r99), 2) + "×" if ratio(t99, r99) else "—",
                       f"≤ {p99_max:g} ms" if p99_max else "", verdict(p99_ok) if p99_max else ""])
+        if key != "write":
+            # The server CPU's time per request (lower is better): what each server spends, whichever
+            # side of the loopback (server or wrk) set the pace. No target; the req/s target stands.
+            t_cpu = med([r.get("server_cpu_us_per_req") for r in tg])
+            r_cpu = med([r.get("server_cpu_us_per_req") for r in ref])
+            if t_cpu is not None and r_cpu is not None:
+                table.append(["", "server CPU µs/req", fmt(t_cpu, 2), fmt(r_cpu, 2), times(t_cpu, r_cpu), "", ""])
+                t_busy, r_busy = med([r.get("load_cpu_busy") for r in tg]), med([r.get("load_cpu_busy") for r in ref])
+                s_busy, rs_busy = med([r.get("server_cpu_busy") for r in tg]), med([r.get("server_cpu_busy") for r in ref])
+                notes.append(f"{title}: CPUs busy (median) — with tollgate: server {s_busy:.0%}, load {t_busy:.0%}; "
+                             f"with {reference}: server {rs_busy:.0%}, load {r_busy:.0%}")
         chart.append({"title": f"{title} — req/s (higher is better)", "tollgate": t_rps, "reference": r_rps,
                       "reference_name": reference.replace("`", ""), "unit": "req/s",
                       "label": f"{fmt(rps_ratio, 2)}× (target ≥ {min_ratio:.1f}×)" if rps_ratio else "",
@@ -130,8 +141,11 @@ def summarize(rows):
         t_rps, _, _ = stats(rows, key, "tollgate")
         r_rps, _, _ = stats(rows, key, "reference")
         if f_rps:
+            f_cpu = med([r.get("server_cpu_us_per_req") for r in rows
+                         if r["scenario"] == key and r.get("server") == "floor"])
+            cpu = f", {fmt(f_cpu, 2)} µs of server CPU per request" if f_cpu is not None else ""
             notes.append(f"{title}: bare hyper answering the same bytes (the floor) {fmt(f_rps)} req/s = "
-                         f"{times(f_rps, r_rps)} {reference}; tollgate reaches {times(t_rps, f_rps)} of the floor")
+                         f"{times(f_rps, r_rps)} {reference}{cpu}; tollgate reaches {times(t_rps, f_rps)} of the floor")
 
     amp = [r for r in rows if r["scenario"] == "amp"]
     if amp:
@@ -242,13 +256,18 @@ def markdown_table(table):
 
 
 def per_run_table(rows):
-    lines = ["| scenario | server | run | req/s | p50 ms | p99 ms | requests | non-2xx |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | server | run | req/s | p50 ms | p99 ms | requests | non-2xx | server CPU µs/req | CPUs busy (server / load) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "rps" in r:
+            cpu, busy = "", ""
+            if "server_cpu_us_per_req" in r:
+                cpu = f"{r['server_cpu_us_per_req']:.2f}"
+                busy = f"{r['server_cpu_busy']:.0%} / {r['load_cpu_busy']:.0%}"
             lines.append(f"| {r['scenario']} | {r['server']} | {r['run']} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} | "
-                         f"{r['p99_us'] / 1000:.2f} | {r.get('requests', 0):,} | {r.get('non2xx', '—')} |")
+                         f"{r['p99_us'] / 1000:.2f} | {r.get('requests', 0):,} | {r.get('non2xx', '—')} | {cpu} | {busy} |")
         elif r["scenario"] == "amp":
-            lines.append(f"| amp | SDK budget / naive | {r['run']} | {r['sdk_budget']:.2f} / {r['naive']:.2f} req/call | | | | |")
+            lines.append(f"| amp | SDK budget / naive | {r['run']} | {r['sdk_budget']:.2f} / {r['naive']:.2f} req/call | | | | | | |")
     return "\n".join(lines)
 
 
