@@ -27,6 +27,7 @@ use axum::extract::MatchedPath;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use bytes::Bytes;
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -119,28 +120,44 @@ impl<'a> Head<'a> {
 pub enum Screened<'g> {
     /// Refused from the head alone (401, 429, the drain's 503, a simulated failure): counted and
     /// logged already; only the bytes are left to send.
-    Refused(Refusal),
-    /// Let through: serve it with [`Gateway::serve_passed`].
+    Refused(Answer),
+    /// Let through: serve it with [`Gateway::serve_passed`] (or, for the task read, with
+    /// [`Gateway::read_task`], see [`Pass::onward`]).
     Passed(Pass<'g>),
 }
 
-/// A request refused from its head, ready to be rendered: the error's [`ErrorReply`], then the
-/// `RateLimit` headers (for a 429) and `X-Request-Id`. [`Refusal::into_response`] renders it
-/// for hyper; the fast lane writes the same [`Refusal::headers`] and [`Refusal::write_body`].
-pub struct Refusal {
-    reply: ErrorReply,
+/// A response the gateway made without a `Request` or the router: a refusal from the head, or
+/// the task read. Its body (an error's envelope, or the domain's JSON), then the `RateLimit`
+/// headers (when the account's limit was checked) and `X-Request-Id`.
+/// [`Answer::into_response`] renders it for hyper; the fast lane writes the same
+/// [`Answer::headers`] and [`Answer::body`].
+pub struct Answer {
+    body: AnswerBody,
     admission: Option<Admission>,
     request_id: String,
 }
 
-impl Refusal {
+enum AnswerBody {
+    /// An error, in the envelope (with the request id).
+    Error(ErrorReply),
+    /// A `200` with JSON made by the domain.
+    Json(Bytes),
+}
+
+impl Answer {
     pub fn status(&self) -> StatusCode {
-        self.reply.status()
+        match &self.body {
+            AnswerBody::Error(reply) => reply.status(),
+            AnswerBody::Json(_) => StatusCode::OK,
+        }
     }
 
     /// Every header of the response, in the order sent (hyper adds `content-length` and `date`).
     pub fn headers(&self, mut header: impl FnMut(&HeaderName, &[u8])) {
-        self.reply.headers(&mut header);
+        match &self.body {
+            AnswerBody::Error(reply) => reply.headers(&mut header),
+            AnswerBody::Json(_) => header(&header::CONTENT_TYPE, b"application/json"),
+        }
         if let Some(admission) = &self.admission {
             rate_limit_fields(admission, &mut header);
         }
@@ -148,15 +165,38 @@ impl Refusal {
         header(&X_REQUEST_ID, self.request_id.as_bytes());
     }
 
-    pub fn write_body(&self, out: &mut Vec<u8>) {
-        self.reply.write_body(out, Some(&self.request_id));
+    /// The body: the JSON as it is, or the envelope written into `scratch`.
+    pub fn body<'a>(&'a self, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        match &self.body {
+            AnswerBody::Json(json) => json,
+            AnswerBody::Error(reply) => {
+                scratch.clear();
+                reply.write_body(scratch, Some(&self.request_id));
+                scratch
+            }
+        }
     }
 
-    /// The response hyper sends: the same [`Refusal::headers`] and body the lane writes.
+    /// The response hyper sends: the same [`Answer::headers`] and body the lane writes.
     pub fn into_response(self) -> Response {
-        let mut body = Vec::with_capacity(256);
-        self.write_body(&mut body);
-        enveloped_response(self.status(), body, |header| self.headers(header))
+        match &self.body {
+            AnswerBody::Error(reply) => {
+                let mut body = Vec::with_capacity(256);
+                reply.write_body(&mut body, Some(&self.request_id));
+                enveloped_response(reply.status(), body, |header| self.headers(header))
+            }
+            AnswerBody::Json(json) => {
+                let mut response = Response::new(Body::from(json.clone()));
+                let headers = response.headers_mut();
+                headers.reserve(4);
+                self.headers(|name, value| {
+                    if let Ok(value) = HeaderValue::from_bytes(value) {
+                        headers.insert(name.clone(), value);
+                    }
+                });
+                response
+            }
+        }
     }
 }
 
@@ -169,6 +209,43 @@ pub struct Pass<'g> {
     route: Option<&'static str>,
     access: Option<(Caller, Admission)>,
     _in_flight: InFlight<'g>,
+}
+
+impl<'g> Pass<'g> {
+    /// Where the request goes on, from its method and path: `GET /v1/tasks/{id}`, the route
+    /// clients poll, to [`Gateway::read_task`], which answers it without a `Request` or the
+    /// router; anything else to [`Gateway::serve_passed`].
+    pub fn onward<'p>(self, method: &Method, path: &'p str) -> Onward<'g, 'p> {
+        let id = (self.route == Some(TASK_ROUTE) && *method == Method::GET)
+            .then(|| plain_segment(path, 2))
+            .flatten();
+        match (id, self.access) {
+            (Some(id), Some((caller, admission))) => Onward::TaskRead(TaskRead {
+                id,
+                caller,
+                admission,
+                pass: Pass {
+                    access: None,
+                    ..self
+                },
+            }),
+            (_, access) => Onward::Serve(Pass { access, ..self }),
+        }
+    }
+}
+
+/// See [`Pass::onward`].
+pub enum Onward<'g, 'p> {
+    TaskRead(TaskRead<'g, 'p>),
+    Serve(Pass<'g>),
+}
+
+/// A task read let through (see [`Pass::onward`]): the id, who asks, their admission.
+pub struct TaskRead<'g, 'p> {
+    id: &'p str,
+    caller: Caller,
+    admission: Admission,
+    pass: Pass<'g>,
 }
 
 /// Why the head was refused, and the admission when the refusal is a 429.
@@ -231,8 +308,8 @@ impl Gateway {
         };
         let status = reply.status().as_u16();
         self.finish(route, None, head.method, status, started, &span);
-        Screened::Refused(Refusal {
-            reply,
+        Screened::Refused(Answer {
+            body: AnswerBody::Error(reply),
             admission,
             request_id,
         })
@@ -278,10 +355,15 @@ impl Gateway {
         }
     }
 
-    /// Serves a request that [`Gateway::screen`] let through: the task read here, everything
-    /// else through the router; then the envelope for any error that is not in it yet, the
-    /// `RateLimit` headers and the request id, and the count and the log line.
+    /// Serves a request that [`Gateway::screen`] let through: the task read with
+    /// [`Gateway::read_task`], everything else through the router; then the envelope for any
+    /// error that is not in it yet, the `RateLimit` headers and the request id, and the count and
+    /// the log line.
     pub async fn serve_passed(&self, req: Request<Body>, pass: Pass<'_>) -> Response {
+        let pass = match pass.onward(req.method(), req.uri().path()) {
+            Onward::TaskRead(read) => return self.read_task(read).await.into_response(),
+            Onward::Serve(pass) => pass,
+        };
         let Pass {
             started,
             request_id,
@@ -303,7 +385,7 @@ impl Gateway {
             Origin::of(req.headers())
         };
         let respond = async {
-            let outcome = AssertUnwindSafe(self.dispatch(req, route, access))
+            let outcome = AssertUnwindSafe(self.dispatch(req, access))
                 .catch_unwind()
                 .await;
             match outcome {
@@ -330,22 +412,13 @@ impl Gateway {
     async fn dispatch(
         &self,
         mut req: Request<Body>,
-        route: Option<&'static str>,
         access: Option<(Caller, Admission)>,
     ) -> Response {
         let Some((caller, admission)) = access else {
             return self.route(req).await;
         };
-        let task_id = (route == Some(TASK_ROUTE) && req.method() == Method::GET)
-            .then(|| plain_segment(req.uri().path(), 2))
-            .flatten();
-        let mut response = match task_id {
-            Some(id) => self.read_task(&caller, id).await,
-            None => {
-                req.extensions_mut().insert(caller);
-                self.route(req).await
-            }
-        };
+        req.extensions_mut().insert(caller);
+        let mut response = self.route(req).await;
         rate_limit_headers(response.headers_mut(), &admission);
         response
     }
@@ -357,19 +430,46 @@ impl Gateway {
         }
     }
 
-    /// `GET /v1/tasks/{id}`, the route clients poll.
-    async fn read_task(&self, caller: &Caller, id: &str) -> Response {
-        match self.state.app.get_task_json(caller, id).await {
-            Ok(json) => (
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                json,
-            )
-                .into_response(),
-            Err(e) => e.into_response(),
-        }
+    /// `GET /v1/tasks/{id}`, the route clients poll, answered here for hyper and the fast lane
+    /// alike: the task's JSON (or its error), the `RateLimit` headers and the request id; counted
+    /// and logged like any other request.
+    pub async fn read_task(&self, read: TaskRead<'_, '_>) -> Answer {
+        let TaskRead {
+            id,
+            caller,
+            admission,
+            pass,
+        } = read;
+        let Pass {
+            started,
+            request_id,
+            span,
+            route,
+            _in_flight,
+            ..
+        } = pass;
+        let read = AssertUnwindSafe(self.state.app.get_task_json(&caller, id))
+            .catch_unwind()
+            .instrument(span.clone())
+            .await;
+        let body = match read {
+            Ok(Ok(json)) => AnswerBody::Json(json),
+            // Inside the span: an internal cause is logged by the mapping.
+            Ok(Err(e)) => AnswerBody::Error(span.in_scope(|| ErrorReply::from(e))),
+            Err(payload) => {
+                let panic = panic_message(payload.as_ref());
+                span.in_scope(|| tracing::error!(panic = %panic, "handler panicked"));
+                AnswerBody::Error(ErrorReply::internal())
+            }
+        };
+        let answer = Answer {
+            body,
+            admission: Some(admission),
+            request_id,
+        };
+        let status = answer.status().as_u16();
+        self.finish(route, None, &Method::GET, status, started, &span);
+        answer
     }
 
     /// Counts the request (by its API route, else the route the router matched) and logs it.

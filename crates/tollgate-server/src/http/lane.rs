@@ -16,7 +16,7 @@
 //! answers are the same; only the bytes on the wire are written here. A test sends the same
 //! requests both ways and compares them.
 
-use super::gateway::{Gateway, Head, Refusal, Screened};
+use super::gateway::{Answer, Gateway, Head, Onward, Screened};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
@@ -69,21 +69,27 @@ pub async fn run(
             let served = match next_request(&input) {
                 Next::Request(head, len) => match gateway.screen(&head.head()).await {
                     Screened::Refused(refusal) => {
-                        Served::Answered(write_refusal(&refusal, &mut output, &mut body), len)
+                        Served::Answered(write_answer(&refusal, &mut output, &mut body), len)
                     }
-                    Screened::Passed(pass) => match head.request(peer) {
-                        Some(request) => {
-                            let response = gateway.serve_passed(request, pass).await;
-                            match write_response(response, &mut output).await {
-                                Ok(keep) => Served::Answered(keep, len),
-                                Err(e) => {
-                                    // A response body that failed: what was sent cannot be undone.
-                                    tracing::error!(error = %e, "response body failed; closing the connection");
-                                    return LaneEnd::Closed;
+                    Screened::Passed(pass) => match pass.onward(&Method::GET, head.path) {
+                        Onward::TaskRead(read) => {
+                            let answer = gateway.read_task(read).await;
+                            Served::Answered(write_answer(&answer, &mut output, &mut body), len)
+                        }
+                        Onward::Serve(pass) => match head.request(peer) {
+                            Some(request) => {
+                                let response = gateway.serve_passed(request, pass).await;
+                                match write_response(response, &mut output).await {
+                                    Ok(keep) => Served::Answered(keep, len),
+                                    Err(e) => {
+                                        // A response body that failed: what was sent cannot be undone.
+                                        tracing::error!(error = %e, "response body failed; closing the connection");
+                                        return LaneEnd::Closed;
+                                    }
                                 }
                             }
-                        }
-                        None => Served::NotOurs,
+                            None => Served::NotOurs,
+                        },
                     },
                 },
                 Next::Incomplete if input.len() < MAX_HEAD => Served::Incomplete,
@@ -285,16 +291,15 @@ enum Keep {
     Close,
 }
 
-/// Appends a refusal the gateway made from the head, from its own headers and body: the bytes
-/// hyper sends for the same [`Refusal`] (a test compares the two).
-fn write_refusal(refusal: &Refusal, output: &mut Vec<u8>, body: &mut Vec<u8>) -> Keep {
-    body.clear();
-    refusal.write_body(body);
+/// Appends an answer the gateway made without a `Request` (a refusal, the task read), from its
+/// own headers and body: the bytes hyper sends for the same [`Answer`] (a test compares the two).
+fn write_answer(answer: &Answer, output: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Keep {
+    let body = answer.body(scratch);
     // Room for the head and body at once, so no write below grows the buffer.
     output.reserve(512 + body.len());
-    status_line(output, refusal.status());
+    status_line(output, answer.status());
     let mut keep = Keep::Open;
-    refusal.headers(|name, value| {
+    answer.headers(|name, value| {
         if *name == header::CONNECTION && value.eq_ignore_ascii_case(b"close") {
             keep = Keep::Close;
         }
