@@ -11,10 +11,12 @@
 //! than `keep-alive`. Everything else, malformed or not, and everything after it on the same
 //! connection, is hyper's: the bytes read so far are handed to it first ([`Rewind`]).
 //!
-//! What it does not change: the request goes through the very same [`Gateway::serve`] as one
-//! from hyper (request id, drain gate, key, limit, router, envelope, metrics, log), so the
-//! answers are the same; only the bytes on the wire are written here. A test sends the same
-//! requests both ways and compares them.
+//! What it does not change: the request goes through the very same gateway calls as one from
+//! hyper ([`Gateway::screen`], then [`Gateway::read_task`] or [`Gateway::serve_passed`]: request
+//! id, drain gate, key, limit, router, envelope, metrics, log), so the answers are the same; only
+//! the bytes on the wire are written here. A refusal and the task poll come back as an [`Answer`]
+//! and are written without a `Request` or `Response`. A test sends the same requests both ways
+//! and compares them.
 
 use super::gateway::{Answer, Gateway, Head, Onward, Screened};
 use axum::body::Body;
