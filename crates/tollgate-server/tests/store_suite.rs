@@ -152,6 +152,25 @@ async fn ledger_sum(store: &dyn Store, account_id: &str) -> i64 {
         .sum()
 }
 
+/// Every ledger entry's `balance_after` is the one before it plus its delta, and the last one is
+/// the account's balance: the entries were written in the order the balance changed.
+async fn assert_ledger_runs(store: &dyn Store, account_id: &str) {
+    let mut entries = store.ledger(account_id, 10_000).await.unwrap();
+    entries.sort_by_key(|e| e.id);
+    let mut balance = 0i64;
+    for e in &entries {
+        balance += e.delta;
+        assert_eq!(e.balance_after as i64, balance, "entry {e:?}");
+    }
+    let credits = store
+        .get_account(account_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .credits;
+    assert_eq!(balance, credits as i64);
+}
+
 // ---------------------------------------------------------------- scenarios
 
 async fn credits_never_overdraw_under_concurrency(store: Arc<dyn Store>) {
@@ -176,6 +195,45 @@ async fn credits_never_overdraw_under_concurrency(store: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!(listed.len(), 50);
+    assert_ledger_runs(store.as_ref(), &id).await;
+}
+
+/// Creations arrive together (on SQLite, in one group-committed batch); one of them cannot be
+/// written (its id is taken): it alone fails, and the others are charged and stored.
+async fn a_task_that_cannot_be_written_fails_alone(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 100).await;
+    let first = task(&id, 1);
+    store.create_task(&first, None).await.unwrap();
+    let mut tasks: Vec<TaskRecord> = (0..20).map(|_| task(&id, 2)).collect();
+    tasks[7] = TaskRecord {
+        cost: 2,
+        ..first.clone()
+    };
+    let creates = tasks.iter().map(|t| {
+        let store = Arc::clone(&store);
+        async move { store.create_task(t, None).await }
+    });
+    let results = join_all(creates).await;
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(result.is_ok(), i != 7, "task {i}: {result:?}");
+    }
+    // 1 for the first task, 2 for each of the 19 others.
+    assert_eq!(
+        store.get_account(&id).await.unwrap().unwrap().credits,
+        100 - 1 - 19 * 2
+    );
+    let listed = store
+        .list_tasks(&id, 1000, None, ms(-60_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listed.len(), 20);
+    assert_eq!(
+        store.get_task(&first.id).await.unwrap().unwrap().cost,
+        1,
+        "the first task is untouched"
+    );
+    assert_ledger_runs(store.as_ref(), &id).await;
 }
 
 async fn claims_are_exclusive(store: Arc<dyn Store>) {
@@ -1068,6 +1126,7 @@ macro_rules! on_every_engine {
 
 on_every_engine!(
     credits_never_overdraw_under_concurrency,
+    a_task_that_cannot_be_written_fails_alone,
     claims_are_exclusive,
     an_expired_lease_moves_the_task_to_another_worker,
     failures_and_cancels_refund_exactly_once,
