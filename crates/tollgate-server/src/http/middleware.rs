@@ -1,6 +1,6 @@
 //! The router's layers. What every request goes through first (request id, drain gate, API key
 //! and rate limit) is the [`gateway`](super::gateway); behind it, per route group: [`admin_auth`]
-//! on the operator's routes; then [`idempotency`] on POSTs; then [`simulate_delay`] (only with
+//! on the operator's routes; then [`idempotency()`] on POSTs; then [`simulate_delay`] (only with
 //! `--simulate-errors`). [`served_by`] names the route for the gateway's metrics.
 
 use super::extract::{bearer, body_too_large, Credential, BODY_LIMIT};

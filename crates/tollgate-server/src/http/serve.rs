@@ -1,5 +1,5 @@
 //! The connection loop: every request to the [`Gateway`], read first by the fast
-//! [`lane`](super::lane) and, from the first request the lane does not take, by hyper (HTTP/1.1).
+//! [`lane`] and, from the first request the lane does not take, by hyper (HTTP/1.1).
 //!
 //! Not `axum::serve`: that one negotiates HTTP/2 and upgrades, which this API does not use, and
 //! leaves Nagle's algorithm on; a response here is one write, so `TCP_NODELAY` sends it at once.
