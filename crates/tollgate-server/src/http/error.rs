@@ -201,7 +201,18 @@ pub fn enveloped_response(
     body: Vec<u8>,
     each_header: impl FnOnce(&mut dyn FnMut(&HeaderName, &[u8])),
 ) -> Response {
-    let mut response = Response::new(Body::from(body));
+    let mut response = listed_response(status, Body::from(body), each_header);
+    response.extensions_mut().insert(Enveloped);
+    response
+}
+
+/// A response with `body` and the headers `each_header` lists, in that order.
+pub fn listed_response(
+    status: StatusCode,
+    body: Body,
+    each_header: impl FnOnce(&mut dyn FnMut(&HeaderName, &[u8])),
+) -> Response {
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     // Room for what the gateway adds (rate limit, request id) without growing the map.
@@ -211,7 +222,6 @@ pub fn enveloped_response(
             headers.insert(name.clone(), value);
         }
     });
-    response.extensions_mut().insert(Enveloped);
     response
 }
 

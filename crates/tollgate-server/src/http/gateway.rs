@@ -14,7 +14,8 @@
 //! reaches the router at all (bench/README.md has the figures).
 
 use super::error::{
-    enveloped_response, internal_error, Enveloped, ErrorReply, Origin, ORIGIN, REQUEST_ID,
+    enveloped_response, internal_error, listed_response, Enveloped, ErrorReply, Origin, ORIGIN,
+    REQUEST_ID,
 };
 use super::extract::{bearer_value, body_too_large, Credential};
 use super::AppState;
@@ -186,15 +187,9 @@ impl Answer {
                 enveloped_response(reply.status(), body, |header| self.headers(header))
             }
             AnswerBody::Json(json) => {
-                let mut response = Response::new(Body::from(json.clone()));
-                let headers = response.headers_mut();
-                headers.reserve(4);
-                self.headers(|name, value| {
-                    if let Ok(value) = HeaderValue::from_bytes(value) {
-                        headers.insert(name.clone(), value);
-                    }
-                });
-                response
+                listed_response(StatusCode::OK, Body::from(json.clone()), |header| {
+                    self.headers(header)
+                })
             }
         }
     }

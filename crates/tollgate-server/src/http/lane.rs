@@ -69,31 +69,17 @@ pub async fn run(
         let mut end = None;
         loop {
             let served = match next_request(&input) {
-                Next::Request(head, len) => match gateway.screen(&head.head()).await {
-                    Screened::Refused(refusal) => {
-                        Served::Answered(write_answer(&refusal, &mut output, &mut body), len)
-                    }
-                    Screened::Passed(pass) => match pass.onward(&Method::GET, head.path) {
-                        Onward::TaskRead(read) => {
-                            let answer = gateway.read_task(read).await;
-                            Served::Answered(write_answer(&answer, &mut output, &mut body), len)
+                Next::Request(head, len) => {
+                    match answer(gateway, &head, peer, &mut output, &mut body).await {
+                        Ok(Some(keep)) => Served::Answered(keep, len),
+                        Ok(None) => Served::NotOurs,
+                        Err(e) => {
+                            // A response body that failed: what was sent cannot be undone.
+                            tracing::error!(error = %e, "response body failed; closing the connection");
+                            return LaneEnd::Closed;
                         }
-                        Onward::Serve(pass) => match head.request(peer) {
-                            Some(request) => {
-                                let response = gateway.serve_passed(request, pass).await;
-                                match write_response(response, &mut output).await {
-                                    Ok(keep) => Served::Answered(keep, len),
-                                    Err(e) => {
-                                        // A response body that failed: what was sent cannot be undone.
-                                        tracing::error!(error = %e, "response body failed; closing the connection");
-                                        return LaneEnd::Closed;
-                                    }
-                                }
-                            }
-                            None => Served::NotOurs,
-                        },
-                    },
-                },
+                    }
+                }
                 Next::Incomplete if input.len() < MAX_HEAD => Served::Incomplete,
                 Next::Incomplete | Next::NotOurs => Served::NotOurs,
             };
@@ -138,6 +124,35 @@ pub async fn run(
             _ = &mut closing => return LaneEnd::Closed,
         }
     }
+}
+
+/// Appends the gateway's answer to a head the lane took: a refusal or the task read straight
+/// from the gateway's [`Answer`], anything else through [`Gateway::serve_passed`]. `Ok(None)`:
+/// the request is hyper's after all (see [`LaneHead::request`]); `Err`: a response body failed.
+async fn answer(
+    gateway: &Gateway,
+    head: &LaneHead<'_>,
+    peer: SocketAddr,
+    output: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<Option<Keep>, axum::Error> {
+    let pass = match gateway.screen(&head.head()).await {
+        Screened::Refused(refusal) => return Ok(Some(write_answer(&refusal, output, scratch))),
+        Screened::Passed(pass) => pass,
+    };
+    let pass = match pass.onward(&Method::GET, head.path) {
+        Onward::TaskRead(read) => {
+            let answer = gateway.read_task(read).await;
+            return Ok(Some(write_answer(&answer, output, scratch)));
+        }
+        Onward::Serve(pass) => pass,
+    };
+    let Some(request) = head.request(peer) else {
+        return Ok(None);
+    };
+    write_response(gateway.serve_passed(request, pass).await, output)
+        .await
+        .map(Some)
 }
 
 /// What became of the next request in the input.

@@ -102,31 +102,19 @@ async fn create_batch_grouped(
     batch: &[CreateJob],
 ) -> Result<Vec<Result<TaskRecord>>> {
     let mut tx = pool.begin().await?;
-    // Per task: its cost and the balance after its charge, or why it was not charged.
-    let mut charges: Vec<Result<(i64, i64)>> = Vec::with_capacity(batch.len());
+    // Per task: charged (its task is answered) or why not; and the charged ones with their
+    // cost and the balance after their charge.
+    let mut results = Vec::with_capacity(batch.len());
+    let mut charged: Vec<(&CreateJob, i64, i64)> = Vec::with_capacity(batch.len());
     for job in batch {
-        let task = &job.task;
-        let cost = signed(task.cost)?;
-        let balance: Option<i64> = sqlx::query_scalar(
-            "UPDATE accounts SET credits = credits - ?1 WHERE id = ?2 AND credits >= ?1 RETURNING credits",
-        )
-        .bind(cost)
-        .bind(&task.account_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        charges.push(match balance {
-            Some(balance) => Ok((cost, balance)),
-            None => Err(charge_refused(&mut tx, task).await?),
-        });
+        match charge(&mut tx, &job.task).await? {
+            Ok((cost, balance)) => {
+                results.push(Ok(job.task.clone()));
+                charged.push((job, cost, balance));
+            }
+            Err(refused) => results.push(Err(refused)),
+        }
     }
-    let charged: Vec<(&CreateJob, i64, i64)> = batch
-        .iter()
-        .zip(&charges)
-        .filter_map(|(job, charge)| {
-            let (cost, balance) = charge.as_ref().ok()?;
-            Some((job, *cost, *balance))
-        })
-        .collect();
     if !charged.is_empty() {
         let mut tasks = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url) ",
@@ -167,11 +155,7 @@ async fn create_batch_grouped(
         }
     }
     tx.commit().await?;
-    Ok(batch
-        .iter()
-        .zip(charges)
-        .map(|(job, charge)| charge.map(|_| job.task.clone()))
-        .collect())
+    Ok(results)
 }
 
 /// Task by task, each in a savepoint of one transaction (so a 402, or a task that cannot be
@@ -208,19 +192,7 @@ async fn create_one(
     task: &TaskRecord,
     idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
 ) -> Result<()> {
-    let cost = signed(task.cost)?;
-    // The guarded decrement is the whole of the no-overdraft rule: it either takes the
-    // cost from a balance that covers it, or changes nothing.
-    let balance: Option<i64> = sqlx::query_scalar(
-        "UPDATE accounts SET credits = credits - ?1 WHERE id = ?2 AND credits >= ?1 RETURNING credits",
-    )
-    .bind(cost)
-    .bind(&task.account_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(balance) = balance else {
-        return Err(charge_refused(tx, task).await?);
-    };
+    let (cost, balance) = charge(tx, task).await??;
     sqlx::query(
         "INSERT INTO tasks (id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -253,14 +225,31 @@ async fn create_one(
     Ok(())
 }
 
-/// Why the guarded charge of `task` changed nothing: the balance does not cover it, or there is
-/// no such account.
-async fn charge_refused(tx: &mut Transaction<'_, Sqlite>, task: &TaskRecord) -> Result<Error> {
+/// The guarded charge of `task`: its cost and the balance after it; or, when it changed
+/// nothing, why (the balance does not cover it, or there is no such account). The outer error
+/// is the database's.
+async fn charge(
+    tx: &mut Transaction<'_, Sqlite>,
+    task: &TaskRecord,
+) -> Result<std::result::Result<(i64, i64), Error>> {
+    let cost = signed(task.cost)?;
+    // The guarded decrement is the whole of the no-overdraft rule: it either takes the
+    // cost from a balance that covers it, or changes nothing.
+    let balance: Option<i64> = sqlx::query_scalar(
+        "UPDATE accounts SET credits = credits - ?1 WHERE id = ?2 AND credits >= ?1 RETURNING credits",
+    )
+    .bind(cost)
+    .bind(&task.account_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(balance) = balance {
+        return Ok(Ok((cost, balance)));
+    }
     let current: Option<i64> = sqlx::query_scalar("SELECT credits FROM accounts WHERE id = ?")
         .bind(&task.account_id)
         .fetch_optional(&mut **tx)
         .await?;
-    Ok(match current {
+    Ok(Err(match current {
         Some(current) => Error::InsufficientCredits {
             cost: task.cost,
             balance: u64::try_from(current).unwrap_or(0),
@@ -269,7 +258,7 @@ async fn charge_refused(tx: &mut Transaction<'_, Sqlite>, task: &TaskRecord) -> 
             what: "account",
             id: task.account_id.clone(),
         },
-    })
+    }))
 }
 
 impl SqliteStore {
