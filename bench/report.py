@@ -129,6 +129,12 @@ def summarize(rows):
                 s_busy, rs_busy = med([r.get("server_cpu_busy") for r in tg]), med([r.get("server_cpu_busy") for r in ref])
                 notes.append(f"{title}: CPUs busy (median) — with tollgate: server {s_busy:.0%}, load {t_busy:.0%}; "
                              f"with {reference}: server {rs_busy:.0%}, load {r_busy:.0%}")
+                kept = [r for r in tg + ref if "server_cpu_steal" in r]
+                if kept:
+                    worst = max(max(r["server_cpu_steal"], r["load_cpu_steal"]) for r in kept)
+                    repeated = sum(1 for r in kept if r.get("attempts", 1) > 1)
+                    notes.append(f"{title}: CPU stolen by the hypervisor in the runs kept (tollgate and {reference}): "
+                                 f"at most {worst:.1%}; {repeated} of {len(kept)} runs were repeated for steal")
         chart.append({"title": f"{title} — req/s (higher is better)", "tollgate": t_rps, "reference": r_rps,
                       "reference_name": reference.replace("`", ""), "unit": "req/s",
                       "label": f"{fmt(rps_ratio, 2)}× (target ≥ {min_ratio:.1f}×)" if rps_ratio else "",
@@ -256,18 +262,22 @@ def markdown_table(table):
 
 
 def per_run_table(rows):
-    lines = ["| scenario | server | run | req/s | p50 ms | p99 ms | requests | non-2xx | server CPU µs/req | CPUs busy (server / load) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | server | run | req/s | p50 ms | p99 ms | requests | non-2xx | server CPU µs/req | CPUs busy (server / load) | stolen by the hypervisor (server / load) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "rps" in r:
-            cpu, busy = "", ""
+            cpu, busy, steal = "", "", ""
             if "server_cpu_us_per_req" in r:
                 cpu = f"{r['server_cpu_us_per_req']:.2f}"
                 busy = f"{r['server_cpu_busy']:.0%} / {r['load_cpu_busy']:.0%}"
+            if "server_cpu_steal" in r:
+                steal = f"{r['server_cpu_steal']:.1%} / {r['load_cpu_steal']:.1%}"
+                if r.get("attempts", 1) > 1:
+                    steal += f" (least of {r['attempts']} attempts)"
             lines.append(f"| {r['scenario']} | {r['server']} | {r['run']} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} | "
-                         f"{r['p99_us'] / 1000:.2f} | {r.get('requests', 0):,} | {r.get('non2xx', '—')} | {cpu} | {busy} |")
+                         f"{r['p99_us'] / 1000:.2f} | {r.get('requests', 0):,} | {r.get('non2xx', '—')} | {cpu} | {busy} | {steal} |")
         elif r["scenario"] == "amp":
-            lines.append(f"| amp | SDK budget / naive | {r['run']} | {r['sdk_budget']:.2f} / {r['naive']:.2f} req/call | | | | | | |")
+            lines.append(f"| amp | SDK budget / naive | {r['run']} | {r['sdk_budget']:.2f} / {r['naive']:.2f} req/call | | | | | | | |")
     return "\n".join(lines)
 
 
