@@ -32,6 +32,34 @@ EXPECT_REFUSED = {"429", "401"}
 CLUSTER_TITLE = "PostgreSQL + Redis, three instances"
 
 
+def sensitivity_note(rows, machine):
+    """The note on the floor's probe in scenario 3, or None when the run has no probe."""
+    f_rps, _, _ = stats(rows, "401", "floor")
+    p_rps, _, _ = stats(rows, "401", "probe")
+    t_rps, _, _ = stats(rows, "401", "tollgate")
+    r_rps, _, _ = stats(rows, "401", "reference")
+    if not (f_rps and p_rps and t_rps and r_rps):
+        return None
+    cpu = {server: med([r.get("server_cpu_us_per_req") for r in rows
+                        if r["scenario"] == "401" and r.get("server") == server])
+           for server in ("floor", "probe")}
+    spin_us = float(machine.get("sensitivity_ns", 1000)) / 1000
+    fall = 1 - p_rps / f_rps
+    note = (f"3. 401 path: sensitivity — the floor with {spin_us:g} µs more work per request (the probe) "
+            f"{fmt(p_rps)} req/s, {fall:.1%} below the floor's {fmt(f_rps)}")
+    if cpu["floor"] is not None and cpu["probe"] is not None:
+        note += f" (server CPU {fmt(cpu['floor'], 2)} → {fmt(cpu['probe'], 2)} µs/req)"
+    if fall > 0:
+        per_us = fall / spin_us
+        gap = 1 - t_rps / r_rps
+        note += (f"; here 1 µs of server work per request costs ~{per_us:.0%} of req/s, so tollgate's "
+                 f"{-gap:+.1%} against nginx `return 401` stands for ~{gap / per_us:+.2f} µs of server work per request "
+                 f"more than nginx's (negative: less)")
+    else:
+        note += "; the probe was not slower than the floor: this run cannot tell how req/s follows server work"
+    return note
+
+
 def load(work):
     rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines() if line.strip()]
     machine = json.loads((work / "machine.json").read_text())
@@ -79,7 +107,7 @@ def run_problems(row):
     return problems
 
 
-def summarize(rows):
+def summarize(rows, machine):
     """Medians per scenario and server, the table rows, and the data for the chart."""
     table, chart, notes = [], [], []
     for row in rows:
@@ -152,6 +180,14 @@ def summarize(rows):
             cpu = f", {fmt(f_cpu, 2)} µs of server CPU per request" if f_cpu is not None else ""
             notes.append(f"{title}: bare hyper answering the same bytes (the floor) {fmt(f_rps)} req/s = "
                          f"{times(f_rps, r_rps)} {reference}{cpu}; tollgate reaches {times(t_rps, f_rps)} of the floor")
+
+    # The sensitivity probe (scenario 3): the floor with a known amount of extra work per request.
+    # The fall of its req/s from the floor's, per µs of server CPU it added, is what a µs of server
+    # work per request is worth in req/s here; the gap between tollgate and nginx, in those units,
+    # is the difference in server work a req/s ratio stands for.
+    sensitivity = sensitivity_note(rows, machine)
+    if sensitivity:
+        notes.append(sensitivity)
 
     amp = [r for r in rows if r["scenario"] == "amp"]
     if amp:
@@ -338,7 +374,7 @@ def main():
     work, out, stamp = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     rows, machine = load(work)
     machine["stamp"] = stamp
-    table, chart, notes = summarize(rows)
+    table, chart, notes = summarize(rows, machine)
     md_table = markdown_table(table)
     print(md_table)
     if notes:

@@ -7,6 +7,10 @@
 //!     hyper_floor PORT STATUS BODY_FILE [HEADER:VALUE ...]
 //!
 //! Prints `listening on http://127.0.0.1:PORT` once it accepts connections.
+//!
+//! `HYPER_FLOOR_SPIN_NS=N` makes it spin N ns of CPU on every request before answering: the
+//! sensitivity probe of `bench/run`, which measures how much req/s falls per µs of server work,
+//! i.e. whether a cheaper server can show up in req/s at all on this machine.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -57,7 +61,15 @@ fn parse_args() -> Result<(u16, Fixed), String> {
     ))
 }
 
-async fn serve(port: u16, fixed: Fixed) -> std::io::Result<()> {
+/// Burns `spin` of CPU on this thread (a stand-in for a server's own work per request).
+fn spin_for(spin: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < spin {
+        std::hint::spin_loop();
+    }
+}
+
+async fn serve(port: u16, fixed: Fixed, spin: std::time::Duration) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
     let fixed = std::sync::Arc::new(fixed);
@@ -67,6 +79,9 @@ async fn serve(port: u16, fixed: Fixed) -> std::io::Result<()> {
         let fixed = std::sync::Arc::clone(&fixed);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |_req| {
+                if !spin.is_zero() {
+                    spin_for(spin);
+                }
                 let mut response = http::Response::new(Full::new(fixed.body.clone()));
                 *response.status_mut() = fixed.status;
                 *response.headers_mut() = fixed.headers.clone();
@@ -87,6 +102,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let spin = match std::env::var("HYPER_FLOOR_SPIN_NS") {
+        Err(_) => std::time::Duration::ZERO,
+        Ok(ns) => match ns.parse() {
+            Ok(ns) => std::time::Duration::from_nanos(ns),
+            Err(e) => {
+                eprintln!("hyper_floor: HYPER_FLOOR_SPIN_NS: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -97,7 +122,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(port, fixed)) {
+    match runtime.block_on(serve(port, fixed, spin)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hyper_floor: {e}");
