@@ -189,10 +189,6 @@ def summarize(rows, machine):
             notes.append(f"{title}: bare hyper answering the same bytes (the floor) {fmt(f_rps)} req/s = "
                          f"{times(f_rps, r_rps)} {reference}{cpu}; tollgate reaches {times(t_rps, f_rps)} of the floor")
 
-    # The sensitivity probe (scenario 3): the floor with a known amount of extra work per request.
-    # The fall of its req/s from the floor's, per µs of server CPU it added, is what a µs of server
-    # work per request is worth in req/s here; the gap between tollgate and nginx, in those units,
-    # is the difference in server work a req/s ratio stands for.
     sensitivity = sensitivity_note(rows, machine)
     if sensitivity:
         notes.append(sensitivity)

@@ -79,6 +79,7 @@ async fn serve(port: u16, fixed: Fixed, spin: std::time::Duration) -> std::io::R
         let fixed = std::sync::Arc::clone(&fixed);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |_req| {
+                // The plain floor must not pay even the clock read of an empty spin.
                 if !spin.is_zero() {
                     spin_for(spin);
                 }
