@@ -118,9 +118,9 @@ impl AdminClient {
             .await
     }
 
-    /// `GET /admin/accounts/{id}/ledger?limit=` (extension): the account's balance changes.
-    pub async fn ledger(&self, account_id: &str, limit: Option<u32>) -> Result<List<LedgerEntry>> {
-        let params = ListParams { limit, after: None };
+    /// `GET /admin/accounts/{id}/ledger?limit=&after=`: a page of the account's balance
+    /// changes, newest first, as [`crate::Client::ledger`].
+    pub async fn ledger(&self, account_id: &str, params: &ListParams) -> Result<List<LedgerEntry>> {
         let path = format!(
             "/admin/accounts/{}/ledger{}",
             segment(account_id, "account id")?,

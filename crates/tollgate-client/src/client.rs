@@ -349,9 +349,11 @@ impl Client {
         self.get_json("/v1/account").await
     }
 
-    /// `GET /v1/account/ledger?limit=` (extension): the account's balance changes, newest first.
-    pub async fn ledger(&self, limit: Option<u32>) -> Result<List<LedgerEntry>> {
-        let params = ListParams { limit, after: None };
+    /// `GET /v1/account/ledger?limit=&after=`: the account's balance changes.
+    ///
+    /// A page of the ledger, newest first; `params.after` is the `id` of the last entry of
+    /// the previous page (the whole ledger is every page until `has_more` is false).
+    pub async fn ledger(&self, params: &ListParams) -> Result<List<LedgerEntry>> {
         self.get_json(&format!("/v1/account/ledger{}", params.query()))
             .await
     }

@@ -3,6 +3,7 @@
 //! The binary fills it from flags and `TOLLGATE_*` variables (see `tollgate serve --help`);
 //! tests build it directly. Secrets sit in [`Secret`], whose `Debug` prints nothing.
 
+pub use crate::disk::MinFreeDisk;
 use crate::domain::pricing::Prices;
 use std::fmt;
 use std::path::PathBuf;
@@ -87,6 +88,9 @@ pub struct Config {
     pub webhook_attempts: u32,
     /// How long one webhook attempt may take (connect, send, answer).
     pub webhook_timeout: Duration,
+    /// Below this much free space under `data_dir`, writes that grow the data are refused
+    /// with 503 (reads go on), so the disk's wall is not reached by the server's own writes.
+    pub min_free_disk: MinFreeDisk,
 }
 
 /// The generation backend (`tollgate serve --backend`).
@@ -173,6 +177,7 @@ impl Config {
             allow_private_webhooks: false,
             webhook_attempts: 8,
             webhook_timeout: Duration::from_secs(10),
+            min_free_disk: MinFreeDisk::Auto,
         }
     }
 

@@ -64,6 +64,11 @@ pub enum Error {
         reason: &'static str,
         retry_after: Duration,
     },
+    /// The store (database or disk) cannot carry the request out now, and will again: a disk
+    /// full, a connection lost, a lock held too long. Nothing the request asked for was
+    /// committed. 503 with `Retry-After`; the cause goes to the log, never to the client.
+    #[error("store unavailable ({fault:?}): {cause}")]
+    StoreUnavailable { fault: StoreFault, cause: String },
     /// A bug or a broken dependency. The message goes to the log, never to the client.
     #[error("internal error: {0}")]
     Internal(String),
@@ -116,21 +121,150 @@ impl Error {
                 ErrorCode::VoucherAlreadyRedeemed
             }
             Error::VoucherRefused(VoucherRefusal::Expired) => ErrorCode::VoucherExpired,
-            Error::Unavailable { .. } => ErrorCode::ServiceUnavailable,
+            Error::Unavailable { .. } | Error::StoreUnavailable { .. } => {
+                ErrorCode::ServiceUnavailable
+            }
             Error::Internal(_) => ErrorCode::InternalError,
         }
     }
 }
 
 impl From<sqlx::Error> for Error {
+    /// A transient condition of the database is [`Error::StoreUnavailable`] (503); anything
+    /// else (a constraint the code should have kept, a type mismatch) is a bug: 500.
     fn from(e: sqlx::Error) -> Self {
+        match StoreFault::of(&e) {
+            Some(fault) => Error::store_unavailable(fault, format!("database: {e}")),
+            None => Error::Internal(format!("database: {e}")),
+        }
+    }
+}
+
+/// Which transient fault of the store stopped a request: the label of
+/// `tollgate_store_faults_total` and what the 503's message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    /// The disk under the database or the images is full (`SQLITE_FULL`, PostgreSQL `53100`).
+    DiskFull,
+    /// Free space under the data directory is below `--min-free-disk`: refused before the wall.
+    LowDisk,
+    /// An I/O error from the disk (`SQLITE_IOERR`, `SQLITE_CANTOPEN`, a read-only file system).
+    Io,
+    /// A lock held past its timeout (`SQLITE_BUSY`/`SQLITE_LOCKED`), a lock or statement
+    /// timeout on PostgreSQL.
+    Busy,
+    /// The connection broke, or the server ended it (`57P01` when a backend is terminated).
+    ConnectionLost,
+    /// No connection of the pool came free in time.
+    PoolTimedOut,
+    /// PostgreSQL gave up a transaction to keep others serialisable (`40001`, `40P01`).
+    Serialization,
+    /// The database is out of another resource (memory, connections: SQLSTATE class 53).
+    Resources,
+}
+
+impl StoreFault {
+    pub const ALL: [StoreFault; 8] = [
+        StoreFault::DiskFull,
+        StoreFault::LowDisk,
+        StoreFault::Io,
+        StoreFault::Busy,
+        StoreFault::ConnectionLost,
+        StoreFault::PoolTimedOut,
+        StoreFault::Serialization,
+        StoreFault::Resources,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFault::DiskFull => "disk_full",
+            StoreFault::LowDisk => "low_disk",
+            StoreFault::Io => "io",
+            StoreFault::Busy => "busy",
+            StoreFault::ConnectionLost => "connection_lost",
+            StoreFault::PoolTimedOut => "pool_timed_out",
+            StoreFault::Serialization => "serialization",
+            StoreFault::Resources => "resources",
+        }
+    }
+
+    /// How long a client should wait: a full disk needs someone to act, the rest passes.
+    pub fn retry_after(self) -> Duration {
+        match self {
+            StoreFault::DiskFull | StoreFault::LowDisk => Duration::from_secs(5),
+            _ => Duration::from_secs(1),
+        }
+    }
+
+    /// The transient fault `e` is, or `None` when it is not one (a bug, a constraint).
+    pub fn of(e: &sqlx::Error) -> Option<StoreFault> {
         match e {
-            // A pool that cannot hand out a connection in time is overload, not a bug.
-            sqlx::Error::PoolTimedOut => Error::Unavailable {
-                reason: "database busy",
-                retry_after: Duration::from_secs(1),
+            sqlx::Error::PoolTimedOut => Some(StoreFault::PoolTimedOut),
+            sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::BeginFailed => Some(StoreFault::ConnectionLost),
+            sqlx::Error::Database(db) => match db.code() {
+                Some(code) => match code.parse::<i64>() {
+                    // SQLite reports its result code (extended codes keep the primary one in
+                    // the low byte); PostgreSQL an SQLSTATE, which is not always a number.
+                    Ok(sqlite) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+                        Self::of_sqlite(sqlite)
+                    }
+                    _ => Self::of_sqlstate(&code),
+                },
+                None => None,
             },
-            other => Error::Internal(format!("database: {other}")),
+            _ => None,
+        }
+    }
+
+    fn of_sqlite(code: i64) -> Option<StoreFault> {
+        match code & 0xff {
+            13 => Some(StoreFault::DiskFull),     // SQLITE_FULL
+            10 | 14 | 8 => Some(StoreFault::Io),  // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY
+            5 | 6 => Some(StoreFault::Busy),      // SQLITE_BUSY, SQLITE_LOCKED
+            7 => Some(StoreFault::Resources),     // SQLITE_NOMEM
+            _ => None,
+        }
+    }
+
+    fn of_sqlstate(state: &str) -> Option<StoreFault> {
+        match state {
+            "53100" => Some(StoreFault::DiskFull),
+            "58030" => Some(StoreFault::Io),
+            "40001" | "40P01" => Some(StoreFault::Serialization),
+            "55P03" | "57014" => Some(StoreFault::Busy),
+            // Shut down, crashed, starting up, or a standby that takes no writes (a failover).
+            "57P01" | "57P02" | "57P03" | "25006" => Some(StoreFault::ConnectionLost),
+            s if s.starts_with("08") => Some(StoreFault::ConnectionLost),
+            s if s.starts_with("53") => Some(StoreFault::Resources),
+            _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// A 503 for a transient fault of the store, counted for `/metrics`.
+    pub fn store_unavailable(fault: StoreFault, cause: impl Into<String>) -> Self {
+        crate::metrics::count_store_fault(fault);
+        Error::StoreUnavailable {
+            fault,
+            cause: cause.into(),
+        }
+    }
+
+    /// The same error again, for each of several requests one failure stopped (a batch of the
+    /// group commit): a store fault stays that fault, anything else is a 500 with its cause.
+    pub fn for_each_request(&self) -> Error {
+        match self {
+            Error::StoreUnavailable { fault, cause } => Error::StoreUnavailable {
+                fault: *fault,
+                cause: cause.clone(),
+            },
+            other => Error::Internal(other.to_string()),
         }
     }
 }
@@ -142,7 +276,19 @@ impl From<sqlx::migrate::MigrateError> for Error {
 }
 
 impl From<std::io::Error> for Error {
+    /// A disk that is full, read-only or failing is a store fault (503); other I/O errors
+    /// (a path that should exist) are bugs.
     fn from(e: std::io::Error) -> Self {
-        Error::Internal(format!("i/o: {e}"))
+        use std::io::ErrorKind;
+        let fault = match e.kind() {
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => Some(StoreFault::DiskFull),
+            ErrorKind::ReadOnlyFilesystem => Some(StoreFault::Io),
+            _ if e.raw_os_error() == Some(5) => Some(StoreFault::Io), // EIO
+            _ => None,
+        };
+        match fault {
+            Some(fault) => Error::store_unavailable(fault, format!("i/o: {e}")),
+            None => Error::Internal(format!("i/o: {e}")),
+        }
     }
 }

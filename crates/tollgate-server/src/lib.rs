@@ -10,6 +10,7 @@
 //! - [`server`]: assembly and lifecycle (start, serve, drain, stop).
 
 pub mod config;
+pub mod disk;
 pub mod domain;
 pub mod error;
 pub mod http;

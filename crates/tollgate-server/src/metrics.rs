@@ -10,6 +10,18 @@ use std::hash::BuildHasher;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Store faults by kind, for the whole process: they are counted where a database or disk error
+/// is classified ([`crate::error::Error::store_unavailable`]), far from any `Metrics` handle.
+static STORE_FAULTS: std::sync::LazyLock<Family<Labels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+
+/// Counts one transient fault of the store (`tollgate_store_faults_total{kind}`).
+pub fn count_store_fault(fault: crate::error::StoreFault) {
+    STORE_FAULTS
+        .get_or_create(&vec![("kind", fault.as_str().to_owned())])
+        .inc();
+}
+
 /// The metric handles of one (route, method, status).
 struct RequestHandles {
     route: String,
@@ -28,6 +40,8 @@ pub struct Metrics {
     pub credits_charged: Counter,
     pub credits_refunded: Counter,
     pub queue_depth: Gauge,
+    /// 1 while `/readyz` would answer 200, as of its last probe.
+    pub ready: Gauge,
     pub task_duration: Histogram,
     tasks_finished: Family<Labels, Counter>,
     request_handles: dashmap::DashMap<u64, RequestHandles, crate::domain::caches::FastHash>,
@@ -47,6 +61,7 @@ impl Default for Metrics {
         let credits_charged = Counter::default();
         let credits_refunded = Counter::default();
         let queue_depth = Gauge::default();
+        let ready = Gauge::default();
         let task_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let tasks_finished = Family::<Labels, Counter>::default();
         registry.register(
@@ -80,6 +95,20 @@ impl Default for Metrics {
             queue_depth.clone(),
         );
         registry.register(
+            "ready",
+            "1 while the store can commit a write (and Redis answers, when configured), as of the last probe",
+            ready.clone(),
+        );
+        // Every kind at zero from the start, so a rate over it exists before the first fault.
+        for fault in crate::error::StoreFault::ALL {
+            drop(STORE_FAULTS.get_or_create(&vec![("kind", fault.as_str().to_owned())]));
+        }
+        registry.register(
+            "store_faults",
+            "Requests and jobs stopped by a transient fault of the store (database or disk), by kind",
+            STORE_FAULTS.clone(),
+        );
+        registry.register(
             "task_duration_seconds",
             "Time from start to end of a task run",
             task_duration.clone(),
@@ -97,6 +126,7 @@ impl Default for Metrics {
             credits_charged,
             credits_refunded,
             queue_depth,
+            ready,
             task_duration,
             tasks_finished,
             request_handles: dashmap::DashMap::default(),

@@ -144,7 +144,7 @@ async fn finished_with_webhook(store: &dyn Store, account_id: &str) -> String {
 
 async fn ledger_sum(store: &dyn Store, account_id: &str) -> i64 {
     store
-        .ledger(account_id, 10_000)
+        .ledger(account_id, 10_000, None)
         .await
         .unwrap()
         .iter()
@@ -155,7 +155,7 @@ async fn ledger_sum(store: &dyn Store, account_id: &str) -> i64 {
 /// Every ledger entry's `balance_after` is the one before it plus its delta, and the last one is
 /// the account's balance: the entries were written in the order the balance changed.
 async fn assert_ledger_runs(store: &dyn Store, account_id: &str) {
-    let mut entries = store.ledger(account_id, 10_000).await.unwrap();
+    let mut entries = store.ledger(account_id, 10_000, None).await.unwrap();
     entries.sort_by_key(|e| e.id);
     let mut balance = 0i64;
     for e in &entries {
@@ -366,7 +366,7 @@ async fn failures_and_cancels_refund_exactly_once(store: Arc<dyn Store>) {
     ));
 
     assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 10);
-    let ledger = store.ledger(&id, 100).await.unwrap();
+    let ledger = store.ledger(&id, 100, None).await.unwrap();
     assert_eq!(ledger.iter().filter(|e| e.kind == "refund").count(), 2);
     assert_eq!(ledger_sum(store.as_ref(), &id).await, 10);
 }
@@ -611,7 +611,7 @@ async fn vouchers_pay_out_once_under_concurrency(store: Arc<dyn Store>) {
         total += store.get_account(id).await.unwrap().unwrap().credits;
     }
     assert_eq!(total, 25);
-    let entries = store.ledger(&winner.id, 10).await.unwrap();
+    let entries = store.ledger(&winner.id, 10, None).await.unwrap();
     assert_eq!(entries[0].kind, "voucher");
     assert_eq!(entries[0].delta, 25);
     assert_eq!(entries[0].balance_after, 25);

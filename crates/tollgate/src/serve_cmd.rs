@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
-use tollgate_server::config::BackendKind;
+use tollgate_server::config::{BackendKind, MinFreeDisk};
 use tollgate_server::{parse_duration, Config, Prices, Secret, Server};
 
 #[derive(Args)]
@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// Attempts per webhook delivery (the first included) before it is given up.
     #[arg(long, env = "TOLLGATE_WEBHOOK_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=50))]
     webhook_attempts: u32,
+    /// Free space to keep under the data directory: below it, creates, top-ups and new keys
+    /// are refused with 503 (reads go on) and workers wait. `auto`: 100MiB, or 5% of a smaller
+    /// disk; `0`: no floor. Sizes like 500MiB, 2GiB.
+    #[arg(long, env = "TOLLGATE_MIN_FREE_DISK", default_value = "auto")]
+    min_free_disk: MinFreeDisk,
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -148,6 +153,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.task_timeout = args.task_timeout;
     config.allow_private_webhooks = args.allow_private_webhooks;
     config.webhook_attempts = args.webhook_attempts;
+    config.min_free_disk = args.min_free_disk;
     // Not a flag, like the operator token: a flag is visible to everyone who can list processes.
     config.upstream_api_key = std::env::var("TOLLGATE_UPSTREAM_API_KEY")
         .ok()

@@ -430,7 +430,7 @@ async fn a_lost_response_is_retried_with_the_same_key_and_charged_once() {
     assert_eq!(direct.account().await.unwrap().credits, 10 - 4);
     let charges: Vec<_> = server
         .admin()
-        .ledger(&account_id, None)
+        .ledger(&account_id, &tollgate_client::ListParams::default())
         .await
         .unwrap()
         .data

@@ -8,6 +8,7 @@ use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
 use crate::domain::sessions::SignInLimiter;
 use crate::domain::webhooks;
+use crate::disk::DiskSpace;
 use crate::error::{Error, Result};
 use crate::images::ImageStore;
 use crate::metrics::Metrics;
@@ -58,6 +59,8 @@ pub struct Tollgate {
     pub(crate) backend_slots: Arc<Semaphore>,
     /// Wakes the webhook sender when a finished task has a delivery waiting.
     pub(crate) webhooks_ready: Notify,
+    /// Free space under the data directory, checked before writes that grow the data.
+    pub(crate) disk: DiskSpace,
 }
 
 const MAX_PROMPT_CHARS: usize = 4000;
@@ -78,7 +81,9 @@ impl Tollgate {
         let backend_slots = Arc::new(Semaphore::new(config.effective_backend_concurrency()));
         let key_cache = (!store.is_shared()).then(KeyCache::default);
         let finished_tasks = (!store.is_shared()).then(FinishedTasks::default);
+        let disk = DiskSpace::new(config.data_dir.clone(), config.min_free_disk);
         Tollgate {
+            disk,
             key_cache,
             finished_tasks,
             store,
@@ -229,6 +234,7 @@ impl Tollgate {
             runs: 0,
             webhook_url,
         };
+        self.disk.ensure_headroom()?;
         let task = self.task_view(&record);
         let stored = match idempotency {
             Some(scope) => {
@@ -581,6 +587,7 @@ impl Tollgate {
             webhook_secret: Some(secrets::new_webhook_secret()?),
         };
         let (key, api_key) = Self::new_key(&account.id)?;
+        self.disk.ensure_headroom()?;
         let record = self.store.create_account(&account, &key).await?;
         if let Some(cache) = &self.key_cache {
             cache.forget_unknown();
@@ -622,6 +629,7 @@ impl Tollgate {
     /// Operator: another key for an account (shown once).
     pub async fn create_key(&self, account_id: &str) -> Result<CreatedKey> {
         let (key, api_key) = Self::new_key(account_id)?;
+        self.disk.ensure_headroom()?;
         if !self.store.create_key(&key).await? {
             return Err(Error::NotFound {
                 what: "account",
@@ -637,8 +645,14 @@ impl Tollgate {
         })
     }
 
-    /// The account's ledger, newest first (`limit` 1–100, default 100).
-    pub async fn ledger(&self, account_id: &str, limit: Option<u32>) -> Result<List<LedgerEntry>> {
+    /// The account's ledger, newest first (`limit` 1–100, default 100), after the entry with id
+    /// `after` when given: a page of the whole ledger, as `GET /v1/tasks` pages the tasks.
+    pub async fn ledger(
+        &self,
+        account_id: &str,
+        limit: Option<u32>,
+        after: Option<i64>,
+    ) -> Result<List<LedgerEntry>> {
         let limit = limit.unwrap_or(MAX_LIST_LIMIT);
         if !(1..=MAX_LIST_LIMIT).contains(&limit) {
             return Err(Error::invalid(
@@ -648,7 +662,7 @@ impl Tollgate {
             ));
         }
         self.account(account_id).await?;
-        let mut entries = self.store.ledger(account_id, limit + 1).await?;
+        let mut entries = self.store.ledger(account_id, limit + 1, after).await?;
         let has_more = entries.len() > limit as usize;
         entries.truncate(limit as usize);
         let data = entries
@@ -750,6 +764,7 @@ impl Tollgate {
                 "`note` must be at most 500 characters.",
             ));
         }
+        self.disk.ensure_headroom()?;
         let record = self
             .store
             .add_credits(account_id, request.amount, request.note.as_deref())

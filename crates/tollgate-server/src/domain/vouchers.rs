@@ -74,6 +74,7 @@ impl Tollgate {
             redeemed_at: None,
             redeemed_by: None,
         };
+        self.disk.ensure_headroom()?;
         self.store.create_voucher(&record).await?;
         Ok(CreatedVoucher {
             voucher: voucher_view(record),
@@ -95,6 +96,7 @@ impl Tollgate {
         {
             return Err(Error::VoucherRefused(VoucherRefusal::Unknown));
         }
+        self.disk.ensure_headroom()?;
         match self
             .store
             .redeem_voucher(&secrets::hash_secret(&code), account_id, now())

@@ -4,7 +4,7 @@
 //! [`ErrorReply::write_body`] writes the body, with the request id of the current request.
 //! Internal causes are logged here, inside the request's span, and never sent.
 
-use crate::error::{Error, VoucherRefusal};
+use crate::error::{Error, StoreFault, VoucherRefusal};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -402,6 +402,25 @@ impl From<Error> for ErrorReply {
                 .retry_after(retry_after);
                 unavailable.close = reason == "shutting down";
                 unavailable
+            }
+            Error::StoreUnavailable { fault, cause } => {
+                // Not a bug: logged as a warning, with the cause the client never sees.
+                tracing::warn!(fault = fault.as_str(), cause = %cause, "store unavailable; answered 503");
+                let retry_after = fault.retry_after();
+                let message = match fault {
+                    StoreFault::DiskFull | StoreFault::LowDisk => with_seconds(
+                        "The server is out of disk space, so nothing was stored or charged. Retry after ",
+                        retry_after,
+                        ".",
+                    ),
+                    _ => with_seconds(
+                        "The server could not reach its database, so the request was not carried out. \
+                         Retry after ",
+                        retry_after,
+                        "; a retry with the same Idempotency-Key is never charged twice.",
+                    ),
+                };
+                ErrorReply::new(code, message).retry_after(retry_after)
             }
             Error::Internal(cause) => {
                 tracing::error!(cause = %cause, "internal error");

@@ -126,7 +126,7 @@ fn parse_limit(limit: Option<&str>) -> AppResult<Option<u32>> {
         .transpose()
 }
 
-/// Query of the ledger routes.
+/// A `limit` alone.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct LimitQuery {
@@ -134,7 +134,36 @@ pub struct LimitQuery {
     limit: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/account/ledger", tag = "account", params(LimitQuery),
+/// Query of the ledger routes.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LedgerQuery {
+    /// 1–100, default 100.
+    limit: Option<String>,
+    /// The `id` of the last entry of the previous page: the entries older than it.
+    after: Option<String>,
+}
+
+impl LedgerQuery {
+    fn page(&self) -> AppResult<(Option<u32>, Option<i64>)> {
+        let after = self
+            .after
+            .as_deref()
+            .map(|after| {
+                after.parse::<i64>().map_err(|_| {
+                    Error::invalid(
+                        ErrorCode::InvalidValue,
+                        "after",
+                        "`after` must be the `id` of a ledger entry (a whole number).",
+                    )
+                })
+            })
+            .transpose()?;
+        Ok((parse_limit(self.limit.as_deref())?, after))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/account/ledger", tag = "account", params(LedgerQuery),
     responses(
         (status = 200, description = "The caller's ledger, newest first (extension)", body = List<LedgerEntry>),
         (status = 400, description = "Bad `limit`", body = ErrorBody),
@@ -145,12 +174,13 @@ pub struct LimitQuery {
 pub async fn account_ledger(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
-    Query(query): Query<LimitQuery>,
+    Query(query): Query<LedgerQuery>,
 ) -> AppResult<Json<List<LedgerEntry>>> {
+    let (limit, after) = query.page()?;
     Ok(Json(
         state
             .app
-            .ledger(&caller.account_id, parse_limit(query.limit.as_deref())?)
+            .ledger(&caller.account_id, limit, after)
             .await?,
     ))
 }
@@ -185,7 +215,7 @@ pub async fn rotate_webhook_secret(
 }
 
 #[utoipa::path(get, path = "/admin/accounts/{id}/ledger", tag = "admin",
-    params(("id" = String, Path, description = "acct_…"), LimitQuery),
+    params(("id" = String, Path, description = "acct_…"), LedgerQuery),
     responses(
         (status = 200, description = "The account's ledger, newest first (extension)", body = List<LedgerEntry>),
         (status = 400, description = "Bad `limit`", body = ErrorBody),
@@ -196,12 +226,13 @@ pub async fn rotate_webhook_secret(
 pub async fn admin_ledger(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(query): Query<LimitQuery>,
+    Query(query): Query<LedgerQuery>,
 ) -> AppResult<Json<List<LedgerEntry>>> {
+    let (limit, after) = query.page()?;
     Ok(Json(
         state
             .app
-            .ledger(&id, parse_limit(query.limit.as_deref())?)
+            .ledger(&id, limit, after)
             .await?,
     ))
 }

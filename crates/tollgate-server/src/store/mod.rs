@@ -411,8 +411,14 @@ pub trait Store: Send + Sync + 'static {
     async fn webhook_deliveries(&self, task_ids: &[String]) -> Result<Vec<WebhookDeliveryRecord>>;
 
     // --- ledger ---
-    /// The account's ledger, newest first.
-    async fn ledger(&self, account_id: &str, limit: u32) -> Result<Vec<LedgerEntry>>;
+    /// The account's ledger, newest first; with `before`, only the entries older than the
+    /// entry of that id (the next page after it).
+    async fn ledger(
+        &self,
+        account_id: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<LedgerEntry>>;
 
     // --- idempotency ---
     /// Looks the key up and, on first use, reserves it. A reservation older than `stale_before`

@@ -456,7 +456,16 @@ impl Store for PostgresStore {
         if let Some((scope, response)) = idempotency {
             complete_idempotency(&mut tx, scope, response).await?;
         }
-        tx.commit().await?;
+        if let Err(e) = tx.commit().await {
+            // A COMMIT whose answer was lost (the connection broke) may have committed all the
+            // same. The task's id is ours, so ask on another connection: a task that is there
+            // was accepted and must be answered 202, or its retry would find a charge it never
+            // heard of.
+            return match self.get_task(&task.id).await {
+                Ok(Some(_)) => Ok(task.clone()),
+                _ => Err(e.into()),
+            };
+        }
         Ok(task.clone())
     }
 
@@ -822,11 +831,17 @@ impl Store for PostgresStore {
         Ok(rows::with_history(deliveries, attempts))
     }
 
-    async fn ledger(&self, account_id: &str, limit: u32) -> Result<Vec<LedgerEntry>> {
+    async fn ledger(
+        &self,
+        account_id: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<LedgerEntry>> {
         let found = sqlx::query(&format!(
-            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE account_id = $1 ORDER BY id DESC LIMIT $2"
+            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
         ))
         .bind(account_id)
+        .bind(before.unwrap_or(i64::MAX))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;

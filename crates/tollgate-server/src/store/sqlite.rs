@@ -12,7 +12,8 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Row, Sqlite, SqliteConnection};
 use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
@@ -35,6 +36,67 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0003_backends_webhooks.sql"),
     ),
 ];
+
+/// A write transaction on the writer connection (`BEGIN IMMEDIATE` … `COMMIT`).
+///
+/// **The rule:** the connection goes back to the pool only after a `COMMIT` or `ROLLBACK` that
+/// succeeded. After any error, and when the transaction is dropped unfinished (its request was
+/// cancelled), the connection is closed instead, which rolls back whatever it still holds, and
+/// the pool opens a fresh one. Why: SQLite ends a transaction by itself on some errors
+/// (`SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY`), and a connection whose state is not known
+/// must not carry the next request's writes: once, after a full disk, it held them in a
+/// transaction that never committed while every write was answered as done (issue 16). sqlx's
+/// own `Transaction` is not used here for the same reason: its count of open transactions was
+/// what drifted from SQLite's, turning every later `BEGIN`/`COMMIT` into a savepoint inside that
+/// dead transaction. The savepoints of [`create_batch`] are ours alone, under this rule.
+pub(crate) struct WriteTx {
+    conn: PoolConnection<Sqlite>,
+    ended: bool,
+}
+
+impl WriteTx {
+    async fn begin(pool: &SqlitePool) -> Result<WriteTx> {
+        let mut tx = WriteTx {
+            conn: pool.acquire().await?,
+            ended: false,
+        };
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        sqlx::query("COMMIT").execute(&mut *self).await?;
+        self.ended = true;
+        Ok(())
+    }
+
+    async fn rollback(mut self) -> Result<()> {
+        sqlx::query("ROLLBACK").execute(&mut *self).await?;
+        self.ended = true;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.conn.close_on_drop();
+        }
+    }
+}
 
 /// SQLite-backed storage.
 #[derive(Clone)]
@@ -80,9 +142,8 @@ async fn write_creates(pool: SqlitePool, mut jobs: mpsc::Receiver<CreateJob>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, tasks = batch.len(), "a batch of task creations failed; none was accepted");
-                let cause = e.to_string();
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(Error::Internal(cause.clone())));
+                    let _ = job.reply.send(Err(e.for_each_request()));
                 }
             }
         }
@@ -101,7 +162,7 @@ async fn create_batch_grouped(
     pool: &SqlitePool,
     batch: &[CreateJob],
 ) -> Result<Vec<Result<TaskRecord>>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = WriteTx::begin(pool).await?;
     // Per task: charged (its task is answered) or why not; and the charged ones with their
     // cost and the balance after their charge.
     let mut results = Vec::with_capacity(batch.len());
@@ -161,7 +222,7 @@ async fn create_batch_grouped(
 /// Task by task, each in a savepoint of one transaction (so a 402, or a task that cannot be
 /// written, undoes only its own statements).
 async fn create_batch(pool: &SqlitePool, batch: &[CreateJob]) -> Result<Vec<Result<TaskRecord>>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = WriteTx::begin(pool).await?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         sqlx::query("SAVEPOINT create_task")
@@ -188,7 +249,7 @@ async fn create_batch(pool: &SqlitePool, batch: &[CreateJob]) -> Result<Vec<Resu
 
 /// Charges and inserts one task inside the batch's transaction.
 async fn create_one(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut WriteTx,
     task: &TaskRecord,
     idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
 ) -> Result<()> {
@@ -229,7 +290,7 @@ async fn create_one(
 /// nothing, why (the balance does not cover it, or there is no such account). The outer error
 /// is the database's.
 async fn charge(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut WriteTx,
     task: &TaskRecord,
 ) -> Result<std::result::Result<(i64, i64), Error>> {
     let cost = signed(task.cost)?;
@@ -315,7 +376,7 @@ impl SqliteStore {
 }
 
 async fn ledger_entry(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut WriteTx,
     account_id: &str,
     delta: i64,
     balance_after: i64,
@@ -340,7 +401,7 @@ async fn ledger_entry(
 }
 
 async fn refund(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut WriteTx,
     account_id: &str,
     task_id: &str,
     cost: i64,
@@ -368,7 +429,7 @@ async fn refund(
 /// Puts the task's webhook in the outbox, when it has one: called in the transaction that records
 /// the task's final state.
 async fn enqueue_webhook(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut WriteTx,
     task_id: &str,
     now: OffsetDateTime,
 ) -> Result<()> {
@@ -407,7 +468,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_account(&self, account: &NewAccount, key: &KeyRecord) -> Result<AccountRecord> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         let credits = signed(account.credits)?;
         sqlx::query("INSERT INTO accounts (id, name, credits, rpm, burst, created_at, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(&account.id)
@@ -491,7 +552,7 @@ impl Store for SqliteStore {
         amount: i64,
         note: Option<&str>,
     ) -> Result<Option<AccountRecord>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         let row = sqlx::query(
             "UPDATE accounts SET credits = credits + ?1 WHERE id = ?2 AND credits + ?1 >= 0 \
              RETURNING id, name, credits, rpm, burst, created_at",
@@ -657,7 +718,7 @@ impl Store for SqliteStore {
         id: &str,
         now: OffsetDateTime,
     ) -> Result<CancelOutcome> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         let canceled = sqlx::query(&format!(
             "UPDATE tasks SET status = 'canceled', completed_at = ? WHERE id = ? AND account_id = ? \
              AND status = 'queued' RETURNING {TASK_COLUMNS}"
@@ -756,7 +817,7 @@ impl Store for SqliteStore {
                 Some(message.as_str()),
             ),
         };
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         let row = sqlx::query(
             "UPDATE tasks SET status = ?, completed_at = ?, error_code = ?, error_message = ?, lease_until = NULL \
              WHERE id = ? AND status = 'running' AND claim = ? AND purged = 0 RETURNING account_id, cost",
@@ -819,7 +880,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_purged(&self, ids: &[String]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         let now = to_millis(now());
         for id in ids {
             let queued = sqlx::query(
@@ -921,7 +982,7 @@ impl Store for SqliteStore {
     ) -> Result<bool> {
         let (state, next_at, delivered_at) = rows::next_columns(next, attempt.at);
         let number = i64::from(attempt.number);
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         let done = sqlx::query(
             "UPDATE webhook_deliveries SET state = ?, attempts = ?, next_attempt_at = ?, delivered_at = ?, \
              claim = NULL WHERE task_id = ? AND claim = ? AND state = 'pending' AND attempts = ? - 1",
@@ -987,12 +1048,18 @@ impl Store for SqliteStore {
         Ok(rows::with_history(deliveries, attempts))
     }
 
-    async fn ledger(&self, account_id: &str, limit: u32) -> Result<Vec<LedgerEntry>> {
+    async fn ledger(
+        &self,
+        account_id: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<LedgerEntry>> {
         let rows = sqlx::query(
             "SELECT id, account_id, delta, balance_after, kind, task_id, note, created_at FROM ledger \
-             WHERE account_id = ? ORDER BY id DESC LIMIT ?",
+             WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
         )
         .bind(account_id)
+        .bind(before.unwrap_or(i64::MAX))
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;
@@ -1005,7 +1072,7 @@ impl Store for SqliteStore {
         now: OffsetDateTime,
         stale_before: OffsetDateTime,
     ) -> Result<IdempotencyBegin> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         let row = sqlx::query(
             "SELECT fingerprint, state, status, body, locked_at FROM idempotency_keys WHERE scope = ? AND key = ?",
         )
@@ -1063,7 +1130,7 @@ impl Store for SqliteStore {
         scope: &IdempotencyScope,
         response: &StoredResponse,
     ) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         complete_idempotency(&mut tx, scope, response).await?;
         tx.commit().await?;
         Ok(())
@@ -1111,7 +1178,7 @@ impl Store for SqliteStore {
         account_id: &str,
         now: OffsetDateTime,
     ) -> Result<RedeemOutcome> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = WriteTx::begin(&self.write).await?;
         // The guarded update is the whole of the single-use rule: it marks a code that is
         // unused and unexpired, or changes nothing.
         let marked = sqlx::query(&format!(
@@ -1259,7 +1326,7 @@ impl Store for SqliteStore {
 }
 
 async fn complete_idempotency(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut WriteTx,
     scope: &IdempotencyScope,
     response: &StoredResponse,
 ) -> Result<()> {

@@ -126,7 +126,7 @@ pub async fn overview(
     } else {
         LEDGER_ROWS
     };
-    let ledger = app.ledger(&page_.account_id, Some(rows)).await?;
+    let ledger = app.ledger(&page_.account_id, Some(rows), None).await?;
     let spent: u64 = days.iter().map(|d| d.credits).sum();
     let body = html! {
         (page_head(&account.name, Some(html! { "Account " span.mono { (account.id) } }), None))

@@ -209,7 +209,7 @@ async fn account_page(
     let account = app.account(id).await?;
     let keys = app.list_keys(id).await?;
     let days = app.spend_per_day(id, SPEND_DAYS).await?;
-    let ledger = app.ledger(id, Some(LEDGER_ROWS)).await?;
+    let ledger = app.ledger(id, Some(LEDGER_ROWS), None).await?;
     let csrf = page_.session.csrf_token.as_str();
     let here = format!("/dashboard/admin/accounts/{}", account.id);
     let body = html! {
