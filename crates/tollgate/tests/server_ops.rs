@@ -141,6 +141,7 @@ async fn openapi_documents_every_route_and_error_response() {
             &["200", "400", "401", "404", "409", "410", "429"],
         ),
         ("get", "/healthz", &["200", "503"]),
+        ("get", "/readyz", &["200", "503"]),
         ("get", "/metrics", &["200"]),
         ("get", "/openapi.json", &["200"]),
     ];

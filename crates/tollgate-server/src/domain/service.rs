@@ -61,7 +61,14 @@ pub struct Tollgate {
     pub(crate) webhooks_ready: Notify,
     /// Free space under the data directory, checked before writes that grow the data.
     pub(crate) disk: DiskSpace,
+    /// Idempotency reservations (scope, key) whose release failed: their requests ended.
+    abandoned_reservations: dashmap::DashSet<(String, String)>,
+    /// The last readiness probe: when, and what it found (see [`Tollgate::readiness`]).
+    last_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), &'static str>)>>,
 }
+
+/// Readiness is probed at most this often; callers in between get the last answer.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 const MAX_PROMPT_CHARS: usize = 4000;
 const MAX_NAME_CHARS: usize = 200;
@@ -84,6 +91,8 @@ impl Tollgate {
         let disk = DiskSpace::new(config.data_dir.clone(), config.min_free_disk);
         Tollgate {
             disk,
+            last_probe: tokio::sync::Mutex::new(None),
+            abandoned_reservations: dashmap::DashSet::new(),
             key_cache,
             finished_tasks,
             store,
@@ -823,9 +832,24 @@ impl Tollgate {
 
     pub async fn idempotency_begin(&self, scope: &IdempotencyScope) -> Result<IdempotencyBegin> {
         let now = now();
-        self.store
-            .idempotency_begin(scope, now, now - STALE_RESERVATION)
-            .await
+        // A reservation this process could not release (the store failed) belongs to a request
+        // known to have ended without a response: its retry takes it over at once instead of
+        // waiting for it to go stale. Taken out of the set first, so one retry alone does.
+        let abandoned = self
+            .abandoned_reservations
+            .remove(&(scope.scope.clone(), scope.key.clone()))
+            .is_some();
+        let stale_before = if abandoned {
+            now + Duration::from_millis(1)
+        } else {
+            now - STALE_RESERVATION
+        };
+        let begun = self.store.idempotency_begin(scope, now, stale_before).await;
+        if abandoned && begun.is_err() {
+            self.abandoned_reservations
+                .insert((scope.scope.clone(), scope.key.clone()));
+        }
+        begun
     }
 
     pub async fn idempotency_complete(
@@ -836,8 +860,16 @@ impl Tollgate {
         self.store.idempotency_complete(scope, response).await
     }
 
+    /// Releases the reservation of a request that ended without a response to keep. When the
+    /// store cannot (it is the store's fault that the request failed, often), the reservation
+    /// is remembered as abandoned, for [`Tollgate::idempotency_begin`].
     pub async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()> {
-        self.store.idempotency_release(scope).await
+        let released = self.store.idempotency_release(scope).await;
+        if released.is_err() {
+            self.abandoned_reservations
+                .insert((scope.scope.clone(), scope.key.clone()));
+        }
+        released
     }
 
     // ---------------------------------------------------------------- retention
@@ -884,6 +916,47 @@ impl Tollgate {
             .queue_depth
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
         Ok(())
+    }
+
+    /// Whether this instance can carry out writes now (`GET /readyz`): the disk is above its
+    /// floor (checked every time: one `statvfs`), the store commits a real write, and Redis
+    /// answers when it keeps the limits. That probe writes (an fsync on SQLite), so it runs at
+    /// most once per [`PROBE_EVERY`]; callers in between share its answer. Sets the
+    /// `tollgate_ready` gauge.
+    pub async fn readiness(&self) -> Result<()> {
+        if let Err(e) = self.disk.ensure_headroom() {
+            self.metrics.ready.set(0);
+            tracing::warn!(error = %e, "not ready: low disk");
+            return Err(Error::Unavailable {
+                reason: "disk space below the floor",
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        let mut last = self.last_probe.lock().await;
+        let found = match &*last {
+            Some((at, found)) if at.elapsed() < PROBE_EVERY => *found,
+            _ => {
+                let found = self.probe().await;
+                *last = Some((std::time::Instant::now(), found));
+                found
+            }
+        };
+        self.metrics.ready.set(i64::from(found.is_ok()));
+        found.map_err(|reason| Error::Unavailable {
+            reason,
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    async fn probe(&self) -> Result<(), &'static str> {
+        if let Err(e) = self.store.probe_write().await {
+            tracing::warn!(error = %e, "not ready: the store cannot commit");
+            return Err("the store cannot commit");
+        }
+        self.limits
+            .ping()
+            .await
+            .map_err(|_| "the rate limiter does not answer")
     }
 
     /// How long clients should wait before retrying during shutdown.

@@ -51,6 +51,17 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
             },
             _ = stop.changed() => continue,
         };
+        // Below the disk's floor a task's images would take the last of it: the tasks wait in
+        // the queue, charged and safe, until there is room again.
+        if let Err(e) = app.disk.ensure_headroom() {
+            drop(slot);
+            warn_low_disk(&e);
+            tokio::select! {
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
         let claim = match secrets::new_id("claim") {
             Ok(claim) => claim,
             Err(e) => {
@@ -116,6 +127,22 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
     };
     let outcome = match rendered {
         Ok(()) => TaskOutcome::Succeeded,
+        Err(TaskFailure::Storage(e)) => {
+            // The images could not be stored (a full or failing disk): the task goes back to
+            // the queue, its charge standing, to run again once the disk takes writes. Not a
+            // failure of the task: it is neither failed nor refunded, and the run is not counted.
+            tracing::warn!(task_id = %task.id, error = %e, "could not store a task's images; it goes back to the queue");
+            if let Err(e) = app.images.delete_task(&task.id).await {
+                tracing::warn!(task_id = %task.id, error = %e, "could not delete the partial images of a task");
+            }
+            match app.store.release_task(&task.id, claim).await {
+                Ok(_) => app.work_ready.notify_one(),
+                // Its lease runs out instead, and a worker takes it again then.
+                Err(e) => tracing::warn!(task_id = %task.id, error = %e, "could not put a task back in the queue"),
+            }
+            tokio::time::sleep(IDLE_POLL).await;
+            return;
+        }
         Err(failure) => {
             let (code, message) = failure.task_error(app.config().task_timeout);
             match &failure {
@@ -173,12 +200,18 @@ enum TaskFailure {
     Backend(BackendError),
     /// The task was claimed more than [`MAX_RUNS`] times.
     Interrupted,
+    /// The images were made but could not be stored: a fault of the disk, which passes.
+    Storage(Error),
 }
 
 impl TaskFailure {
     fn task_error(&self, task_timeout: Duration) -> (String, String) {
         match self {
             TaskFailure::Backend(e) => e.task_error(task_timeout),
+            TaskFailure::Storage(_) => (
+                "storage".to_owned(),
+                "The task's images could not be stored.".to_owned(),
+            ),
             TaskFailure::Interrupted => (
                 "interrupted".to_owned(),
                 format!(
@@ -194,6 +227,7 @@ impl std::fmt::Display for TaskFailure {
         match self {
             TaskFailure::Backend(e) => e.fmt(f),
             TaskFailure::Interrupted => write!(f, "interrupted {MAX_RUNS} times"),
+            TaskFailure::Storage(e) => write!(f, "storing the images: {e}"),
         }
     }
 }
@@ -222,7 +256,22 @@ async fn generate_and_store(app: &Tollgate, task: &TaskRecord) -> Result<(), Tas
         ))));
     }
     for (index, png) in (0u8..).zip(images) {
-        app.images.put(&task.id, index, png).await?;
+        match app.images.put(&task.id, index, png).await {
+            Ok(()) => {}
+            Err(e @ Error::StoreUnavailable { .. }) => return Err(TaskFailure::Storage(e)),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
+}
+
+/// Logs that workers wait for disk space, at most once a minute per process (every idle worker
+/// checks once a second).
+fn warn_low_disk(e: &Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let minute = now().unix_timestamp().unsigned_abs() / 60;
+    if LAST.swap(minute, Ordering::Relaxed) != minute {
+        tracing::warn!(error = %e, "workers wait: the disk is below its free-space floor");
+    }
 }

@@ -160,8 +160,12 @@ pub async fn idempotency(State(state): State<Arc<AppState>>, req: Request, next:
                 status: parts.status.as_u16(),
                 body: body.to_vec(),
             };
+            // What the response reports is committed: it is the answer, whatever happens to
+            // the record of it. A record that could not be stored leaves the reservation held
+            // (a retry gets 409, then runs again once it is stale), never released: a release
+            // would let a retry do the work twice at once.
             if let Err(e) = state.app.idempotency_complete(&scope, &stored).await {
-                return e.into_response();
+                tracing::warn!(error = %e, "could not store the response of an idempotent request; its key stays reserved");
             }
             guard.disarm();
             Response::from_parts(parts, Body::from(body))

@@ -110,6 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         );
     let ops = Router::new()
         .route("/healthz", get(r::healthz))
+        .route("/readyz", get(r::readyz))
         .route("/metrics", get(r::metrics))
         .route("/openapi.json", get(r::openapi));
     Router::new()

@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
         routes::create_key, routes::list_keys, routes::revoke_key, routes::add_credits, routes::account_ledger,
         routes::admin_ledger, routes::create_voucher, routes::list_vouchers, routes::redeem_voucher,
         routes::webhook_secret, routes::rotate_webhook_secret,
-        routes::healthz, routes::metrics, routes::openapi,
+        routes::healthz, routes::readyz, routes::metrics, routes::openapi,
     ),
     modifiers(&Security),
 )]

@@ -501,10 +501,26 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
     })
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses(
+        (status = 200, description = "Ready: the store commits a write, the disk is above its floor, Redis answers (when configured)", body = Health),
+        (status = 503, description = "Not ready; the message says why", body = ErrorBody),
+    ))]
+pub async fn readyz(State(state): State<Arc<AppState>>) -> AppResult<Json<Health>> {
+    state.app.readiness().await?;
+    Ok(Json(Health {
+        status: "ready".to_owned(),
+    }))
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> AppResult<Response> {
-    state.app.refresh_gauges().await?;
+    // The metrics of a store that is down are what an operator most needs: render without
+    // the gauges the store gives, rather than not at all.
+    if let Err(e) = state.app.refresh_gauges().await {
+        tracing::warn!(error = %e, "metrics: gauges from the store not refreshed");
+    }
     let text = state.app.metrics().render();
     Ok((
         [(

@@ -294,6 +294,10 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Commits a small write (one settings row), as `/readyz` asks: `Ok` only when the store
+    /// can commit now.
+    async fn probe_write(&self) -> Result<()>;
+
     // --- operator token ---
     async fn admin_token_hash(&self) -> Result<Option<String>>;
     async fn set_admin_token_hash(&self, hash: &str) -> Result<()>;
@@ -370,8 +374,15 @@ pub trait Store: Send + Sync + 'static {
         outcome: &TaskOutcome,
         now: OffsetDateTime,
     ) -> Result<FinishOutcome>;
+    /// Puts a task held under `claim` back in the queue without counting the run (its images
+    /// could not be stored: a fault of the disk, not of the task); `false` when the claim is
+    /// no longer the task's.
+    async fn release_task(&self, id: &str, claim: &str) -> Result<bool>;
     /// After a crash of the only instance: puts tasks left `running` back in the queue (their
-    /// charge stands). Engines shared by several instances do nothing here: leases run out instead.
+    /// charge stands) and drops the idempotency reservations of requests that died with it (a
+    /// reservation still `running` committed nothing), so their retries run at once instead of
+    /// answering 409 until the reservation is stale. Engines shared by several instances do
+    /// nothing here: leases and staleness run out instead.
     async fn requeue_running(&self) -> Result<u64>;
     async fn queue_depth(&self) -> Result<u64>;
     /// Ids of tasks created before `cutoff` whose data is not purged yet, oldest first.

@@ -115,10 +115,10 @@ async fn ledger_entry(
     kind: &str,
     task_id: Option<&str>,
     note: Option<&str>,
-) -> Result<()> {
-    sqlx::query(
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
         "INSERT INTO ledger (account_id, delta, balance_after, kind, task_id, note, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
     )
     .bind(account_id)
     .bind(delta)
@@ -127,9 +127,8 @@ async fn ledger_entry(
     .bind(task_id)
     .bind(note)
     .bind(to_millis(now()))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .fetch_one(&mut **tx)
+    .await?)
 }
 
 async fn refund(
@@ -155,7 +154,8 @@ async fn refund(
         Some(task_id),
         Some(note),
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 async fn complete_idempotency(
@@ -197,6 +197,17 @@ async fn enqueue_webhook(
 impl Store for PostgresStore {
     fn is_shared(&self) -> bool {
         true
+    }
+
+    async fn probe_write(&self) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ('ready_probe', $1) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(to_millis(now()).to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn admin_token_hash(&self) -> Result<Option<String>> {
@@ -326,7 +337,7 @@ impl Store for PostgresStore {
         };
         let account = rows::account(&row)?;
         let kind = if amount >= 0 { "grant" } else { "adjust" };
-        ledger_entry(
+        let entry = ledger_entry(
             &mut tx,
             id,
             amount,
@@ -336,7 +347,19 @@ impl Store for PostgresStore {
             note,
         )
         .await?;
-        tx.commit().await?;
+        if let Err(e) = tx.commit().await {
+            // As in `create_task`: a lost answer to COMMIT is settled by asking whether the
+            // ledger entry, whose id is known, is there.
+            let committed: Option<i64> = sqlx::query_scalar("SELECT id FROM ledger WHERE id = $1")
+                .bind(entry)
+                .fetch_optional(&self.pool)
+                .await
+                .ok()
+                .flatten();
+            if committed.is_none() {
+                return Err(e.into());
+            }
+        }
         Ok(Some(account))
     }
 
@@ -653,6 +676,18 @@ impl Store for PostgresStore {
         enqueue_webhook(&mut tx, id, now).await?;
         tx.commit().await?;
         Ok(FinishOutcome::Finished)
+    }
+
+    async fn release_task(&self, id: &str, claim: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET status = 'queued', started_at = NULL, lease_until = NULL, claim = NULL, \
+             runs = runs - 1 WHERE id = $1 AND claim = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(claim)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn requeue_running(&self) -> Result<u64> {

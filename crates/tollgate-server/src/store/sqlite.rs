@@ -448,6 +448,18 @@ async fn enqueue_webhook(
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn probe_write(&self) -> Result<()> {
+        let mut tx = WriteTx::begin(&self.write).await?;
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ('ready_probe', ?) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(to_millis(now()).to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
     async fn admin_token_hash(&self) -> Result<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT value FROM settings WHERE name = 'admin_token_hash'")
@@ -851,13 +863,30 @@ impl Store for SqliteStore {
         Ok(FinishOutcome::Finished)
     }
 
+    async fn release_task(&self, id: &str, claim: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET status = 'queued', started_at = NULL, lease_until = NULL, claim = NULL, \
+             runs = runs - 1 WHERE id = ? AND claim = ? AND status = 'running'",
+        )
+        .bind(id)
+        .bind(claim)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn requeue_running(&self) -> Result<u64> {
+        let mut tx = WriteTx::begin(&self.write).await?;
         let done = sqlx::query(
             "UPDATE tasks SET status = 'queued', started_at = NULL, lease_until = NULL, claim = NULL \
              WHERE status = 'running'",
         )
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM idempotency_keys WHERE state = 'running'")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
