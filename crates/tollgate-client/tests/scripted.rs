@@ -421,10 +421,15 @@ async fn every_typed_method_calls_its_route() {
     );
     assert_eq!(client.account().await.unwrap().credits, 10);
     assert_eq!(client.health().await.unwrap().status, "ok");
-    assert!(client.ledger(&ListParams {
-        limit: Some(3),
-        after: None,
-    }).await.unwrap().data.is_empty());
+    assert!(client
+        .ledger(&ListParams {
+            limit: Some(3),
+            after: None,
+        })
+        .await
+        .unwrap()
+        .data
+        .is_empty());
 
     let admin = Client::builder(&server.base_url)
         .admin_token("admin_secret_token")
@@ -495,7 +500,12 @@ async fn every_typed_method_calls_its_route() {
         .await
         .unwrap();
     assert!(admin.list_keys("acct_1").await.unwrap().data.is_empty());
-    assert!(admin.ledger("acct_1", &ListParams::default()).await.unwrap().data.is_empty());
+    assert!(admin
+        .ledger("acct_1", &ListParams::default())
+        .await
+        .unwrap()
+        .data
+        .is_empty());
 
     let seen: Vec<(String, String, bool)> = server
         .requests()

@@ -148,7 +148,9 @@ mod tests {
     #[test]
     fn the_floor_of_a_real_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let usage = DiskSpace::new(dir.path(), MinFreeDisk::Auto).usage().unwrap();
+        let usage = DiskSpace::new(dir.path(), MinFreeDisk::Auto)
+            .usage()
+            .unwrap();
         assert!(usage.total > 0 && usage.available <= usage.total);
         assert!(usage.floor <= DEFAULT_FLOOR_BYTES);
         let everything = DiskSpace::new(dir.path(), MinFreeDisk::Bytes(u64::MAX));

@@ -223,10 +223,10 @@ impl StoreFault {
 
     fn of_sqlite(code: i64) -> Option<StoreFault> {
         match code & 0xff {
-            13 => Some(StoreFault::DiskFull),     // SQLITE_FULL
-            10 | 14 | 8 => Some(StoreFault::Io),  // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY
-            5 | 6 => Some(StoreFault::Busy),      // SQLITE_BUSY, SQLITE_LOCKED
-            7 => Some(StoreFault::Resources),     // SQLITE_NOMEM
+            13 => Some(StoreFault::DiskFull),    // SQLITE_FULL
+            10 | 14 | 8 => Some(StoreFault::Io), // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY
+            5 | 6 => Some(StoreFault::Busy),     // SQLITE_BUSY, SQLITE_LOCKED
+            7 => Some(StoreFault::Resources),    // SQLITE_NOMEM
             _ => None,
         }
     }

@@ -30,7 +30,10 @@ fn required() -> bool {
 }
 
 fn skip(what: &str) {
-    assert!(!required(), "{what} (CI is set, so this fails rather than skips)");
+    assert!(
+        !required(),
+        "{what} (CI is set, so this fails rather than skips)"
+    );
     eprintln!("SKIPPED: {what}");
 }
 
@@ -115,8 +118,14 @@ async fn send(request: reqwest::RequestBuilder) -> Answer {
 /// A refusal the client can act on: 503 `service_unavailable`, with `Retry-After`.
 fn assert_refused_cleanly(answer: &Answer) {
     assert_eq!(answer.status, 503, "{answer:?}");
-    assert_eq!(answer.body["error"]["code"], "service_unavailable", "{answer:?}");
-    assert!(answer.retry_after.is_some(), "503 without Retry-After: {answer:?}");
+    assert_eq!(
+        answer.body["error"]["code"], "service_unavailable",
+        "{answer:?}"
+    );
+    assert!(
+        answer.retry_after.is_some(),
+        "503 without Retry-After: {answer:?}"
+    );
     let text = answer.body.to_string();
     for leak in ["sqlx", "SQLITE", "database or disk", "/tmp/", "filler"] {
         assert!(!text.contains(leak), "internals in {text}");
@@ -169,7 +178,11 @@ async fn check_promises(
 ) {
     for (id, cost) in accepted {
         let task = server.get_json(&acct.key, &format!("/v1/tasks/{id}")).await;
-        assert_eq!(task["id"], id.as_str(), "a task answered 202 is there: {task}");
+        assert_eq!(
+            task["id"],
+            id.as_str(),
+            "a task answered 202 is there: {task}"
+        );
         assert_eq!(task["cost"], *cost);
     }
     let ledger = whole_ledger(server, &acct.key).await;
@@ -193,13 +206,20 @@ async fn check_promises(
         .filter_map(|e| e["note"].as_str())
         .collect();
     for note in topped_up {
-        assert!(notes.contains(note.as_str()), "acknowledged top-up {note} is kept");
+        assert!(
+            notes.contains(note.as_str()),
+            "acknowledged top-up {note} is kept"
+        );
     }
     let top_ups = ledger
         .iter()
         .filter(|e| e["kind"] == "grant" && e["note"] != "opening balance")
         .count();
-    assert_eq!(top_ups, topped_up.len(), "no top-up that was refused was kept");
+    assert_eq!(
+        top_ups,
+        topped_up.len(),
+        "no top-up that was refused was kept"
+    );
     let sum: i64 = ledger.iter().map(|e| e["delta"].as_i64().unwrap()).sum();
     let balance = i64::try_from(server.balance(&acct.key).await).unwrap();
     assert_eq!(sum, balance, "the ledger's pages add up to the balance");
@@ -354,7 +374,10 @@ async fn below_the_free_space_floor_writes_wait_and_reads_go_on() {
         .await;
     let id = before["id"].as_str().unwrap().to_owned();
     server.wait_task(&acct.key, &id).await;
-    assert_eq!(send(server.http.get(server.url("/readyz"))).await.status, 200);
+    assert_eq!(
+        send(server.http.get(server.url("/readyz"))).await.status,
+        200
+    );
 
     let filler = disk.fill(4 << 20);
     let refused = server
@@ -372,7 +395,10 @@ async fn below_the_free_space_floor_writes_wait_and_reads_go_on() {
     assert_refused_cleanly(&send(top_up(&server, &acct, "while low")).await);
     // Reads are served: the account, the task, its image.
     assert_eq!(server.balance(&acct.key).await, 1000 - 1);
-    assert_eq!(server.status(&acct.key, &format!("/v1/tasks/{id}")).await, 200);
+    assert_eq!(
+        server.status(&acct.key, &format!("/v1/tasks/{id}")).await,
+        200
+    );
     assert_eq!(
         server
             .status(&acct.key, &format!("/v1/tasks/{id}/images/0"))
@@ -402,7 +428,11 @@ async fn below_the_free_space_floor_writes_wait_and_reads_go_on() {
     server
         .wait_task(&acct.key, after["id"].as_str().unwrap())
         .await;
-    assert_eq!(server.balance(&acct.key).await, 1000 - 2, "only the two accepted tasks were charged");
+    assert_eq!(
+        server.balance(&acct.key).await,
+        1000 - 2,
+        "only the two accepted tasks were charged"
+    );
     drop(server);
     drop(disk);
 }
@@ -540,7 +570,10 @@ async fn postgres_backends_terminated_under_load_lose_nothing_and_give_no_500() 
     assert!(!accepted.is_empty());
     check_promises(&server, &acct, &accepted, &topped_up, 1_000_000).await;
     let logs = server.logs();
-    assert!(!logs.contains("internal error"), "a terminated backend is never a 500");
+    assert!(
+        !logs.contains("internal error"),
+        "a terminated backend is never a 500"
+    );
     drop(server);
     psql(&url, &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
 }
@@ -616,7 +649,10 @@ async fn a_redis_restart_is_503_while_down_and_served_within_2_s_after() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("served again {:?} after Redis was back", back.elapsed());
-    assert_eq!(send(server.http.get(server.url("/readyz"))).await.status, 200);
+    assert_eq!(
+        send(server.http.get(server.url("/readyz"))).await.status,
+        200
+    );
     drop(server);
     let _ = redis.kill();
     let _ = redis.wait();

@@ -1,6 +1,7 @@
 //! [`Tollgate`]: the domain facade. Every route of the API is one method here.
 
 use crate::config::Config;
+use crate::disk::DiskSpace;
 use crate::domain::backends::{self, Backend};
 use crate::domain::caches::{Cached, FinishedTasks, KeyCache};
 use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
@@ -8,7 +9,6 @@ use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
 use crate::domain::sessions::SignInLimiter;
 use crate::domain::webhooks;
-use crate::disk::DiskSpace;
 use crate::error::{Error, Result};
 use crate::images::ImageStore;
 use crate::metrics::Metrics;

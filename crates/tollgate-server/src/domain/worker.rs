@@ -138,7 +138,9 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
             match app.store.release_task(&task.id, claim).await {
                 Ok(_) => app.work_ready.notify_one(),
                 // Its lease runs out instead, and a worker takes it again then.
-                Err(e) => tracing::warn!(task_id = %task.id, error = %e, "could not put a task back in the queue"),
+                Err(e) => {
+                    tracing::warn!(task_id = %task.id, error = %e, "could not put a task back in the queue")
+                }
             }
             tokio::time::sleep(IDLE_POLL).await;
             return;

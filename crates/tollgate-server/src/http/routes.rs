@@ -178,10 +178,7 @@ pub async fn account_ledger(
 ) -> AppResult<Json<List<LedgerEntry>>> {
     let (limit, after) = query.page()?;
     Ok(Json(
-        state
-            .app
-            .ledger(&caller.account_id, limit, after)
-            .await?,
+        state.app.ledger(&caller.account_id, limit, after).await?,
     ))
 }
 
@@ -229,12 +226,7 @@ pub async fn admin_ledger(
     Query(query): Query<LedgerQuery>,
 ) -> AppResult<Json<List<LedgerEntry>>> {
     let (limit, after) = query.page()?;
-    Ok(Json(
-        state
-            .app
-            .ledger(&id, limit, after)
-            .await?,
-    ))
+    Ok(Json(state.app.ledger(&id, limit, after).await?))
 }
 
 #[utoipa::path(get, path = "/admin/accounts/{id}/keys", tag = "admin",

@@ -9,10 +9,10 @@ use super::rows::{self, signed, would_overdraw, ATTEMPT_COLUMNS, DELIVERY_COLUMN
 use super::*;
 use crate::error::Error;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::pool::PoolConnection;
 use sqlx::{Row, Sqlite, SqliteConnection};
 use std::borrow::Cow;
 use std::path::Path;
@@ -428,11 +428,7 @@ async fn refund(
 
 /// Puts the task's webhook in the outbox, when it has one: called in the transaction that records
 /// the task's final state.
-async fn enqueue_webhook(
-    tx: &mut WriteTx,
-    task_id: &str,
-    now: OffsetDateTime,
-) -> Result<()> {
+async fn enqueue_webhook(tx: &mut WriteTx, task_id: &str, now: OffsetDateTime) -> Result<()> {
     sqlx::query(
         "INSERT INTO webhook_deliveries (task_id, account_id, url, state, attempts, next_attempt_at, created_at) \
          SELECT id, account_id, webhook_url, 'pending', 0, ?1, ?1 FROM tasks \
