@@ -162,3 +162,60 @@ async fn operator_grants_and_corrections_are_ledger_entries_and_never_overdraw()
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "amount");
 }
+
+#[tokio::test]
+async fn the_ledger_pages_with_after_on_both_routes() {
+    let (_tmp, server) = TestServer::start(&["--workers", "0"]);
+    let acct = server.account(3).await;
+    for i in 0..4 {
+        let path = format!("/admin/accounts/{}/credits", acct.id);
+        let topped = server
+            .admin(
+                reqwest::Method::POST,
+                &path,
+                Some(json!({"amount": 1, "note": format!("n{i}")})),
+            )
+            .await;
+        assert_eq!(topped.status(), 200);
+    }
+    for base in [
+        "/v1/account/ledger".to_owned(),
+        format!("/admin/accounts/{}/ledger", acct.id),
+    ] {
+        let get = |path: String| {
+            let server = &server;
+            let key = acct.key.clone();
+            async move {
+                let request = if path.starts_with("/admin") {
+                    server
+                        .http
+                        .get(server.url(&path))
+                        .bearer_auth(common::ADMIN_TOKEN)
+                } else {
+                    server.get(&key, &path)
+                };
+                request.send().await.unwrap().json::<Value>().await.unwrap()
+            }
+        };
+        let first = get(format!("{base}?limit=3")).await;
+        assert_eq!(first["has_more"], true, "{first}");
+        let last_id = first["data"][2]["id"].as_i64().unwrap();
+        let second = get(format!("{base}?limit=3&after={last_id}")).await;
+        assert_eq!(second["has_more"], false, "{second}");
+        let notes: Vec<&str> = first["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(second["data"].as_array().unwrap())
+            .map(|e| e["note"].as_str().unwrap())
+            .collect();
+        assert_eq!(notes, ["n3", "n2", "n1", "n0", "opening balance"]);
+    }
+    let bad = server
+        .get(&acct.key, "/v1/account/ledger?after=le_1")
+        .send()
+        .await
+        .unwrap();
+    let (_, error) = expect_error(bad, 400, "invalid_request_error", "invalid_value").await;
+    assert_eq!(error["param"], "after");
+}
