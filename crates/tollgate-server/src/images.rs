@@ -13,6 +13,8 @@ pub trait ImageStore: Send + Sync + 'static {
     async fn get(&self, task_id: &str, index: u8) -> Result<Option<Vec<u8>>>;
     /// Removes every image of the task; absent images are not an error.
     async fn delete_task(&self, task_id: &str) -> Result<()>;
+    /// The ids of the tasks that have images here (for the sweep of orphans).
+    async fn task_ids(&self) -> Result<Vec<String>>;
 }
 
 /// `<root>/<task id>/<index>.png`.
@@ -59,5 +61,18 @@ impl ImageStore for DiskImageStore {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+
+    async fn task_ids(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        let mut entries = tokio::fs::read_dir(&self.root).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            if let Some(name) = entry.file_name().to_str() {
+                if name.starts_with("task_") && entry.file_type().await?.is_dir() {
+                    ids.push(name.to_owned());
+                }
+            }
+        }
+        Ok(ids)
     }
 }

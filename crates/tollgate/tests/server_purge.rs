@@ -82,3 +82,36 @@ async fn a_purge_interrupted_between_images_and_tombstones_resumes_on_restart() 
     }
     assert!(ids.iter().all(|id| !images.join(id).exists()));
 }
+
+#[tokio::test]
+async fn images_of_tasks_the_store_does_not_have_are_swept_at_start() {
+    let (tmp, server) = TestServer::start(&[]);
+    let acct = server.account(10).await;
+    let task = server
+        .create_task(&acct.key, json!({"prompt": "kept", "size": "256x256"}))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    server.wait_task(&acct.key, &id).await;
+    server.stop();
+    // What a run whose task never committed would leave behind.
+    let images = tmp.path().join("data").join("images");
+    let orphan = images.join("task_0000000000000000deadbeef");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("0.png"), b"not a task's").unwrap();
+
+    let server = TestServer::start_in(tmp.path(), &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while orphan.exists() {
+        assert!(Instant::now() < deadline, "the orphan was not swept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server
+        .logs()
+        .contains("removed the images of tasks the store does not have"));
+    let png = server
+        .get(&acct.key, &format!("/v1/tasks/{id}/images/0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(png.status(), 200, "a real task's images stay");
+}

@@ -10,6 +10,16 @@ use tokio::task::JoinHandle;
 pub fn spawn(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let interval = app.config().effective_purge_interval();
+        match app.collect_orphan_images().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                tasks = n,
+                "removed the images of tasks the store does not have"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not sweep orphaned images; the next start tries again")
+            }
+        }
         loop {
             match app.purge_expired().await {
                 Ok(0) => {}
@@ -57,6 +67,9 @@ mod tests {
         }
         async fn get(&self, task_id: &str, index: u8) -> Result<Option<Vec<u8>>> {
             self.disk.get(task_id, index).await
+        }
+        async fn task_ids(&self) -> Result<Vec<String>> {
+            self.disk.task_ids().await
         }
         async fn delete_task(&self, task_id: &str) -> Result<()> {
             let left = self.budget.load(Ordering::SeqCst);

@@ -909,6 +909,24 @@ impl Tollgate {
         Ok(purged)
     }
 
+    /// Removes the images of tasks the store does not have, or has only as tombstones: left by a
+    /// run whose task never committed (older versions could, after a full disk) or by
+    /// a purge cut short. Run once at start, before the first purge.
+    pub async fn collect_orphan_images(&self) -> Result<usize> {
+        let mut removed = 0;
+        for id in self.images.task_ids().await? {
+            let orphan = match self.store.get_task(&id).await? {
+                None => true,
+                Some(task) => task.purged,
+            };
+            if orphan {
+                self.images.delete_task(&id).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Refreshes gauges that are read from storage; called before metrics are rendered.
     pub async fn refresh_gauges(&self) -> Result<()> {
         let depth = self.store.queue_depth().await?;
