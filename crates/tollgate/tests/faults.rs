@@ -664,13 +664,25 @@ async fn sigkill_under_a_burst_then_replay_charges_each_request_once() {
     let acct = server.account(10_000).await;
     let total = 120;
     // The burst, all at once; the server is killed while it is answering.
+    let answered = std::sync::atomic::AtomicUsize::new(0);
     let answers = {
         let sent = (0..total).map(|i| {
             let request = create(&server, &acct, &format!("burst-{i}"), i);
-            async move { request.send().await.ok() }
+            let answered = &answered;
+            async move {
+                let response = request.send().await.ok();
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                response
+            }
         });
+        // Killed once a quarter of the burst is answered: the rest is in flight or unsent.
         let kill = async {
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while answered.load(std::sync::atomic::Ordering::SeqCst) < total / 4
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let status = Command::new("kill")
                 .args(["-KILL", &server.pid().to_string()])
                 .status()
@@ -707,6 +719,10 @@ async fn sigkill_under_a_burst_then_replay_charges_each_request_once() {
     eprintln!(
         "{} of {total} answered before the kill",
         first_answers.len()
+    );
+    assert!(
+        first_answers.len() < total,
+        "the kill came after every answer: nothing was left to replay"
     );
     assert_eq!(accepted.len(), total, "one task per request");
     check_promises(&server, &acct, &accepted, &HashSet::new(), 10_000).await;
