@@ -123,12 +123,17 @@ const MAX_BATCH: usize = 256;
 ///
 /// A batch is first written grouped ([`create_batch_grouped`]: a few statements for the whole
 /// batch). Should that fail, it is written again task by task, each in its savepoint
-/// ([`create_batch`]), so that a task that cannot be written fails alone.
+/// ([`create_batch`]), so that a task that cannot be written fails alone. Nothing is answered
+/// before its COMMIT; a failed batch is refused whole, each request with the batch's error (a
+/// store fault stays a 503).
 async fn write_creates(pool: SqlitePool, mut jobs: mpsc::Receiver<CreateJob>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let written = match create_batch_grouped(&pool, &batch).await {
             Ok(results) => Ok(results),
+            // A full disk or a lost connection fails the batch as a whole: writing it again
+            // task by task would meet the same fault.
+            Err(e @ Error::StoreUnavailable { .. }) => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, tasks = batch.len(), "a grouped batch of task creations failed; writing them one by one");
                 create_batch(&pool, &batch).await
