@@ -65,8 +65,9 @@ pub enum Error {
         retry_after: Duration,
     },
     /// The store (database or disk) cannot carry the request out now, and will again: a disk
-    /// full, a connection lost, a lock held too long. Nothing the request asked for was
-    /// committed. 503 with `Retry-After`; the cause goes to the log, never to the client.
+    /// full, a connection lost, a lock held too long. The request's transaction did not commit
+    /// (where a lost answer to a COMMIT leaves that open, the store checks for the row it made:
+    /// tasks and top-ups). 503 with `Retry-After`; the cause goes to the log, never the client.
     #[error("store unavailable ({fault:?}): {cause}")]
     StoreUnavailable { fault: StoreFault, cause: String },
     /// A bug or a broken dependency. The message goes to the log, never to the client.
@@ -290,5 +291,50 @@ impl From<std::io::Error> for Error {
             Some(fault) => Error::store_unavailable(fault, format!("i/o: {e}")),
             None => Error::Internal(format!("i/o: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_store_conditions_are_faults_and_the_rest_are_bugs() {
+        // SQLite result codes, extended ones included (the primary code is the low byte).
+        for (code, fault) in [
+            (13, Some(StoreFault::DiskFull)),
+            (10, Some(StoreFault::Io)),
+            (778, Some(StoreFault::Io)), // SQLITE_IOERR_WRITE
+            (5, Some(StoreFault::Busy)),
+            (517, Some(StoreFault::Busy)), // SQLITE_BUSY_SNAPSHOT
+            (2067, None),                  // SQLITE_CONSTRAINT_UNIQUE: a bug, 500
+            (1, None),
+        ] {
+            assert_eq!(StoreFault::of_sqlite(code), fault, "{code}");
+        }
+        for (state, fault) in [
+            ("57P01", Some(StoreFault::ConnectionLost)),
+            ("08006", Some(StoreFault::ConnectionLost)),
+            ("40001", Some(StoreFault::Serialization)),
+            ("53100", Some(StoreFault::DiskFull)),
+            ("53300", Some(StoreFault::Resources)),
+            ("23505", None), // unique violation
+            ("42P01", None), // undefined table
+        ] {
+            assert_eq!(StoreFault::of_sqlstate(state), fault, "{state}");
+        }
+        assert_eq!(
+            StoreFault::of(&sqlx::Error::PoolTimedOut),
+            Some(StoreFault::PoolTimedOut)
+        );
+        assert_eq!(StoreFault::of(&sqlx::Error::RowNotFound), None);
+        let io = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert!(matches!(
+            Error::from(io),
+            Error::StoreUnavailable {
+                fault: StoreFault::DiskFull,
+                ..
+            }
+        ));
     }
 }

@@ -301,9 +301,16 @@ async fn a_full_disk_is_refused_with_503_and_served_again_when_space_comes_back(
     let warm = burst(&server, &acct, 0..5, 5).await;
     assert!(tally(&warm, &mut accepted, &mut topped_up).is_empty());
 
-    let filler = disk.fill(32 * 1024);
+    let filler = disk.fill(1 << 20);
     let answers = burst(&server, &acct, 5..400, 20).await;
     let refused = tally(&answers, &mut accepted, &mut topped_up);
+    eprintln!(
+        "disk full: {} of {} requests refused with 503, {} tasks and {} top-ups accepted in all",
+        refused.len(),
+        answers.len(),
+        accepted.len(),
+        topped_up.len()
+    );
     assert!(
         !refused.is_empty(),
         "the disk never filled: {} answers, none refused",
@@ -660,14 +667,19 @@ async fn a_redis_restart_is_503_while_down_and_served_within_2_s_after() {
 
 #[tokio::test]
 async fn sigkill_under_a_burst_then_replay_charges_each_request_once() {
-    let (tmp, server) = TestServer::start(&["--workers", "1"]);
+    // Every other request is held in its handler (after its key is reserved, before its task
+    // is written) when the kill comes: those are the requests left unanswered.
+    let (tmp, server) = TestServer::start(&["--workers", "1", "--simulate-errors"]);
     let acct = server.account(10_000).await;
     let total = 120;
     // The burst, all at once; the server is killed while it is answering.
     let answered = std::sync::atomic::AtomicUsize::new(0);
     let answers = {
         let sent = (0..total).map(|i| {
-            let request = create(&server, &acct, &format!("burst-{i}"), i);
+            let mut request = create(&server, &acct, &format!("burst-{i}"), i);
+            if i % 2 == 1 {
+                request = request.header("Tollgate-Simulate-Delay-Ms", "5000");
+            }
             let answered = &answered;
             async move {
                 let response = request.send().await.ok();
@@ -704,7 +716,7 @@ async fn sigkill_under_a_burst_then_replay_charges_each_request_once() {
     }
     drop(server);
 
-    let server = TestServer::start_in(tmp.path(), &["--workers", "1"]);
+    let server = TestServer::start_in(tmp.path(), &["--workers", "1", "--simulate-errors"]);
     let mut accepted = HashMap::new();
     for i in 0..total {
         let answer = send(create(&server, &acct, &format!("burst-{i}"), i)).await;
