@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{expect_error, TestAccount, TestServer};
+use common::{expect_error, unique, TestAccount, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -442,17 +442,6 @@ async fn below_the_free_space_floor_writes_wait_and_reads_go_on() {
     );
     drop(server);
     drop(disk);
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
 }
 
 fn psql(url: &str, sql: &str) -> String {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{expect_error, TestServer};
+use common::{expect_error, unique, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -36,17 +36,6 @@ fn services() -> Option<(String, String)> {
             None
         }
     }
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
 }
 
 impl Cluster {

@@ -307,6 +307,18 @@ impl Drop for TestServer {
     }
 }
 
+/// A name no other test run uses at the same time (PostgreSQL schemas, application names).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
 /// Checks a response is the contract's envelope with this status, type and code, and returns
 /// its headers and `error` object.
 pub async fn expect_error(
