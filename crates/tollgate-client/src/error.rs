@@ -390,6 +390,9 @@ fn hint_for(status: u16, code: &str) -> &'static str {
             "The resource has expired (older than the server's retention) and is permanently gone."
         }
         Some(ErrorCode::BodyTooLarge) => "Send a request body under 1 MiB.",
+        Some(ErrorCode::RequestTimeout) => {
+            "The request body arrived too slowly and nothing was done; send the request again."
+        }
         Some(ErrorCode::RateLimitExceeded) => {
             "Slow down requests and implement backoff; wait for the Retry-After duration."
         }

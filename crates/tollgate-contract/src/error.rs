@@ -142,6 +142,11 @@ error_codes! {
     ResourceExpired => ("resource_expired", 410, Gone, false),
     /// The voucher is past its expiry date (extension).
     VoucherExpired => ("voucher_expired", 410, Gone, false),
+    /// The request body did not arrive within `--body-read-timeout`; nothing was done, and the
+    /// connection is closed (extension).
+    /// Not in the contract's retry rule ("retry only 429, 5xx and 409 in use"), so not
+    /// retried by clients on their own; sending it again is safe.
+    RequestTimeout => ("request_timeout", 408, InvalidRequest, false),
     /// The request body is above 1 MiB.
     BodyTooLarge => ("body_too_large", 413, InvalidRequest, false),
     /// Too many requests for the account's rate limit.
@@ -243,7 +248,7 @@ mod tests {
 
     #[test]
     fn only_429_5xx_and_409_in_use_are_retryable() {
-        for s in [400, 401, 402, 404, 405, 410, 413] {
+        for s in [400, 401, 402, 404, 405, 408, 410, 413] {
             assert!(!is_retryable(s, None), "{s}");
         }
         assert!(!is_retryable(409, Some("something_else")));

@@ -91,6 +91,35 @@ pub struct Config {
     /// Below this much free space under `data_dir`, writes that grow the data are refused
     /// with 503 (reads go on), so the disk's wall is not reached by the server's own writes.
     pub min_free_disk: MinFreeDisk,
+    /// The bounds on client connections (the contract's "Connections").
+    pub connections: ConnectionLimits,
+}
+
+/// How long a client may take, and how many may be connected at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// A connection that has not sent a complete request head within this is closed.
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// A request body must arrive whole within this of its head (else 408).
+    pub body_read_timeout: Duration,
+    /// A response write that makes no progress for this long ends the connection.
+    pub write_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+        }
+    }
 }
 
 /// The generation backend (`tollgate serve --backend`).
@@ -178,6 +207,7 @@ impl Config {
             webhook_attempts: 8,
             webhook_timeout: Duration::from_secs(10),
             min_free_disk: MinFreeDisk::Auto,
+            connections: ConnectionLimits::default(),
         }
     }
 

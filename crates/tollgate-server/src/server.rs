@@ -29,6 +29,8 @@ impl Server {
     /// `config.admin_token` if set; else the hash kept from an earlier start; else a new token,
     /// of which only the hash is kept (see [`Server::generated_admin_token`]).
     pub async fn open(config: Config) -> Result<Server> {
+        // First: the store's pool, Redis and every connection need descriptors.
+        http::serve::raise_descriptor_limit();
         let backend = backends::from_config(&config)?;
         let store = open_store(&config).await?;
         let images = Arc::new(DiskImageStore::new(config.data_dir.join("images"))?);
@@ -99,7 +101,7 @@ impl Server {
         let sender = webhooks::spawn(Arc::clone(&self.app), stop_rx);
 
         let state = Arc::new(AppState::new(Arc::clone(&self.app)));
-        let gateway = Arc::new(http::gateway::Gateway::new(Arc::clone(&state)));
+        let app = http::app(Arc::clone(&state));
         let drain_state = Arc::clone(&state);
         let grace = config.shutdown_grace;
         let drained = async move {
@@ -111,7 +113,7 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        http::serve::serve(listener, gateway, drained).await?;
+        http::serve::serve(listener, app, config.connections.clone(), drained).await?;
 
         let _ = stop_tx.send(true);
         for handle in workers {

@@ -39,7 +39,8 @@ Exit codes:
   4  insufficient credits (402)
   5  not found (404) or gone (410: older than the server's retention)
   6  rate limited (429) or busy (409 idempotency_key_in_use), still after every retry
-  7  server or network: 5xx, connection failure, timeout, unreadable response";
+  7  server or network: 5xx, connection failure, timeout (408 too: the upload was too slow),
+     unreadable response";
 
 /// Exit codes, one per class of failure (see [`EXIT_CODES_HELP`]).
 mod exit {
@@ -338,7 +339,7 @@ fn exit_code(err: &tollgate_client::Error) -> u8 {
             404 | 410 => exit::NOT_FOUND_OR_GONE,
             429 => exit::RATE_LIMITED,
             409 if err.is_retryable() => exit::RATE_LIMITED,
-            500..=599 => exit::SERVER_OR_NETWORK,
+            408 | 500..=599 => exit::SERVER_OR_NETWORK,
             _ if err.is_decode() => exit::SERVER_OR_NETWORK,
             _ => exit::OTHER,
         },

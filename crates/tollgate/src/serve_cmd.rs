@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
-use tollgate_server::config::{BackendKind, MinFreeDisk};
+use tollgate_server::config::{BackendKind, ConnectionLimits, MinFreeDisk};
 use tollgate_server::{parse_duration, Config, Prices, Secret, Server};
 
 #[derive(Args)]
@@ -87,6 +87,29 @@ pub struct ServeArgs {
     /// disk; `0`: no floor. Sizes like 500MiB, 2GiB.
     #[arg(long, env = "TOLLGATE_MIN_FREE_DISK", default_value = "auto")]
     min_free_disk: MinFreeDisk,
+    /// A connection that has not sent a complete request head within this is closed.
+    #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    idle_timeout: Duration,
+    /// A request body must arrive whole within this of its head; else 408 `request_timeout`.
+    #[arg(long, env = "TOLLGATE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    body_read_timeout: Duration,
+    /// A response write that makes no progress for this long (the client stopped reading) ends the connection.
+    #[arg(long, env = "TOLLGATE_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    write_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog while idle ones are closed
+    /// to make room. Capped by the file descriptor limit (`ulimit -n`, raised to its hard value).
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err("must be longer than zero".to_owned()),
+        d => Ok(d),
+    }
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -154,6 +177,13 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.allow_private_webhooks = args.allow_private_webhooks;
     config.webhook_attempts = args.webhook_attempts;
     config.min_free_disk = args.min_free_disk;
+    config.connections = ConnectionLimits {
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
+        body_read_timeout: args.body_read_timeout,
+        write_timeout: args.write_timeout,
+        max_connections: args.max_connections as usize,
+    };
     // Not a flag, like the operator token: a flag is visible to everyone who can list processes.
     config.upstream_api_key = std::env::var("TOLLGATE_UPSTREAM_API_KEY")
         .ok()

@@ -1,6 +1,6 @@
-//! HTTP/1.1 on the wire, over raw TCP: the fast lane (plain API `GET`s answered without hyper)
-//! and hyper (everything else, and everything after it on a connection) must be one server to a
-//! client: the same answers, in order, whatever the requests are cut into or packed together.
+//! HTTP/1.1 on the wire, over raw TCP: answers in order whatever the requests are cut into or
+//! packed together; framing that could smuggle a request never does; and the contract's
+//! "Connections": timeouts, the connection limit, the file-descriptor limit, half-closed clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -95,6 +95,34 @@ impl Client {
         }
     }
 
+    /// The next response, or `None` when the connection closes (or says nothing for `quiet`)
+    /// before one begins.
+    async fn next(&mut self, quiet: Duration) -> Option<Wire> {
+        while self.buffered.is_empty() {
+            let mut chunk = [0u8; 8192];
+            match tokio::time::timeout(quiet, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buffered.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+        Some(self.response(false).await)
+    }
+
+    /// How long until the server closes the connection (it must within `within`); fails on
+    /// any byte the server sends meanwhile.
+    async fn closed_within(&mut self, within: Duration) -> Duration {
+        let started = std::time::Instant::now();
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(within, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+            Ok(Ok(n)) => panic!(
+                "unexpected bytes: {:?}",
+                String::from_utf8_lossy(&chunk[..n])
+            ),
+            Err(_) => panic!("still open after {within:?}"),
+        }
+    }
+
     /// Whether the server closed the connection (after everything sent was read).
     async fn closed(&mut self) -> bool {
         assert!(
@@ -110,100 +138,8 @@ fn get(path: &str, key: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\r\n")
 }
 
-/// A response with what differs from request to request taken out: the request id and the date.
-fn comparable(wire: &Wire) -> (String, Vec<(String, String)>, Value) {
-    let headers = wire
-        .headers
-        .iter()
-        .filter(|(n, _)| n != "x-request-id" && n != "date")
-        .cloned()
-        .collect();
-    let mut body = wire.json();
-    if let Some(error) = body.get_mut("error").and_then(Value::as_object_mut) {
-        error.remove("request_id");
-    }
-    (wire.status_line.clone(), headers, body)
-}
-
 #[tokio::test]
-async fn plain_gets_are_answered_alike_by_the_lane_and_by_hyper() {
-    let (_tmp, server) = TestServer::start(&[]);
-    let acct = server.account(100).await;
-    let task = server
-        .create_task(&acct.key, json!({"prompt": "a lighthouse", "seed": 1}))
-        .await;
-    let id = task["id"].as_str().unwrap();
-    server.wait_task(&acct.key, id).await;
-    // Spent for the next minute: each of its requests below is a 429, from the lane and hyper alike.
-    let spent = server.account_with_limit(100, 1, 1).await;
-    assert_eq!(server.status(&spent.key, "/v1/account").await, 200);
-    let requests = [
-        get(&format!("/v1/tasks/{id}"), &acct.key),
-        get("/v1/account", &spent.key),
-        get(&format!("/v1/tasks/{id}"), &spent.key),
-        format!(
-            "GET /v1/account HTTP/1.1\r\nHost: t\r\nX-Request-Id: trace-1\r\nAuthorization: Bearer {}\r\n\r\n",
-            spent.key
-        ),
-        get("/v1/tasks/task_nothing", &acct.key),
-        get("/v1/account", "tg_wrong"),
-        get("/v1/account", "not-even-a-key"),
-        "GET /v1/account HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
-        "GET /v1/tasks?limit=1 HTTP/1.1\r\nHost: t\r\nAuthorization: Basic eDp5\r\n\r\n".to_owned(),
-    ];
-    // The first connection stays in the lane; the second is handed to hyper by a request the
-    // lane does not take (`/healthz`), and hyper answers everything after it.
-    let mut lane = Client::connect(&server).await;
-    let mut hyper = Client::connect(&server).await;
-    hyper
-        .send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await;
-    assert!(hyper.response(false).await.status_line.ends_with("200 OK"));
-    for request in &requests {
-        lane.send(request.as_bytes()).await;
-        let from_lane = lane.response(false).await;
-        hyper.send(request.as_bytes()).await;
-        let from_hyper = hyper.response(false).await;
-        // Limits count down between the two; the rest must be the same bytes.
-        let strip = |(status, headers, body): (String, Vec<(String, String)>, Value)| {
-            let headers: Vec<_> = headers
-                .into_iter()
-                .map(|(n, v)| {
-                    if n == "ratelimit" {
-                        (n, String::new())
-                    } else {
-                        (n, v)
-                    }
-                })
-                .collect();
-            (status, headers, body)
-        };
-        assert_eq!(
-            strip(comparable(&from_lane)),
-            strip(comparable(&from_hyper)),
-            "{request:?}"
-        );
-        assert!(from_lane.header("date").is_some());
-        let request_id = from_lane.header("x-request-id").unwrap();
-        if request.contains("X-Request-Id: trace-1") {
-            // A caller's own id carries through, in the header and in the envelope.
-            assert_eq!(request_id, "trace-1");
-            assert_eq!(from_hyper.header("x-request-id"), Some("trace-1"));
-            assert_eq!(from_lane.json()["error"]["request_id"], json!("trace-1"));
-        } else {
-            assert!(request_id.starts_with("req_"), "{request_id}");
-        }
-        if from_lane.status_line.contains(" 429 ") {
-            // The exact wait, not a fixed one: under a minute for a spent 1/min limit.
-            let wait: u64 = from_lane.header("retry-after").unwrap().parse().unwrap();
-            assert!((1..=60).contains(&wait), "{wait}");
-            assert!(from_lane.header("ratelimit-policy").is_some());
-        }
-    }
-}
-
-#[tokio::test]
-async fn pipelined_requests_are_answered_in_order_across_the_hand_off() {
+async fn pipelined_requests_are_answered_in_order() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(100).await;
     let before = server.balance(&acct.key).await;
@@ -214,7 +150,7 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_off() {
         acct.key,
         body.len()
     );
-    // Two lane requests, a POST (hyper's from here on), and two more GETs, in one write.
+    // Two GETs, a POST, and two more GETs, in one write.
     let all = [
         get("/v1/account", &acct.key),
         get("/v1/account", "tg_wrong"),
@@ -258,7 +194,7 @@ async fn a_request_cut_into_pieces_is_read_whole() {
 }
 
 #[tokio::test]
-async fn head_close_and_malformed_requests_are_hypers() {
+async fn head_close_and_malformed_requests() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(100).await;
 
@@ -286,11 +222,371 @@ async fn head_close_and_malformed_requests_are_hypers() {
     assert_eq!(response.header("connection"), Some("close"));
     assert!(client.closed().await);
 
-    // Not HTTP: hyper's 400, then the connection is closed.
+    // Not HTTP: hyper's own 400 (no envelope: see the README), then the connection is closed.
     let mut client = Client::connect(&server).await;
     client
         .send(b"GET /v1/account HTTP/1.1\r\nBad Header: x\r\n\r\n")
         .await;
     let response = client.response(false).await;
     assert!(response.status_line.contains(" 400 "), "{response:?}");
+
+    // A head above 64 KiB: hyper's 431, or (when the kernel resets the connection on the
+    // unread rest before the answer is read) just the end of the connection; never served.
+    let mut client = Client::connect(&server).await;
+    let big = format!(
+        "GET /v1/account HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nX-Big: {}\r\n\r\n",
+        acct.key,
+        "a".repeat(256 * 1024)
+    );
+    let _ = client.stream.write_all(big.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.stream.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431 "),
+        "{answer}"
+    );
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+
+/// What a connection does after a request whose framing is in doubt.
+#[derive(Debug, Clone, Copy)]
+enum After {
+    /// Answers it (400, or 401 and no keep-alive), then closes: nothing after it is read.
+    Closed,
+    /// Reads it as framed (the hidden request is its body) and answers the next request.
+    GoesOn,
+}
+
+/// Requests whose framing a second parser could read differently from the first (the classic
+/// request-smuggling shapes), each followed by `GET /healthz` on the same connection: the
+/// request hidden in a body is never answered, and the connection either answers the follow-up
+/// correctly or is closed.
+#[tokio::test]
+async fn framing_that_could_smuggle_a_request_never_does() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let post = "POST /v1/images/generations HTTP/1.1\r\nHost: t\r\n";
+    let hidden_chunked = format!("0\r\n\r\n{SMUGGLED}");
+    let cases: Vec<(&str, String, After)> = vec![
+        // CL.TE and TE.CL: chunked wins, and the connection closes after the answer.
+        (
+            "content-length and chunked",
+            format!("{post}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n{hidden_chunked}"),
+            After::Closed,
+        ),
+        (
+            "chunked and content-length",
+            format!(
+                "{post}Transfer-Encoding: chunked\r\nContent-Length: {}\r\n\r\n{hidden_chunked}",
+                hidden_chunked.len()
+            ),
+            After::Closed,
+        ),
+        (
+            "two different content-lengths",
+            format!("{post}Content-Length: 0\r\nContent-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+            After::Closed,
+        ),
+        (
+            "a signed content-length",
+            format!("{post}Content-Length: +{}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+            After::Closed,
+        ),
+        (
+            "a transfer-encoding that does not end in chunked",
+            format!("{post}Transfer-Encoding: chunked, identity\r\n\r\n{hidden_chunked}"),
+            After::Closed,
+        ),
+        (
+            "an unknown transfer-encoding",
+            format!("{post}Transfer-Encoding: xchunked\r\n\r\n{hidden_chunked}"),
+            After::Closed,
+        ),
+        (
+            "a space before the colon",
+            format!("{post}Transfer-Encoding : chunked\r\nContent-Length: 0\r\n\r\n{hidden_chunked}"),
+            After::Closed,
+        ),
+        (
+            "an obs-folded header",
+            format!("{post}Content-Length: 0\r\nX-Folded: a\r\n Transfer-Encoding: chunked\r\n\r\n{hidden_chunked}"),
+            After::Closed,
+        ),
+        (
+            "a chunk size that overflows",
+            format!("{post}Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\n{SMUGGLED}"),
+            After::Closed,
+        ),
+        (
+            "bare line feeds",
+            format!("POST /v1/images/generations HTTP/1.1\nHost: t\nContent-Length: {}\n\n{SMUGGLED}", SMUGGLED.len()),
+            After::GoesOn,
+        ),
+        (
+            "an absolute-form target",
+            format!("POST http://t/v1/images/generations HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+            After::GoesOn,
+        ),
+        (
+            "a header without a colon",
+            format!("{post}Content-Length {}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+            After::Closed,
+        ),
+    ];
+    for (name, request, after) in cases {
+        let mut client = Client::connect(&server).await;
+        client.send(request.as_bytes()).await;
+        client.send(HEALTHZ).await;
+        let mut answers = Vec::new();
+        while let Some(wire) = client.next(Duration::from_secs(3)).await {
+            let body = String::from_utf8_lossy(&wire.body).into_owned();
+            assert!(
+                !body.contains("smuggled"),
+                "{name}: the hidden request was answered: {wire:?}"
+            );
+            answers.push((wire.status_line.clone(), body));
+            if answers.len() > 2 {
+                panic!("{name}: more answers than requests: {answers:?}");
+            }
+        }
+        // The first answer is to the POST (a refusal: it has no key, or it is malformed); a
+        // second, if any, is the health check.
+        if let Some((status, body)) = answers.get(1) {
+            assert!(
+                status.ends_with("200 OK") && body.contains("ok"),
+                "{name}: {answers:?}"
+            );
+        }
+        eprintln!(
+            "{name}: {:?}",
+            answers.iter().map(|a| &a.0).collect::<Vec<_>>()
+        );
+    }
+    // The server is whole after all of it.
+    let health = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+/// The contract's timeouts, short: a connection that sends nothing, or half a head, is closed
+/// after the header-read timeout; an idle keep-alive connection lasts until the idle timeout (not
+/// the header one); a body that stops half-way gets 408 in the envelope. Other clients are
+/// served throughout.
+#[tokio::test]
+async fn timeouts_close_what_overstays_and_nothing_else() {
+    let (_tmp, server) = TestServer::start(&[
+        "--header-read-timeout",
+        "1s",
+        "--idle-timeout",
+        "4s",
+        "--body-read-timeout",
+        "1s",
+    ]);
+    let acct = server.account(100).await;
+    let before = server.balance(&acct.key).await;
+
+    let mut silent = Client::connect(&server).await;
+    let mut partial = Client::connect(&server).await;
+    partial
+        .send(b"GET /v1/account HTTP/1.1\r\nHost: t\r\nAuthori")
+        .await;
+    let mut slow_body = Client::connect(&server).await;
+    slow_body
+        .send(
+            format!(
+                "POST /v1/images/generations HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":",
+                acct.key
+            )
+            .as_bytes(),
+        )
+        .await;
+    let mut keep_alive = Client::connect(&server).await;
+    keep_alive.send(HEALTHZ).await;
+    assert!(keep_alive
+        .response(false)
+        .await
+        .status_line
+        .ends_with("200 OK"));
+
+    // Meanwhile, an ordinary client is answered.
+    let health = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    let waited = silent.closed_within(Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(700),
+        "closed after {waited:?}"
+    );
+    partial.closed_within(Duration::from_secs(5)).await;
+
+    let timed_out = slow_body.response(false).await;
+    assert!(timed_out.status_line.contains(" 408 "), "{timed_out:?}");
+    assert_eq!(timed_out.header("connection"), Some("close"));
+    let request_id = timed_out.header("x-request-id").unwrap().to_owned();
+    let error = &timed_out.json()["error"];
+    assert_eq!(error["code"], json!("request_timeout"));
+    assert_eq!(error["type"], json!("invalid_request_error"));
+    assert_eq!(error["request_id"], json!(request_id));
+    assert!(slow_body.closed().await);
+    assert_eq!(
+        server.balance(&acct.key).await,
+        before,
+        "a request never read was charged"
+    );
+
+    // Past the header timeout but inside the idle one, the keep-alive connection still serves.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    keep_alive.send(HEALTHZ).await;
+    assert!(keep_alive
+        .response(false)
+        .await
+        .status_line
+        .ends_with("200 OK"));
+    // Then, left idle, it is closed by the idle timeout.
+    let idle = keep_alive.closed_within(Duration::from_secs(10)).await;
+    assert!(
+        idle >= Duration::from_secs(3),
+        "closed after {idle:?}, before the idle timeout"
+    );
+}
+
+/// A client that shuts down its sending side right after its request still gets the answer,
+/// and what it was charged is what the answers say.
+#[tokio::test]
+async fn a_client_that_half_closes_still_gets_its_answer() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let acct = server.account(1000).await;
+    let before = server.balance(&acct.key).await;
+    let body = r#"{"prompt":"a lighthouse"}"#;
+    let mut charged = 0;
+    for _ in 0..8 {
+        let mut client = Client::connect(&server).await;
+        client
+            .send(
+                format!(
+                    "POST /v1/images/generations HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    acct.key,
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+        client.stream.shutdown().await.unwrap();
+        let response = client.response(false).await;
+        assert!(response.status_line.contains(" 202 "), "{response:?}");
+        charged += response.json()["cost"].as_u64().unwrap();
+        assert!(client.closed().await);
+    }
+    assert_eq!(server.balance(&acct.key).await, before - charged);
+}
+
+/// The soft file-descriptor limit is raised to the hard one at start.
+#[tokio::test]
+async fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+    let (_tmp, server) = TestServer::start_with_ulimit("-S -n 256", &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "{line}");
+    assert_ne!(numbers[0], "256", "{line}");
+}
+
+/// With 256 descriptors in all, 300 idle sockets (more than fit) do not lock anyone out: the
+/// limit is kept below the descriptors, idle connections make room for new ones, and the log
+/// does not fill with accept failures.
+#[tokio::test]
+async fn idle_sockets_beyond_the_descriptor_limit_lock_nobody_out() {
+    let (_tmp, server) = TestServer::start_with_ulimit("-n 256", &["--header-read-timeout", "60s"]);
+    let acct = server.account(100).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let health = server
+            .http
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        let account = server.get(&acct.key, "/v1/account").send().await.unwrap();
+        assert_eq!(account.status(), 200);
+    }
+    let logs = server.logs();
+    assert!(
+        logs.contains("fewer connections than --max-connections"),
+        "{logs}"
+    );
+    let failures = logs.matches("accept failed").count();
+    assert!(failures <= 2, "{failures} accept failures logged");
+    drop(idle);
+}
+
+/// `--max-connections`: beyond it a connection waits (in the backlog) while every connection
+/// is busy, and is served as soon as one finishes; an idle connection makes room at once.
+#[tokio::test]
+async fn at_the_connection_limit_new_clients_wait_for_busy_ones_and_displace_idle_ones() {
+    let (_tmp, server) = TestServer::start(&["--max-connections", "2"]);
+    let acct = server.account(100).await;
+    let body = r#"{"prompt":"a lighthouse"}"#;
+    let head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        acct.key,
+        body.len()
+    );
+    // Two requests in flight, their bodies not sent yet: `100 Continue` says the handler is
+    // reading the body.
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut client = Client::connect(&server).await;
+        client.send(head.as_bytes()).await;
+        let go_on = client.response(false).await;
+        assert!(go_on.status_line.contains(" 100 "), "{go_on:?}");
+        busy.push(client);
+    }
+    let mut waiting = Client::connect(&server).await;
+    waiting.send(HEALTHZ).await;
+    assert!(
+        waiting.next(Duration::from_millis(1500)).await.is_none(),
+        "served beyond --max-connections"
+    );
+    // One finishes, and its connection, idle now, makes room: the waiting client is served.
+    let mut first = busy.remove(0);
+    first.send(body.as_bytes()).await;
+    assert!(first.response(false).await.status_line.contains(" 202 "));
+    let answer = waiting.response(false).await;
+    assert!(answer.status_line.ends_with("200 OK"), "{answer:?}");
+    // Now `waiting` is an idle keep-alive connection and the other is still busy: a new client
+    // displaces the idle one, and the busy one is left alone.
+    let mut newcomer = Client::connect(&server).await;
+    newcomer.send(HEALTHZ).await;
+    let answer = newcomer.response(false).await;
+    assert!(answer.status_line.ends_with("200 OK"), "{answer:?}");
+    let mut other = busy.remove(0);
+    other.send(body.as_bytes()).await;
+    assert!(other.response(false).await.status_line.contains(" 202 "));
 }

@@ -1,13 +1,14 @@
 //! The one place where an error becomes the contract's envelope.
 //!
 //! `From<Error> for` [`ErrorReply`] picks status, type, code, message and headers;
-//! [`ErrorReply::write_body`] writes the body, with the request id of the current request.
+//! [`ErrorReply::into_response`] renders it, with the request id of the current request.
 //! Internal causes are logged here, inside the request's span, and never sent.
 
 use crate::error::{Error, StoreFault, VoucherRefusal};
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use std::borrow::Cow;
 use std::time::Duration;
 use tollgate_contract::{retry_after, ErrorCode};
@@ -74,19 +75,13 @@ pub fn voucher_refusal_message(refusal: VoucherRefusal) -> &'static str {
     }
 }
 
-/// Marks a response whose body is already the envelope, so the gateway leaves it alone.
+/// Marks a response whose body is already the envelope, so the edge leaves it alone.
 #[derive(Debug, Clone, Copy)]
 pub struct Enveloped;
 
-const APPLICATION_JSON: &[u8] = b"application/json";
-
 /// An error as the client gets it: the envelope's code, message and `param`, and the headers
 /// that go with them (`Retry-After`, `WWW-Authenticate`, `Allow`, `Connection: close`).
-///
-/// `From<Error>` is the mapping, the only one. A reply is then rendered either as a [`Response`]
-/// ([`ErrorReply::into_response`], for the router and hyper) or, for the refusals the gateway
-/// makes from a request's head, written straight onto the connection by the fast lane from the
-/// same [`ErrorReply::headers`] and [`ErrorReply::write_body`]: one set of headers, one body.
+/// `From<Error>` is the mapping, the only one; [`ErrorReply::into_response`] renders it.
 #[derive(Debug)]
 pub struct ErrorReply {
     code: ErrorCode,
@@ -96,8 +91,27 @@ pub struct ErrorReply {
     retry_after: Option<u64>,
     www_authenticate: bool,
     allow: Option<HeaderValue>,
-    /// `Connection: close`: the server is going away.
+    /// `Connection: close`: the server is going away, or the connection is no longer usable.
     close: bool,
+}
+
+/// The envelope as it is sent: [`ErrorBody`](tollgate_contract::ErrorBody)'s JSON (a test holds
+/// the two equal), borrowed from the reply rather than copied into owned strings.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: EnvelopeDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    error_type: &'static str,
+    code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    param: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
 }
 
 impl ErrorReply {
@@ -129,6 +143,11 @@ impl ErrorReply {
         self
     }
 
+    fn close(mut self) -> ErrorReply {
+        self.close = true;
+        self
+    }
+
     /// With the `Allow` header of a 405.
     pub fn allow(mut self, allow: Option<HeaderValue>) -> ErrorReply {
         self.allow = allow;
@@ -147,152 +166,48 @@ impl ErrorReply {
         StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
-    /// The reply's headers, in the order they are sent: `Content-Type` first.
-    pub fn headers(&self, mut header: impl FnMut(&HeaderName, &[u8])) {
-        header(&header::CONTENT_TYPE, APPLICATION_JSON);
+    /// The envelope's JSON, with `request_id` in it.
+    fn body(&self, request_id: Option<&str>) -> Vec<u8> {
+        let envelope = Envelope {
+            error: EnvelopeDetail {
+                message: &self.message,
+                error_type: self.code.error_type().as_str(),
+                code: self.code.as_str(),
+                param: self.param.as_deref(),
+                request_id,
+            },
+        };
+        // Serialising borrowed strings into a `Vec` cannot fail.
+        serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+
+    /// The response, with the request id of the request being served (the edge's task-local).
+    pub fn into_response(self) -> Response {
+        let body = REQUEST_ID
+            .try_with(|id| self.body(Some(id)))
+            .unwrap_or_else(|_| self.body(None));
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(seconds) = self.retry_after {
-            header(
-                &header::RETRY_AFTER,
-                itoa::Buffer::new().format(seconds).as_bytes(),
-            );
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.www_authenticate {
-            header(&header::WWW_AUTHENTICATE, b"Bearer");
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Some(allow) = &self.allow {
-            header(&header::ALLOW, allow.as_bytes());
+        if let Some(allow) = self.allow {
+            headers.insert(header::ALLOW, allow);
         }
         if self.close {
-            header(&header::CONNECTION, b"close");
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        response.extensions_mut().insert(Enveloped);
+        response
     }
-
-    /// Appends the envelope to `out`. Every error body of the server is written here.
-    pub fn write_body(&self, out: &mut Vec<u8>, request_id: Option<&str>) {
-        write_envelope(
-            out,
-            self.code,
-            &self.message,
-            self.param.as_deref(),
-            request_id,
-        );
-    }
-
-    /// The response, with the request id of the request being served (the gateway's task-local).
-    pub fn into_response(self) -> Response {
-        match REQUEST_ID.try_with(|id| self.response(Some(id))) {
-            Ok(response) => response,
-            Err(_) => self.response(None),
-        }
-    }
-
-    /// The response, with `request_id` in its body.
-    pub fn response(&self, request_id: Option<&str>) -> Response {
-        let mut body = Vec::with_capacity(128 + self.message.len());
-        self.write_body(&mut body, request_id);
-        enveloped_response(self.status(), body, |header| self.headers(header))
-    }
-}
-
-/// A response whose body is already the envelope, with the headers `each_header` lists (an
-/// [`ErrorReply`]'s, or a gateway refusal's, which adds its own to the reply's).
-pub fn enveloped_response(
-    status: StatusCode,
-    body: Vec<u8>,
-    each_header: impl FnOnce(&mut dyn FnMut(&HeaderName, &[u8])),
-) -> Response {
-    let mut response = listed_response(status, Body::from(body), each_header);
-    response.extensions_mut().insert(Enveloped);
-    response
-}
-
-/// A response with `body` and the headers `each_header` lists, in that order.
-pub fn listed_response(
-    status: StatusCode,
-    body: Body,
-    each_header: impl FnOnce(&mut dyn FnMut(&HeaderName, &[u8])),
-) -> Response {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    // Room for what the gateway adds (rate limit, request id) without growing the map.
-    headers.reserve(6);
-    each_header(&mut |name, value| {
-        if let Ok(value) = HeaderValue::from_bytes(value) {
-            headers.insert(name.clone(), value);
-        }
-    });
-    response
-}
-
-/// The body of every error: [`ErrorBody`](tollgate_contract::ErrorBody)'s JSON (a test holds
-/// the two equal), written directly because a 401 and a 429 are answered thousands of times a
-/// second and serde's path (owned strings, escaping byte by byte) was the largest part of their cost.
-fn write_envelope(
-    out: &mut Vec<u8>,
-    code: ErrorCode,
-    message: &str,
-    param: Option<&str>,
-    request_id: Option<&str>,
-) {
-    out.extend_from_slice(b"{\"error\":{\"message\":");
-    json_string(out, message);
-    out.extend_from_slice(b",\"type\":\"");
-    // The contract's names need no escaping (a test holds every code to that).
-    out.extend_from_slice(code.error_type().as_str().as_bytes());
-    out.extend_from_slice(b"\",\"code\":\"");
-    out.extend_from_slice(code.as_str().as_bytes());
-    out.push(b'"');
-    if let Some(param) = param {
-        out.extend_from_slice(b",\"param\":");
-        json_string(out, param);
-    }
-    if let Some(id) = request_id {
-        out.extend_from_slice(b",\"request_id\":\"");
-        // A request id is letters, digits and `-_.:` (the gateway keeps no other): no escaping.
-        debug_assert!(plain_json(id.as_bytes()), "{id:?}");
-        out.extend_from_slice(id.as_bytes());
-        out.push(b'"');
-    }
-    out.extend_from_slice(b"}}");
-}
-
-/// A JSON string: copied as is when nothing in it needs escaping (the usual case), else by serde.
-fn json_string(out: &mut Vec<u8>, text: &str) {
-    if plain_json(text.as_bytes()) {
-        out.push(b'"');
-        out.extend_from_slice(text.as_bytes());
-        out.push(b'"');
-    } else if serde_json::to_writer(&mut *out, text).is_err() {
-        // Writing to a Vec cannot fail; an empty string keeps the JSON whole regardless.
-        out.extend_from_slice(b"\"\"");
-    }
-}
-
-/// Whether `bytes` can stand in a JSON string as they are: no control character, quote or
-/// backslash. Eight bytes at a time (the classic "has a byte below / equal to" bit tricks), as
-/// a message is checked on every error.
-fn plain_json(bytes: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-    let mut words = bytes.chunks_exact(8);
-    let mut special = 0;
-    for word in &mut words {
-        let mut eight = [0u8; 8];
-        eight.copy_from_slice(word);
-        let v = u64::from_ne_bytes(eight);
-        // Below 0x20: a zero once the top three bits of bytes under 0x80 are cleared.
-        let control = has_zero(v & u64::from_ne_bytes([0xe0; 8]));
-        special |= control
-            | has_zero(v ^ u64::from_ne_bytes([b'"'; 8]))
-            | has_zero(v ^ u64::from_ne_bytes([b'\\'; 8]));
-    }
-    special == 0
-        && words
-            .remainder()
-            .iter()
-            .all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
 /// `{before}{wait}{after}`, the wait as "1 second", "3 seconds" and rounded the same way as the
@@ -339,6 +254,11 @@ impl From<Error> for ErrorReply {
         let code = error.code();
         let reply = |message: &'static str| ErrorReply::new(code, message);
         match error {
+            // The body stopped half-way: what is left of it on the connection cannot be read
+            // as the next request, so the connection closes after this answer.
+            Error::InvalidRequest { message, param, .. } if code == ErrorCode::RequestTimeout => {
+                ErrorReply::new(code, message).param(param).close()
+            }
             Error::InvalidRequest { message, param, .. } => {
                 ErrorReply::new(code, message).param(param)
             }
@@ -464,14 +384,9 @@ mod tests {
                 let mut expected = ErrorBody::new(ErrorCode::RateLimitExceeded, message);
                 expected.error.param = param.map(str::to_owned);
                 expected.error.request_id = id.map(str::to_owned);
-                let mut written = Vec::new();
-                write_envelope(
-                    &mut written,
-                    ErrorCode::RateLimitExceeded,
-                    message,
-                    param,
-                    id,
-                );
+                let reply = ErrorReply::new(ErrorCode::RateLimitExceeded, message)
+                    .param(param.map(str::to_owned));
+                let written = reply.body(id);
                 assert_eq!(
                     written,
                     serde_json::to_vec(&expected).unwrap(),
@@ -480,25 +395,6 @@ mod tests {
                 let parsed: ErrorBody = serde_json::from_slice(&written).unwrap();
                 assert_eq!(parsed, expected);
             }
-        }
-    }
-
-    #[test]
-    fn plain_json_is_exact() {
-        let naive = |bytes: &[u8]| bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\');
-        let base = *b"Rate limit exceeded, 17 s.";
-        for at in 0..base.len() {
-            for b in 0..=255u8 {
-                let mut text = base;
-                text[at] = b;
-                assert_eq!(plain_json(&text), naive(&text), "byte {b:#x} at {at}");
-            }
-        }
-        assert!(plain_json(b""));
-        // The contract's names are written without the check.
-        for code in ErrorCode::ALL {
-            assert!(plain_json(code.as_str().as_bytes()));
-            assert!(plain_json(code.error_type().as_str().as_bytes()));
         }
     }
 

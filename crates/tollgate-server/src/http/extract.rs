@@ -1,9 +1,11 @@
 //! Extractors whose rejections are the contract's errors, not axum's plain-text ones.
 
+use super::serve::BodyTimedOut;
 use crate::error::Error;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap};
+use http_body_util::LengthLimitError;
 use serde::de::DeserializeOwned;
 use tollgate_contract::ErrorCode;
 
@@ -17,19 +19,43 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                body_too_large()
-            } else {
-                Error::InvalidRequest {
-                    code: ErrorCode::InvalidJson,
-                    message: "The request body could not be read.".to_owned(),
-                    param: None,
-                }
-            }
-        })?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| body_read_error(&rejection))?;
         parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// Why a request body could not be read, from the error of reading it (see [`body_fault`]);
+/// 400 when it is neither too slow nor too large (the client broke off, or sent a malformed
+/// chunked body).
+pub fn body_read_error(error: &(dyn std::error::Error + 'static)) -> Error {
+    body_fault(error).unwrap_or_else(|| Error::InvalidRequest {
+        code: ErrorCode::InvalidJson,
+        message: "The request body could not be read.".to_owned(),
+        param: None,
+    })
+}
+
+/// 408 when the body did not arrive within `--body-read-timeout` (`serve::BodyTimedOut`),
+/// 413 when it is above [`BODY_LIMIT`], found anywhere in the error's chain of causes.
+pub fn body_fault(error: &(dyn std::error::Error + 'static)) -> Option<Error> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if is::<BodyTimedOut>(e) {
+            return Some(Error::InvalidRequest {
+                code: ErrorCode::RequestTimeout,
+                message: "The request body did not arrive in time, so nothing was done; send the request again."
+                    .to_owned(),
+                param: None,
+            });
+        }
+        if is::<LengthLimitError>(e) {
+            return Some(body_too_large());
+        }
+        cause = e.source();
+    }
+    None
 }
 
 pub fn body_too_large() -> Error {
@@ -142,26 +168,20 @@ pub enum Credential<'a> {
     Unsupported,
 }
 
-/// Reads `Authorization: Bearer <credential>`.
-pub fn bearer(headers: &HeaderMap) -> Credential<'_> {
-    bearer_value(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-    )
+/// Whether `error` is a `T`, or a `T` in a box of its own (axum's extractors box
+/// `LengthLimitError` once more when they rewrap it).
+fn is<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    error.is::<T>() || error.is::<Box<T>>()
 }
 
-/// [`bearer`] of the header's value (the first one), as bytes: the fast lane has no `HeaderMap`.
-/// Bytes to the end, because this runs on every API request.
-///
-/// Control characters never reach here (httparse and `HeaderValue` refuse them); a value with
-/// bytes above ASCII is `Unsupported` when its credential is not UTF-8, and otherwise a
-/// credential that no key or token can match: a 401 either way, as a non-text value always was.
-pub fn bearer_value(value: Option<&[u8]>) -> Credential<'_> {
-    let Some(value) = value else {
+/// Reads `Authorization: Bearer <credential>` (the first such header). Bytes to the end, as this
+/// runs on every API request: a value with bytes above ASCII is `Unsupported` when its
+/// credential is not UTF-8, and otherwise a credential that no key or token can match.
+pub fn bearer(headers: &HeaderMap) -> Credential<'_> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Credential::Missing;
     };
-    let value = trim_blanks(value);
+    let value = trim_blanks(value.as_bytes());
     let (scheme, credential) = match value.iter().position(|&b| b == b' ') {
         Some(at) => (&value[..at], &value[at + 1..]),
         None => (value, &[][..]),
@@ -240,6 +260,7 @@ mod tests {
 
     #[test]
     fn bearer_parsing() {
+        use axum::http::HeaderValue;
         assert_eq!(bearer(&HeaderMap::new()), Credential::Missing);
         let cases: [(&[u8], Credential); 8] = [
             (b"Bearer tg_abc", Credential::Bearer("tg_abc")),

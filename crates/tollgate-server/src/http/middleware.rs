@@ -1,23 +1,27 @@
-//! The router's layers. What every request goes through first (request id, drain gate, API key
-//! and rate limit) is the [`gateway`](super::gateway); behind it, per route group: [`admin_auth`]
-//! on the operator's routes; then [`idempotency()`] on POSTs; then [`simulate_delay`] (only with
-//! `--simulate-errors`). [`served_by`] names the route for the gateway's metrics.
+//! The router's layers. What every request goes through first (request id, drain gate) is the
+//! [`edge`](super::edge); behind it, per route: [`api_key`] on the API's routes, [`admin_auth`]
+//! on the operator's; then [`idempotency()`] on POSTs; then [`simulate_delay`] (only with
+//! `--simulate-errors`). [`served_by`] names the route for the edge's metrics.
 
-use super::extract::{bearer, body_too_large, Credential, BODY_LIMIT};
-use super::gateway::ServedBy;
+use super::edge::ServedBy;
+use super::extract::{bearer, body_read_error, Credential, BODY_LIMIT};
 use super::AppState;
 use crate::domain::idempotency;
+use crate::domain::ratelimit::Admission;
 use crate::domain::service::Caller;
 use crate::error::Error;
 use crate::store::{IdempotencyBegin, IdempotencyScope, StoredResponse};
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 use std::time::Duration;
-use tollgate_contract::{headers as h, ErrorCode};
+use tollgate_contract::{headers as h, retry_after, ErrorCode};
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static(h::RATELIMIT_POLICY);
+const RATELIMIT: HeaderName = HeaderName::from_static(h::RATELIMIT);
 
 /// Marks a response whose idempotency record the handler wrote in its own transaction.
 #[derive(Debug, Clone, Copy)]
@@ -27,7 +31,7 @@ pub struct IdempotencyStored;
 #[derive(Debug, Clone)]
 pub struct IdempotencyReservation(pub IdempotencyScope);
 
-/// Names the route that served a response (for the gateway's metrics).
+/// Names the route that served a response (for the edge's metrics).
 pub async fn served_by(req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().cloned();
     let mut response = next.run(req).await;
@@ -56,6 +60,56 @@ pub async fn simulate_delay(req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// The API key and the account's rate limit, on every API route (a route layer: an unknown path
+/// or a wrong method answers 404 or 405 before a key is asked for). The handler finds the
+/// [`Caller`] in the request; every response after the key was accepted, the 429 included,
+/// carries the `RateLimit` headers.
+pub async fn api_key(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let app = &state.app;
+    let credential = match bearer(req.headers()) {
+        Credential::Missing => None,
+        Credential::Bearer(key) => Some(key),
+        Credential::Unsupported => {
+            return Error::InvalidCredential { admin: false }.into_response()
+        }
+    };
+    let caller = match app.authenticate(credential).await {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let admission = match app.admit(&caller).await {
+        Ok(admission) => admission,
+        Err(e) => return e.into_response(),
+    };
+    let mut response = match admission.retry_after {
+        Some(wait) => Error::RateLimited { retry_after: wait }.into_response(),
+        None => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+    };
+    rate_limit_headers(response.headers_mut(), &admission);
+    response
+}
+
+/// `RateLimit-Policy` and `RateLimit` of draft-ietf-httpapi-ratelimit-headers: the quota is the
+/// burst, its window the time to refill it; `r` is what is left now, `t` the seconds until full.
+fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
+    let window = retry_after::whole_seconds_ceil(admission.window());
+    let reset = if admission.reset.is_zero() {
+        0
+    } else {
+        retry_after::whole_seconds_ceil(admission.reset)
+    };
+    let policy = format!("\"default\";q={};w={window}", admission.limit.burst);
+    let now = format!("\"default\";r={};t={reset}", admission.remaining);
+    for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, now)] {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
+    }
 }
 
 pub async fn admin_auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -114,7 +168,7 @@ pub async fn idempotency(State(state): State<Arc<AppState>>, req: Request, next:
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(bytes) => bytes,
-        Err(_) => return body_too_large().into_response(),
+        Err(e) => return body_read_error(&e).into_response(),
     };
     let scope = IdempotencyScope {
         scope: owner,

@@ -4,10 +4,9 @@
 //! calls and domain answers into JSON; the domain never sees a header or a status code.
 
 pub mod dashboard;
+pub mod edge;
 pub mod error;
 pub mod extract;
-pub mod gateway;
-pub mod lane;
 pub mod middleware;
 pub mod openapi;
 pub mod routes;
@@ -40,8 +39,7 @@ impl AppState {
     }
 }
 
-/// Every route, behind the [`gateway::Gateway`] (which authenticates the API routes and serves
-/// their refusals and the task read itself).
+/// Every route, behind the [`edge`] (see [`app`]).
 pub fn router(state: Arc<AppState>) -> Router {
     use middleware as mw;
     use routes as r;
@@ -50,8 +48,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     // The simulation layers exist only when `--simulate-errors` asks for them: a production
     // request does not pay for them.
     let simulate = state.app.config().simulate_errors;
-    // The API key and the rate limit of these routes are checked by the gateway, which puts
-    // the `Caller` into the request (it knows them by `gateway::api_route`).
+    // The API key and the account's rate limit come first: they put the `Caller` into the
+    // request, which the idempotency layer scopes its keys by.
     let api_state = Arc::clone(&state);
     let api = move |route: MethodRouter<Arc<AppState>>| {
         let route = if simulate {
@@ -59,7 +57,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         } else {
             route
         };
-        route.route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
+        route
+            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
+            .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_key))
     };
     let admin_state = Arc::clone(&state);
     let admin = move |route: MethodRouter<Arc<AppState>>| {
@@ -122,4 +122,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
         .layer(from_fn(mw::served_by))
         .with_state(state)
+}
+
+/// What a connection serves: the router behind the edge (request id, drain gate, envelope,
+/// metrics and log).
+pub fn app(state: Arc<AppState>) -> serve::App {
+    use tower::Layer;
+    edge::EdgeLayer::new(Arc::clone(&state)).layer(router(state))
 }

@@ -534,6 +534,6 @@ pub async fn openapi() -> Response {
 
 /// Any path no route matches.
 pub async fn unknown_endpoint() -> StatusCode {
-    // The gateway turns a bare 404 into the envelope, naming the method and path.
+    // The edge turns a bare 404 into the envelope, naming the method and path.
     StatusCode::NOT_FOUND
 }

@@ -49,6 +49,18 @@ impl TestServer {
 
     /// [`TestServer::start_in`] with extra environment variables.
     pub fn start_in_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> TestServer {
+        TestServer::launch(dir, args, env, None)
+    }
+
+    /// Starts a server whose file descriptor limit is `ulimit` (e.g. `-n 256`, both limits;
+    /// `-S -n 256`, the soft one only), set by the shell that then becomes the server.
+    pub fn start_with_ulimit(ulimit: &str, args: &[&str]) -> (tempfile::TempDir, TestServer) {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = TestServer::launch(tmp.path(), args, &[], Some(ulimit));
+        (tmp, server)
+    }
+
+    fn launch(dir: &Path, args: &[&str], env: &[(&str, &str)], ulimit: Option<&str>) -> TestServer {
         let log = dir.join(format!(
             "server-{}.log",
             std::time::SystemTime::now()
@@ -57,7 +69,18 @@ impl TestServer {
                 .as_nanos()
         ));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        let binary = env!("CARGO_BIN_EXE_tollgate");
+        let mut command = match ulimit {
+            None => Command::new(binary),
+            Some(limit) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
+                    .arg(binary);
+                shell
+            }
+        };
         for (name, _) in std::env::vars() {
             if name.starts_with("TOLLGATE_") {
                 command.env_remove(name);

@@ -328,16 +328,14 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for CsrfForm<T> {
             axum::Form::<WithCsrf<T>>::from_request(req, state)
                 .await
                 .map_err(|rejection| {
-                    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        crate::http::extract::body_too_large()
-                    } else {
+                    crate::http::extract::body_fault(&rejection).unwrap_or_else(|| {
                         Error::InvalidRequest {
                             code: ErrorCode::InvalidValue,
                             message: "The form could not be read; reload the page and try again."
                                 .to_owned(),
                             param: None,
                         }
-                    }
+                    })
                 })?;
         if session.csrf_matches(&csrf) {
             Ok(CsrfForm(form))
