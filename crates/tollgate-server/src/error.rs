@@ -58,7 +58,10 @@ pub enum Error {
     /// A voucher code that cannot be redeemed (unknown, used, or expired).
     #[error("voucher refused: {0:?}")]
     VoucherRefused(VoucherRefusal),
-    /// Shutting down or overloaded.
+    /// The server is shutting down: new requests are refused while those in flight finish.
+    #[error("shutting down")]
+    ShuttingDown { retry_after: Duration },
+    /// Overloaded, or a part it needs (Redis) cannot be reached.
     #[error("service unavailable: {reason}")]
     Unavailable {
         reason: &'static str,
@@ -122,9 +125,9 @@ impl Error {
                 ErrorCode::VoucherAlreadyRedeemed
             }
             Error::VoucherRefused(VoucherRefusal::Expired) => ErrorCode::VoucherExpired,
-            Error::Unavailable { .. } | Error::StoreUnavailable { .. } => {
-                ErrorCode::ServiceUnavailable
-            }
+            Error::ShuttingDown { .. }
+            | Error::Unavailable { .. }
+            | Error::StoreUnavailable { .. } => ErrorCode::ServiceUnavailable,
             Error::Internal(_) => ErrorCode::InternalError,
         }
     }

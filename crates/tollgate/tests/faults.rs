@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{expect_error, unique, TestAccount, TestServer};
+use common::{expect_error, skip, unique, TestAccount, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -25,18 +25,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Whether a missing capability or service must fail the test (CI) or only skip it.
-fn required() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-fn skip(what: &str) {
-    assert!(
-        !required(),
-        "{what} (CI is set, so this fails rather than skips)"
-    );
-    eprintln!("SKIPPED: {what}");
-}
-
 /// A tmpfs of `bytes` mounted at a directory, unmounted when dropped.
 struct SmallDisk {
     at: PathBuf,

@@ -28,11 +28,9 @@ fn services() -> Option<(String, String)> {
     ) {
         (Ok(db), Ok(redis)) => Some((db, redis)),
         _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "TOLLGATE_TEST_DATABASE_URL / TOLLGATE_TEST_REDIS_URL not set, and CI is: the scale-out test must not be skipped"
+            common::skip(
+                "scale-out (TOLLGATE_TEST_DATABASE_URL / TOLLGATE_TEST_REDIS_URL not set)",
             );
-            eprintln!("TOLLGATE_TEST_DATABASE_URL / TOLLGATE_TEST_REDIS_URL not set: scale-out test skipped");
             None
         }
     }

@@ -151,8 +151,7 @@ where
 {
     let app = &state.app;
     if state.draining.load(Ordering::Acquire) {
-        return Error::Unavailable {
-            reason: "shutting down",
+        return Error::ShuttingDown {
             retry_after: app.shutdown_retry_after(),
         }
         .into_response();

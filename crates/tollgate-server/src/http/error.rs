@@ -314,15 +314,18 @@ impl From<Error> for ErrorReply {
             Error::VoucherRefused(refusal) => {
                 reply(voucher_refusal_message(refusal)).param(Some("code"))
             }
-            Error::Unavailable { reason, retry_after } => {
-                let mut unavailable = ErrorReply::new(
-                    code,
-                    with_seconds(&format!("The service is unavailable ({reason}). Retry after "), retry_after, "."),
-                )
-                .retry_after(retry_after);
-                unavailable.close = reason == "shutting down";
-                unavailable
-            }
+            // The connection closes after this answer: the server is going away.
+            Error::ShuttingDown { retry_after } => ErrorReply::new(
+                code,
+                with_seconds("The service is unavailable (shutting down). Retry after ", retry_after, "."),
+            )
+            .retry_after(retry_after)
+            .close(),
+            Error::Unavailable { reason, retry_after } => ErrorReply::new(
+                code,
+                with_seconds(&format!("The service is unavailable ({reason}). Retry after "), retry_after, "."),
+            )
+            .retry_after(retry_after),
             Error::StoreUnavailable { fault, cause } => {
                 // Not a bug: logged as a warning, with the cause the client never sees.
                 tracing::warn!(fault = fault.as_str(), cause = %cause, "store unavailable; answered 503");
