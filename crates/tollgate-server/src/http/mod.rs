@@ -50,6 +50,17 @@ pub fn router(state: Arc<AppState>) -> Router {
     let simulate = state.app.config().simulate_errors;
     // The API key and the account's rate limit come first: they put the `Caller` into the
     // request, which the idempotency layer scopes its keys by.
+    // `api_get` for routes without a POST: no `Idempotency-Key` to look at, so no layer for it on
+    // the reads clients poll.
+    let api_state = Arc::clone(&state);
+    let api_get = move |route: MethodRouter<Arc<AppState>>| {
+        let route = if simulate {
+            route.route_layer(from_fn(mw::simulate_delay))
+        } else {
+            route
+        };
+        route.route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_key))
+    };
     let api_state = Arc::clone(&state);
     let api = move |route: MethodRouter<Arc<AppState>>| {
         let route = if simulate {
@@ -77,12 +88,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     };
     let api = Router::new()
         .route("/v1/images/generations", api(post(r::create_generation)))
-        .route("/v1/tasks", api(get(r::list_tasks)))
-        .route("/v1/tasks/{id}", api(get(r::get_task)))
+        .route("/v1/tasks", api_get(get(r::list_tasks)))
+        .route("/v1/tasks/{id}", api_get(get(r::get_task)))
         .route("/v1/tasks/{id}/cancel", api(post(r::cancel_task)))
-        .route("/v1/tasks/{id}/images/{index}", api(get(r::task_image)))
-        .route("/v1/account", api(get(r::account)))
-        .route("/v1/account/ledger", api(get(r::account_ledger)))
+        .route("/v1/tasks/{id}/images/{index}", api_get(get(r::task_image)))
+        .route("/v1/account", api_get(get(r::account)))
+        .route("/v1/account/ledger", api_get(get(r::account_ledger)))
         .route(
             "/v1/account/webhook-secret",
             api(get(r::webhook_secret).post(r::rotate_webhook_secret)),
@@ -107,20 +118,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/admin/vouchers",
             admin(post(r::create_voucher).get(r::list_vouchers)),
-        );
+        )
+        .route_layer(from_fn(mw::served_by));
     let ops = Router::new()
         .route("/healthz", get(r::healthz))
         .route("/readyz", get(r::readyz))
         .route("/metrics", get(r::metrics))
-        .route("/openapi.json", get(r::openapi));
+        .route("/openapi.json", get(r::openapi))
+        .route_layer(from_fn(mw::served_by));
     Router::new()
         .merge(api)
         .merge(admin)
         .merge(ops)
-        .merge(dashboard::router())
+        .merge(dashboard::router().route_layer(from_fn(mw::served_by)))
         .fallback(r::unknown_endpoint)
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
-        .layer(from_fn(mw::served_by))
         .with_state(state)
 }
 
