@@ -29,7 +29,7 @@ use crate::admin::AdminClient;
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::error::{AttemptRecord, Error, Result, TransportKind};
 use crate::retry::{CallInfo, RawResponse, Retrier, TransportFailure};
-use crate::secret::Secret;
+use tollgate_contract::Secret;
 
 /// Where the SDK looks for the server when no base URL is given.
 pub const DEFAULT_BASE_URL: &str = "http://127.0.0.1:8080";

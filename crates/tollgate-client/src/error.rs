@@ -369,34 +369,11 @@ impl Error {
     }
 }
 
-/// The seed's "How to Fix" column, per code where the code says more than the status.
+/// The seed's "How to Fix" column: the error table's hint for a known code, else by status.
 fn hint_for(status: u16, code: &str) -> &'static str {
     match ErrorCode::from_code(code) {
-        Some(ErrorCode::IdempotencyKeyReused) => {
-            "Use a new Idempotency-Key for a request that differs from the first one."
-        }
-        Some(ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey) => {
-            "Check that your API key (or admin token) is valid and included in the Authorization header."
-        }
-        Some(ErrorCode::InsufficientCredits) => "Add credits, then retry.",
-        Some(ErrorCode::UnknownEndpoint | ErrorCode::ResourceNotFound) => {
-            "Check the endpoint URL and any resource IDs."
-        }
-        Some(ErrorCode::MethodNotAllowed) => "Use a method the route allows (see the Allow header).",
-        Some(ErrorCode::IdempotencyKeyInUse) => {
-            "A request with the same Idempotency-Key is still running; retry once it has finished."
-        }
-        Some(ErrorCode::ResourceExpired) => {
-            "The resource has expired (older than the server's retention) and is permanently gone."
-        }
-        Some(ErrorCode::BodyTooLarge) => "Send a request body under 1 MiB.",
-        Some(ErrorCode::RequestTimeout) => {
-            "The request body arrived too slowly and nothing was done; send the request again."
-        }
-        Some(ErrorCode::RateLimitExceeded) => {
-            "Slow down requests and implement backoff; wait for the Retry-After duration."
-        }
-        _ => match status {
+        Some(code) => code.hint(),
+        None => match status {
             400 | 422 => "Check the request body format and required fields.",
             401 => "Check that your API key is valid and included in the Authorization header.",
             402 => "Add credits, then retry.",

@@ -41,7 +41,6 @@ pub mod client;
 pub mod error;
 pub mod pause;
 pub mod retry;
-pub mod secret;
 pub mod webhook;
 
 pub use admin::AdminClient;
@@ -55,7 +54,6 @@ pub use error::{
 };
 pub use pause::HostPause;
 pub use retry::{CallInfo, RawResponse, Retrier, TransportFailure};
-pub use secret::Secret;
 pub use tollgate_contract::retry::{Decision, GiveUp, Outcome, RetryPolicy};
 pub use tollgate_contract::types::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
@@ -63,4 +61,5 @@ pub use tollgate_contract::types::{
     TaskError, TaskStatus, TaskWebhook, UpdateAccountRequest, WebhookAttempt, WebhookSecret,
     WebhookState,
 };
+pub use tollgate_contract::Secret;
 pub use tollgate_contract::{ErrorBody, ErrorCode, ErrorDetail};

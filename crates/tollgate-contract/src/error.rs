@@ -68,7 +68,7 @@ impl fmt::Display for ErrorType {
 }
 
 macro_rules! error_codes {
-    ($( $(#[$doc:meta])* $variant:ident => ($code:literal, $status:literal, $ty:ident, $retryable:literal), )*) => {
+    ($( $(#[$doc:meta])* $variant:ident => ($code:literal, $status:literal, $ty:ident, $retryable:literal, $hint:expr), )*) => {
         /// Every `code` the server sends, with its status, type and retryability: the contract's table.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum ErrorCode { $( $(#[$doc])* $variant, )* }
@@ -97,6 +97,11 @@ macro_rules! error_codes {
                 match self { $(ErrorCode::$variant => $retryable,)* }
             }
 
+            /// What a caller should do about it (the seed's "How to Fix" column), for people.
+            pub const fn hint(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $hint,)* }
+            }
+
             /// Parses the wire form; `None` for a code this version does not know.
             pub fn from_code(code: &str) -> Option<ErrorCode> {
                 match code { $($code => Some(ErrorCode::$variant),)* _ => None }
@@ -105,56 +110,69 @@ macro_rules! error_codes {
     };
 }
 
+// The "How to Fix" texts several codes share, as the seed words them by status.
+const BODY: &str = "Check the request body format and required fields.";
+const AUTH: &str =
+    "Check that your API key (or admin token) is valid and included in the Authorization header.";
+const NOT_FOUND: &str = "Check the endpoint URL and any resource IDs.";
+const CONFLICT: &str =
+    "The resource's current state does not allow this; check it before trying again.";
+const SLOW_DOWN: &str =
+    "Slow down requests and implement backoff; wait for the Retry-After duration.";
+const SERVER: &str =
+    "Retry after a moment; contact the operator with the request id if the issue persists.";
+
+// The table: code, status, type, retryable, how to fix.
 error_codes! {
     /// The body is not JSON.
-    InvalidJson => ("invalid_json", 400, InvalidRequest, false),
+    InvalidJson => ("invalid_json", 400, InvalidRequest, false, BODY),
     /// A required field is absent.
-    MissingField => ("missing_field", 400, InvalidRequest, false),
+    MissingField => ("missing_field", 400, InvalidRequest, false, BODY),
     /// A field, header or query parameter has a value outside what is accepted.
-    InvalidValue => ("invalid_value", 400, InvalidRequest, false),
+    InvalidValue => ("invalid_value", 400, InvalidRequest, false, BODY),
     /// The body names a field the route does not take (usually a typo).
-    UnknownField => ("unknown_field", 400, InvalidRequest, false),
+    UnknownField => ("unknown_field", 400, InvalidRequest, false, BODY),
     /// The `Idempotency-Key` was used before with a different request.
-    IdempotencyKeyReused => ("idempotency_key_reused", 400, InvalidRequest, false),
+    IdempotencyKeyReused => ("idempotency_key_reused", 400, InvalidRequest, false, "Use a new Idempotency-Key for a request that differs from the first one."),
     /// No `Authorization: Bearer` header.
-    MissingApiKey => ("missing_api_key", 401, Authentication, false),
+    MissingApiKey => ("missing_api_key", 401, Authentication, false, AUTH),
     /// The key (or admin token) is unknown or revoked.
-    InvalidApiKey => ("invalid_api_key", 401, Authentication, false),
+    InvalidApiKey => ("invalid_api_key", 401, Authentication, false, AUTH),
     /// The balance does not cover the request's cost.
-    InsufficientCredits => ("insufficient_credits", 402, Billing, false),
+    InsufficientCredits => ("insufficient_credits", 402, Billing, false, "Add credits, then retry."),
     /// A dashboard form came without the token of the session that rendered it (extension).
-    CsrfTokenInvalid => ("csrf_token_invalid", 403, InvalidRequest, false),
+    CsrfTokenInvalid => ("csrf_token_invalid", 403, InvalidRequest, false, "Check that the credential is allowed to do this."),
     /// No route at this path.
-    UnknownEndpoint => ("unknown_endpoint", 404, NotFound, false),
+    UnknownEndpoint => ("unknown_endpoint", 404, NotFound, false, NOT_FOUND),
     /// No such resource for this account.
-    ResourceNotFound => ("resource_not_found", 404, NotFound, false),
+    ResourceNotFound => ("resource_not_found", 404, NotFound, false, NOT_FOUND),
     /// No voucher has this code (extension).
-    VoucherNotFound => ("voucher_not_found", 404, NotFound, false),
+    VoucherNotFound => ("voucher_not_found", 404, NotFound, false, NOT_FOUND),
     /// The route exists but not with this method.
-    MethodNotAllowed => ("method_not_allowed", 405, InvalidRequest, false),
+    MethodNotAllowed => ("method_not_allowed", 405, InvalidRequest, false, "Use a method the route allows (see the Allow header)."),
     /// A request with the same `Idempotency-Key` is still running.
-    IdempotencyKeyInUse => ("idempotency_key_in_use", 409, Conflict, true),
+    IdempotencyKeyInUse => ("idempotency_key_in_use", 409, Conflict, true, "A request with the same Idempotency-Key is still running; retry once it has finished."),
     /// Only a queued task can be cancelled; this one is running or finished (extension).
-    TaskNotCancelable => ("task_not_cancelable", 409, Conflict, false),
+    TaskNotCancelable => ("task_not_cancelable", 409, Conflict, false, CONFLICT),
     /// The voucher was redeemed already; each code works once (extension).
-    VoucherAlreadyRedeemed => ("voucher_already_redeemed", 409, Conflict, false),
+    VoucherAlreadyRedeemed => ("voucher_already_redeemed", 409, Conflict, false, CONFLICT),
     /// The resource is older than the retention.
-    ResourceExpired => ("resource_expired", 410, Gone, false),
+    ResourceExpired => ("resource_expired", 410, Gone, false, "The resource has expired (older than the server's retention) and is permanently gone."),
     /// The voucher is past its expiry date (extension).
-    VoucherExpired => ("voucher_expired", 410, Gone, false),
+    VoucherExpired => ("voucher_expired", 410, Gone, false, "The resource is permanently gone."),
     /// The request body did not arrive within `--body-read-timeout`; nothing was done, and the
     /// connection is closed (extension).
     /// Not in the contract's retry rule ("retry only 429, 5xx and 409 in use"), so not
     /// retried by clients on their own; sending it again is safe.
-    RequestTimeout => ("request_timeout", 408, InvalidRequest, false),
+    RequestTimeout => ("request_timeout", 408, InvalidRequest, false, "The request body arrived too slowly and nothing was done; send the request again."),
     /// The request body is above 1 MiB.
-    BodyTooLarge => ("body_too_large", 413, InvalidRequest, false),
+    BodyTooLarge => ("body_too_large", 413, InvalidRequest, false, "Send a request body under 1 MiB."),
     /// Too many requests for the account's rate limit.
-    RateLimitExceeded => ("rate_limit_exceeded", 429, RateLimit, true),
+    RateLimitExceeded => ("rate_limit_exceeded", 429, RateLimit, true, SLOW_DOWN),
     /// Something broke on the server; the log has it under the request id.
-    InternalError => ("internal_error", 500, Server, true),
+    InternalError => ("internal_error", 500, Server, true, SERVER),
     /// Overload or shutdown.
-    ServiceUnavailable => ("service_unavailable", 503, Server, true),
+    ServiceUnavailable => ("service_unavailable", 503, Server, true, SERVER),
 }
 
 impl fmt::Display for ErrorCode {

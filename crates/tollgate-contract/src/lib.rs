@@ -13,8 +13,10 @@ pub mod error;
 pub mod headers;
 pub mod retry;
 pub mod retry_after;
+pub mod secret;
 pub mod types;
 pub mod webhook;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ErrorType};
+pub use secret::Secret;
 pub use types::*;

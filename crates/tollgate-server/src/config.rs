@@ -5,31 +5,10 @@
 
 pub use crate::disk::MinFreeDisk;
 use crate::domain::pricing::Prices;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
-
-/// A string that must never reach a log: `Debug` and `Display` redact it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that needs it (hashing, sending).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(redacted)")
-    }
-}
+pub use tollgate_contract::Secret;
 
 /// Everything `tollgate serve` needs to know.
 #[derive(Debug, Clone)]

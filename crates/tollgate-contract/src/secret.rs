@@ -1,9 +1,9 @@
-//! A string that must never be printed: API keys and the operator's token.
+//! A string that must never be printed: API keys, the operator's token, database and provider
+//! credentials. One type for the server and the SDK.
 //!
-//! The SDK keeps every credential in a [`Secret`], whose `Debug` and `Display` print a placeholder,
-//! so that a `{:?}` of a client, a builder or a config in a log line cannot leak a key. The value is
-//! read in one place only: when the `Authorization` header is built (and that header is marked
-//! sensitive, so `http`'s own `Debug` hides it too).
+//! `Debug` and `Display` print a placeholder, so that a `{:?}` of a client, a config or a builder in
+//! a log line cannot leak a key. The value is read only where it is used: the `Authorization`
+//! header (marked sensitive, so `http`'s own `Debug` hides it too), a hash, a connection.
 
 use std::fmt;
 
@@ -16,7 +16,7 @@ impl Secret {
         Secret(value.into())
     }
 
-    /// The value itself, for the `Authorization` header and for nothing else.
+    /// The value itself, for the one place that needs it (a header, a hash, a connection).
     pub fn expose(&self) -> &str {
         &self.0
     }

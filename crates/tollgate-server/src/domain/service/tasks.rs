@@ -1,0 +1,328 @@
+//! Tasks: the paid create, reads, lists, cancels and images, and their views.
+
+use super::*;
+
+impl Tollgate {
+    /// Validates, prices, charges and queues a generation: one transaction with its charge
+    /// (and with its idempotency record, when the request carried a key).
+    pub async fn create_generation(
+        &self,
+        caller: &Caller,
+        request: CreateGenerationRequest,
+        idempotency: Option<&IdempotencyScope>,
+    ) -> Result<Task> {
+        let prompt_chars = request.prompt.chars().count();
+        if request.prompt.trim().is_empty() || prompt_chars > MAX_PROMPT_CHARS {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "prompt",
+                format!("`prompt` must be 1 to {MAX_PROMPT_CHARS} characters and not blank; it has {prompt_chars}."),
+            ));
+        }
+        let n = request.n.unwrap_or(1);
+        if !(1..=4).contains(&n) {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "n",
+                format!("`n` must be 1 to 4, not {n}."),
+            ));
+        }
+        let size = request.size.unwrap_or_default();
+        let seed = match request.seed {
+            Some(seed) => seed,
+            None => i64::from(rand::random::<u32>()),
+        };
+        let webhook_url = match &request.webhook_url {
+            Some(url) => Some(
+                webhooks::check_url(url, self.config.allow_private_webhooks)
+                    .await
+                    .map_err(webhooks::invalid_url)?
+                    .url
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let record = TaskRecord {
+            id: secrets::new_id("task")?,
+            account_id: caller.account_id.clone(),
+            status: TaskStatus::Queued,
+            prompt: request.prompt,
+            n,
+            size,
+            seed,
+            cost: self.config.prices.cost(size, n)?,
+            created_at: now(),
+            started_at: None,
+            completed_at: None,
+            error_code: None,
+            error_message: None,
+            purged: false,
+            runs: 0,
+            webhook_url,
+        };
+        self.disk.ensure_headroom()?;
+        let task = self.task_view(&record);
+        let stored = match idempotency {
+            Some(scope) => {
+                let body = serde_json::to_vec(&task).map_err(Error::internal)?;
+                Some((scope, StoredResponse { status: 202, body }))
+            }
+            None => None,
+        };
+        self.store
+            .create_task(
+                &record,
+                stored.as_ref().map(|(scope, response)| (*scope, response)),
+            )
+            .await?;
+        self.metrics.credits_charged.inc_by(record.cost);
+        self.work_ready.notify_one();
+        Ok(task)
+    }
+
+    /// A task of the caller's account: 404 for another account's or an unknown id, 410 once expired.
+    pub async fn get_task(&self, caller: &Caller, id: &str) -> Result<Task> {
+        let record = self.live_task(caller, id).await?;
+        Ok(self.views(&[record]).await?.remove(0))
+    }
+
+    /// [`Tollgate::get_task`] as JSON: what clients poll. A finished task without a webhook
+    /// never changes again, so its JSON is made once and kept with it in the cache.
+    pub async fn get_task_json(&self, caller: &Caller, id: &str) -> Result<Bytes> {
+        if let Some(entry) = self.finished_tasks.as_ref().and_then(|cache| cache.get(id)) {
+            let record = &entry.record;
+            if record.webhook_url.is_none() {
+                self.check_live(caller, id, record)?;
+                if let Some(json) = entry.json.get() {
+                    return Ok(json.clone());
+                }
+                let json = to_json(&self.task_view(record))?;
+                return Ok(entry.json.get_or_init(|| json).clone());
+            }
+        }
+        to_json(&self.get_task(caller, id).await?)
+    }
+
+    /// The caller's tasks, newest first, `limit` (1–100, default 20) after the task `after`.
+    pub async fn list_tasks(
+        &self,
+        caller: &Caller,
+        limit: Option<u32>,
+        after: Option<&str>,
+    ) -> Result<List<Task>> {
+        let limit = limit.unwrap_or(20);
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "limit",
+                format!("`limit` must be 1 to {MAX_LIST_LIMIT}, not {limit}."),
+            ));
+        }
+        let not_before = now() - self.config.retention;
+        let mut records = self
+            .store
+            .list_tasks(&caller.account_id, limit + 1, after, not_before)
+            .await?
+            .ok_or_else(|| {
+                Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "after",
+                    "`after` must be the id of one of your tasks.",
+                )
+            })?;
+        let has_more = records.len() > limit as usize;
+        records.truncate(limit as usize);
+        Ok(List {
+            object: "list".to_owned(),
+            data: self.views(&records).await?,
+            has_more,
+        })
+    }
+
+    /// Cancels a queued task and refunds it; a cancelled task stays cancelled (no second refund).
+    pub async fn cancel_task(&self, caller: &Caller, id: &str) -> Result<Task> {
+        self.live_task(caller, id).await?;
+        match self
+            .store
+            .cancel_task(&caller.account_id, id, now())
+            .await?
+        {
+            CancelOutcome::Canceled(record) => {
+                self.metrics.credits_refunded.inc_by(record.cost);
+                self.metrics.task_finished(TaskStatus::Canceled.as_str());
+                if record.webhook_url.is_some() {
+                    self.webhooks_ready.notify_one();
+                }
+                Ok(self.views(&[record]).await?.remove(0))
+            }
+            CancelOutcome::AlreadyCanceled(record) => Ok(self.views(&[record]).await?.remove(0)),
+            CancelOutcome::NotCancelable(record) => Err(Error::NotCancelable {
+                id: record.id,
+                status: record.status,
+            }),
+            CancelOutcome::NotFound => Err(Error::NotFound {
+                what: "task",
+                id: id.to_owned(),
+            }),
+        }
+    }
+
+    /// The PNG bytes of image `index` of a task.
+    pub async fn task_image(&self, caller: &Caller, id: &str, index: &str) -> Result<Vec<u8>> {
+        let record = self.live_task(caller, id).await?;
+        let not_found = || Error::NotFound {
+            what: "image",
+            id: format!("{}/images/{}", record.id, shorten(index)),
+        };
+        let index: u8 = index.parse().map_err(|_| not_found())?;
+        if record.status != TaskStatus::Succeeded || index >= record.n {
+            return Err(not_found());
+        }
+        self.images
+            .get(&record.id, index)
+            .await?
+            .ok_or_else(not_found)
+    }
+
+    pub(super) async fn live_task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
+        let cached = self.finished_tasks.as_ref().and_then(|cache| cache.get(id));
+        let found = match cached {
+            Some(entry) => Some(entry.record.clone()),
+            None => {
+                let found = self.store.get_task(id).await?;
+                if let (Some(cache), Some(record)) = (&self.finished_tasks, &found) {
+                    cache.remember(record);
+                }
+                found
+            }
+        };
+        let record = found.ok_or_else(|| Error::NotFound {
+            what: "task",
+            id: shorten(id),
+        })?;
+        self.check_live(caller, id, &record)?;
+        Ok(record)
+    }
+
+    /// 404 for a task of another account (never 403), 410 once it is past the retention.
+    pub(super) fn check_live(&self, caller: &Caller, id: &str, record: &TaskRecord) -> Result<()> {
+        if record.account_id != caller.account_id {
+            return Err(Error::NotFound {
+                what: "task",
+                id: shorten(id),
+            });
+        }
+        if record.purged || now() >= self.expires_at(record) {
+            return Err(Error::Gone {
+                what: "task",
+                id: record.id.clone(),
+                retention: self.config.retention,
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn expires_at(&self, record: &TaskRecord) -> OffsetDateTime {
+        record.created_at + self.config.retention
+    }
+
+    /// The wire form of tasks, with the deliveries of those that have a webhook.
+    pub(super) async fn views(&self, records: &[TaskRecord]) -> Result<Vec<Task>> {
+        let with_webhook: Vec<String> = records
+            .iter()
+            .filter(|r| r.webhook_url.is_some())
+            .map(|r| r.id.clone())
+            .collect();
+        let deliveries = if with_webhook.is_empty() {
+            Vec::new()
+        } else {
+            self.store.webhook_deliveries(&with_webhook).await?
+        };
+        Ok(records
+            .iter()
+            .map(|r| {
+                let delivery = deliveries.iter().find(|d| d.task_id == r.id);
+                self.task_view_with(r, delivery)
+            })
+            .collect())
+    }
+
+    /// The wire form of a task whose webhook (if any) has not been attempted yet.
+    pub(crate) fn task_view(&self, record: &TaskRecord) -> Task {
+        self.task_view_with(record, None)
+    }
+
+    /// The wire form of a task, with its webhook's delivery as stored.
+    pub(crate) fn task_view_with(
+        &self,
+        record: &TaskRecord,
+        delivery: Option<&WebhookDeliveryRecord>,
+    ) -> Task {
+        let webhook = record.webhook_url.as_ref().map(|url| match delivery {
+            Some(d) => TaskWebhook {
+                url: url.clone(),
+                state: d.state,
+                delivered_at: d.delivered_at,
+                next_attempt_at: d
+                    .next_attempt_at
+                    .filter(|_| d.state == WebhookState::Pending),
+                attempts: d
+                    .history
+                    .iter()
+                    .map(|a| WebhookAttempt {
+                        at: a.at,
+                        status: a.status,
+                        error: a.error.clone(),
+                    })
+                    .collect(),
+            },
+            None => TaskWebhook {
+                url: url.clone(),
+                state: WebhookState::Pending,
+                delivered_at: None,
+                next_attempt_at: None,
+                attempts: Vec::new(),
+            },
+        });
+        let mut task = self.task_view_plain(record);
+        task.webhook = webhook;
+        task
+    }
+
+    pub(super) fn task_view_plain(&self, record: &TaskRecord) -> Task {
+        let images = if record.status == TaskStatus::Succeeded {
+            (0..record.n)
+                .map(|i| ImageRef {
+                    url: format!("/v1/tasks/{}/images/{i}", record.id),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let error = match (&record.error_code, &record.error_message) {
+            (Some(code), Some(message)) => Some(TaskError {
+                code: code.clone(),
+                message: message.clone(),
+            }),
+            _ => None,
+        };
+        Task {
+            id: record.id.clone(),
+            object: "task".to_owned(),
+            status: record.status,
+            prompt: record.prompt.clone(),
+            n: record.n,
+            size: record.size,
+            seed: record.seed,
+            cost: record.cost,
+            created_at: record.created_at,
+            completed_at: record.completed_at,
+            expires_at: self.expires_at(record),
+            images,
+            error,
+            webhook: None,
+        }
+    }
+
+    // ---------------------------------------------------------------- accounts
+}
