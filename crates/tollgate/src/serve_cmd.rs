@@ -113,7 +113,8 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
-    init_logging();
+    // Held to the end: dropping it writes out the lines still queued.
+    let _log = init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,14 +134,21 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr through a writer thread of its own: a request's line is queued, not written on
+/// the request's path, and lines that come together leave in one write (the way nginx buffers
+/// its access log). Never lossy: a full queue waits rather than drops.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     use std::io::IsTerminal;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("tollgate-log")
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
     // A panic is logged as an event inside the request's span, so it carries the request id.
     std::panic::set_hook(Box::new(|info| {
@@ -150,6 +158,7 @@ fn init_logging() {
             .unwrap_or_default();
         tracing::error!(panic = info.payload_as_str().unwrap_or("non-string payload"), %location, "panic");
     }));
+    guard
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
