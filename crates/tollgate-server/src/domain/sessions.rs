@@ -14,7 +14,7 @@ use crate::config::Secret;
 use crate::domain::secrets;
 use crate::domain::service::{Caller, Tollgate};
 use crate::error::{Error, Result};
-use crate::store::{now, SessionPrincipal, SessionRecord};
+use crate::store::{SessionPrincipal, SessionRecord};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::fmt;
@@ -154,7 +154,7 @@ impl Tollgate {
             )
         };
         let token = secrets::new_session_token()?;
-        let created_at = now();
+        let created_at = self.now();
         let expires_at = created_at + self.config.session_ttl;
         self.store
             .create_session(&SessionRecord {
@@ -188,7 +188,7 @@ impl Tollgate {
         }
         let Some(record) = self
             .store
-            .get_session(&secrets::hash_secret(token), now())
+            .get_session(&secrets::hash_secret(token), self.now())
             .await?
         else {
             return Ok(None);

@@ -8,7 +8,7 @@
 use crate::domain::secrets;
 use crate::domain::service::Tollgate;
 use crate::error::{Error, Result, VoucherRefusal};
-use crate::store::{from_millis, now, to_millis, RedeemOutcome, VoucherRecord};
+use crate::store::{from_millis, to_millis, RedeemOutcome, VoucherRecord};
 use tollgate_contract::{Account, CreateVoucherRequest, CreatedVoucher, ErrorCode, List, Voucher};
 
 /// The most a single voucher may be worth (a typo guard, not a business rule).
@@ -40,7 +40,7 @@ impl Tollgate {
                 format!("`credits` must be 1 to {MAX_VOUCHER_CREDITS}."),
             ));
         }
-        let created_at = now();
+        let created_at = self.now();
         if request.expires_at.is_some_and(|at| at <= created_at) {
             return Err(Error::invalid(
                 ErrorCode::InvalidValue,
@@ -99,7 +99,7 @@ impl Tollgate {
         self.disk.ensure_headroom()?;
         match self
             .store
-            .redeem_voucher(&secrets::hash_secret(&code), account_id, now())
+            .redeem_voucher(&secrets::hash_secret(&code), account_id, self.now())
             .await?
         {
             RedeemOutcome::Redeemed { account, voucher } => {

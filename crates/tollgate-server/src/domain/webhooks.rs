@@ -20,7 +20,7 @@
 use crate::domain::secrets;
 use crate::domain::service::Tollgate;
 use crate::error::{Error, Result};
-use crate::store::{now, DeliveryNext, WebhookAttemptRecord, WebhookDeliveryRecord};
+use crate::store::{DeliveryNext, WebhookAttemptRecord, WebhookDeliveryRecord};
 use futures_util::future::join_all;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use reqwest::Url;
@@ -198,7 +198,7 @@ pub fn spawn(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) -> JoinHandle<
             };
             let claimed = app
                 .store
-                .claim_webhook_deliveries(now(), now() + lease, &claim, BATCH)
+                .claim_webhook_deliveries(app.now(), app.now() + lease, &claim, BATCH)
                 .await;
             match claimed {
                 Ok(batch) if !batch.is_empty() => {
@@ -251,7 +251,7 @@ async fn deliver(app: &Tollgate, delivery: WebhookDeliveryRecord, claim: &str) {
             AttemptResult::failed("the server could not send it")
         }
     };
-    let at = now();
+    let at = app.now();
     let next = if result.delivered() {
         DeliveryNext::Delivered
     } else if number >= app.config().webhook_attempts {

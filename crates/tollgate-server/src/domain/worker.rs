@@ -73,7 +73,7 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
         let lease = app.config().task_lease;
         match app
             .store
-            .claim_next_task(now(), now() + lease, &claim)
+            .claim_next_task(app.now(), app.now() + lease, &claim)
             .await
         {
             Ok(Some(task)) => {
@@ -104,7 +104,11 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
     let renewing = async {
         loop {
             tokio::time::sleep(lease / 3).await;
-            match app.store.renew_lease(&task.id, claim, now() + lease).await {
+            match app
+                .store
+                .renew_lease(&task.id, claim, app.now() + lease)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(task_id = %task.id, "lost the lease of a running task");
@@ -160,7 +164,7 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
     };
     match app
         .store
-        .finish_task(&task.id, claim, &outcome, now())
+        .finish_task(&task.id, claim, &outcome, app.now())
         .await
     {
         Ok(FinishOutcome::Finished) => {

@@ -57,14 +57,14 @@ impl Tollgate {
         Ok(())
     }
 
-    pub(super) fn new_key(account_id: &str) -> Result<(KeyRecord, String)> {
+    pub(super) fn new_key(&self, account_id: &str) -> Result<(KeyRecord, String)> {
         let api_key = secrets::new_api_key()?;
         let record = KeyRecord {
             id: secrets::new_id("key")?,
             account_id: account_id.to_owned(),
             key_hash: secrets::hash_secret(&api_key),
             prefix: secrets::key_prefix(&api_key),
-            created_at: now(),
+            created_at: self.now(),
             revoked_at: None,
         };
         Ok((record, api_key))
@@ -86,10 +86,10 @@ impl Tollgate {
             name: request.name,
             credits: request.credits,
             rate_limit: request.rate_limit,
-            created_at: now(),
+            created_at: self.now(),
             webhook_secret: Some(secrets::new_webhook_secret()?),
         };
-        let (key, api_key) = Self::new_key(&account.id)?;
+        let (key, api_key) = self.new_key(&account.id)?;
         self.disk.ensure_headroom()?;
         let record = self.store.create_account(&account, &key).await?;
         if let Some(cache) = &self.key_cache {
@@ -131,7 +131,7 @@ impl Tollgate {
 
     /// Operator: another key for an account (shown once).
     pub async fn create_key(&self, account_id: &str) -> Result<CreatedKey> {
-        let (key, api_key) = Self::new_key(account_id)?;
+        let (key, api_key) = self.new_key(account_id)?;
         self.disk.ensure_headroom()?;
         if !self.store.create_key(&key).await? {
             return Err(Error::NotFound {

@@ -4,7 +4,7 @@ use super::*;
 
 impl Tollgate {
     pub async fn idempotency_begin(&self, scope: &IdempotencyScope) -> Result<IdempotencyBegin> {
-        let now = now();
+        let now = self.now();
         // A reservation this process could not release (the store failed) belongs to a request
         // known to have ended without a response: its retry takes it over at once instead of
         // waiting for it to go stale. Taken out of the set first, so one retry alone does.

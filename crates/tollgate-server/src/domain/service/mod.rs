@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::disk::DiskSpace;
 use crate::domain::backends::{self, Backend};
 use crate::domain::caches::{Cached, FinishedTasks, KeyCache};
+use crate::domain::clock::{Clock, SystemClock};
 use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
 use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
@@ -21,8 +22,8 @@ use crate::error::{Error, Result};
 use crate::images::ImageStore;
 use crate::metrics::Metrics;
 use crate::store::{
-    now, AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount,
-    Store, StoredResponse, TaskRecord, WebhookDeliveryRecord,
+    AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount, Store,
+    StoredResponse, TaskRecord, WebhookDeliveryRecord,
 };
 use bytes::Bytes;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Caller {
 
 /// The domain: accounts, keys, credits, limits and tasks.
 pub struct Tollgate {
+    /// What time it is (the system's; a `ManualClock` in tests).
+    clock: Arc<dyn Clock>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) images: Arc<dyn ImageStore>,
     pub(crate) metrics: Metrics,
@@ -98,6 +101,7 @@ impl Tollgate {
         let finished_tasks = (!store.is_shared()).then(FinishedTasks::default);
         let disk = DiskSpace::new(config.data_dir.clone(), config.min_free_disk);
         Tollgate {
+            clock: Arc::new(SystemClock),
             disk,
             last_probe: tokio::sync::Mutex::new(None),
             abandoned_reservations: dashmap::DashSet::new(),
@@ -118,6 +122,17 @@ impl Tollgate {
     }
 
     /// Generates with `backend` instead of the built-in renderer.
+    /// With another clock (tests move a `ManualClock` instead of sleeping).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by the domain's clock.
+    pub fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
     pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Self {
         self.backend = backend;
         self
@@ -147,4 +162,89 @@ fn to_json(task: &Task) -> Result<Bytes> {
     serde_json::to_vec(task)
         .map(Bytes::from)
         .map_err(Error::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::domain::clock::ManualClock;
+    use crate::domain::ratelimit::RateLimits;
+    use crate::error::VoucherRefusal;
+    use crate::images::DiskImageStore;
+    use crate::store::sqlite::SqliteStore;
+    use tollgate_contract::CreateVoucherRequest;
+
+    /// The facade over a real SQLite store, its clock in the test's hands; retention one hour.
+    async fn app(dir: &std::path::Path) -> (Tollgate, Arc<ManualClock>) {
+        let config = Config {
+            retention: Duration::from_secs(3600),
+            ..Config::new(dir)
+        };
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).await.unwrap());
+        let images = Arc::new(DiskImageStore::new(dir.join("images")).unwrap());
+        let clock = Arc::new(ManualClock::new());
+        let app = Tollgate::new(
+            config,
+            store,
+            images,
+            Limiter::Local(RateLimits::default()),
+            "0".repeat(64),
+        )
+        .with_clock(Arc::clone(&clock) as Arc<dyn Clock>);
+        (app, clock)
+    }
+
+    async fn caller(app: &Tollgate, credits: u64) -> Caller {
+        let created = app
+            .create_account(CreateAccountRequest {
+                name: "clock".into(),
+                credits,
+                rate_limit: None,
+            })
+            .await
+            .unwrap();
+        app.authenticate(Some(&created.api_key)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_task_answers_gone_once_the_retention_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, clock) = app(dir.path()).await;
+        let caller = caller(&app, 10).await;
+        let request =
+            serde_json::from_value(serde_json::json!({"prompt": "a lighthouse"})).unwrap();
+        let task = app.create_generation(&caller, request, None).await.unwrap();
+        clock.advance(Duration::from_secs(3599));
+        assert_eq!(app.get_task(&caller, &task.id).await.unwrap().id, task.id);
+        clock.advance(Duration::from_secs(1));
+        match app.get_task(&caller, &task.id).await {
+            Err(Error::Gone { retention, .. }) => assert_eq!(retention, Duration::from_secs(3600)),
+            other => panic!("{other:?}"),
+        }
+        // Expired tasks also leave the list.
+        let listed = app.list_tasks(&caller, None, None).await.unwrap();
+        assert!(listed.data.is_empty(), "{:?}", listed.data);
+    }
+
+    #[tokio::test]
+    async fn a_voucher_is_refused_after_its_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, clock) = app(dir.path()).await;
+        let caller = caller(&app, 0).await;
+        let voucher = app
+            .create_voucher(CreateVoucherRequest {
+                credits: 5,
+                expires_at: Some(app.now() + Duration::from_secs(60)),
+                note: None,
+            })
+            .await
+            .unwrap();
+        clock.advance(Duration::from_secs(61));
+        match app.redeem_voucher(&caller.account_id, &voucher.code).await {
+            Err(Error::VoucherRefused(VoucherRefusal::Expired)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(app.account(&caller.account_id).await.unwrap().credits, 0);
+    }
 }

@@ -13,7 +13,7 @@ impl Tollgate {
     pub async fn purge_expired(&self) -> Result<usize> {
         let mut purged = 0;
         loop {
-            let cutoff = now() - self.config.retention;
+            let cutoff = self.now() - self.config.retention;
             let ids = self.store.expired_tasks(cutoff, PURGE_BATCH).await?;
             if ids.is_empty() {
                 break;
@@ -32,8 +32,10 @@ impl Tollgate {
                 "retention purge: a batch of expired tasks is now tombstones"
             );
         }
-        self.store.idempotency_purge(now() - KEY_RETENTION).await?;
-        self.store.delete_expired_sessions(now()).await?;
+        self.store
+            .idempotency_purge(self.now() - KEY_RETENTION)
+            .await?;
+        self.store.delete_expired_sessions(self.now()).await?;
         self.sign_in_limits.forget_idle();
         Ok(purged)
     }

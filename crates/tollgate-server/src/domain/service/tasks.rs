@@ -51,7 +51,7 @@ impl Tollgate {
             size,
             seed,
             cost: self.config.prices.cost(size, n)?,
-            created_at: now(),
+            created_at: self.now(),
             started_at: None,
             completed_at: None,
             error_code: None,
@@ -118,7 +118,7 @@ impl Tollgate {
                 format!("`limit` must be 1 to {MAX_LIST_LIMIT}, not {limit}."),
             ));
         }
-        let not_before = now() - self.config.retention;
+        let not_before = self.now() - self.config.retention;
         let mut records = self
             .store
             .list_tasks(&caller.account_id, limit + 1, after, not_before)
@@ -144,7 +144,7 @@ impl Tollgate {
         self.live_task(caller, id).await?;
         match self
             .store
-            .cancel_task(&caller.account_id, id, now())
+            .cancel_task(&caller.account_id, id, self.now())
             .await?
         {
             CancelOutcome::Canceled(record) => {
@@ -212,7 +212,7 @@ impl Tollgate {
                 id: shorten(id),
             });
         }
-        if record.purged || now() >= self.expires_at(record) {
+        if record.purged || self.now() >= self.expires_at(record) {
             return Err(Error::Gone {
                 what: "task",
                 id: record.id.clone(),
