@@ -196,6 +196,12 @@ mod tests {
     }
 
     async fn caller(app: &Tollgate, credits: u64) -> Caller {
+        let (caller, _) = account(app, credits).await;
+        caller
+    }
+
+    /// A new account: its caller and its API key.
+    async fn account(app: &Tollgate, credits: u64) -> (Caller, String) {
         let created = app
             .create_account(CreateAccountRequest {
                 name: "clock".into(),
@@ -204,7 +210,8 @@ mod tests {
             })
             .await
             .unwrap();
-        app.authenticate(Some(&created.api_key)).await.unwrap()
+        let caller = app.authenticate(Some(&created.api_key)).await.unwrap();
+        (caller, created.api_key)
     }
 
     #[tokio::test]
@@ -246,5 +253,20 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(app.account(&caller.account_id).await.unwrap().credits, 0);
+    }
+
+    #[tokio::test]
+    async fn a_dashboard_session_ends_at_its_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, clock) = app(dir.path()).await;
+        let (_, api_key) = account(&app, 0).await;
+        let client = std::net::IpAddr::from([127, 0, 0, 1]);
+        let signed_in = app.sign_in(&api_key, client).await.unwrap();
+        let token = signed_in.token.expose().to_owned();
+        let ttl = app.config().session_ttl;
+        clock.advance(ttl - Duration::from_secs(1));
+        assert!(app.dashboard_session(&token).await.unwrap().is_some());
+        clock.advance(Duration::from_secs(1));
+        assert!(app.dashboard_session(&token).await.unwrap().is_none());
     }
 }
