@@ -598,3 +598,57 @@ async fn at_the_connection_limit_new_clients_wait_for_busy_ones_and_displace_idl
     other.send(body.as_bytes()).await;
     assert!(other.response(false).await.status_line.contains(" 202 "));
 }
+
+/// A client that sends requests and stops reading the answers: once the response writes make no
+/// progress for `--write-timeout`, the connection is closed (and its memory freed), while other
+/// clients are served.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_write_timeout() {
+    let (_tmp, server) = TestServer::start(&["--write-timeout", "1s"]);
+    let one = server
+        .http
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    // Far more than the loopback socket buffers hold, so the server's writes stall.
+    let requests = (64 * 1024 * 1024 / one).max(100);
+    let mut client = Client::connect(&server).await;
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n".repeat(requests);
+    client.send(request.as_bytes()).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Served meanwhile.
+    let health = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // Now read: what was written before the stall, then the end of the connection (a reset
+    // counts too), well before every answer arrived.
+    let mut received = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match client.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "still open after 20 s; {received} bytes read"
+    );
+    assert!(
+        received < requests * one / 2,
+        "{received} bytes of {} arrived: the connection was not cut off",
+        requests * one
+    );
+}
