@@ -48,38 +48,29 @@ pub fn router(state: Arc<AppState>) -> Router {
     // The simulation layers exist only when `--simulate-errors` asks for them: a production
     // request does not pay for them.
     let simulate = state.app.config().simulate_errors;
-    // The API key and the account's rate limit come first: they put the `Caller` into the
-    // request, which the idempotency layer scopes its keys by.
-    // `api_get` for routes without a POST: no `Idempotency-Key` to look at, so no layer for it on
-    // the reads clients poll.
-    let api_state = Arc::clone(&state);
-    let api_get = move |route: MethodRouter<Arc<AppState>>| {
-        let route = if simulate {
+    let simulated = move |route: MethodRouter<Arc<AppState>>| {
+        if simulate {
             route.route_layer(from_fn(mw::simulate_delay))
         } else {
             route
-        };
-        route.route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_key))
+        }
+    };
+    // The API key and the account's rate limit come first: they put the `Caller` into the
+    // request, which the idempotency layer scopes its keys by. `api_get` for routes without a
+    // POST: no `Idempotency-Key` to look at, so no layer for it on the reads clients poll.
+    let api_state = Arc::clone(&state);
+    let api_get = move |route| {
+        simulated(route).route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_key))
     };
     let api_state = Arc::clone(&state);
-    let api = move |route: MethodRouter<Arc<AppState>>| {
-        let route = if simulate {
-            route.route_layer(from_fn(mw::simulate_delay))
-        } else {
-            route
-        };
-        route
+    let api = move |route| {
+        simulated(route)
             .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::idempotency))
             .route_layer(from_fn_with_state(Arc::clone(&api_state), mw::api_key))
     };
     let admin_state = Arc::clone(&state);
-    let admin = move |route: MethodRouter<Arc<AppState>>| {
-        let route = if simulate {
-            route.route_layer(from_fn(mw::simulate_delay))
-        } else {
-            route
-        };
-        route
+    let admin = move |route| {
+        simulated(route)
             .route_layer(from_fn_with_state(
                 Arc::clone(&admin_state),
                 mw::idempotency,
