@@ -33,7 +33,8 @@ use tracing::Instrument;
 const X_REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
 const SIMULATE: HeaderName = HeaderName::from_static(h::SIMULATE);
 
-/// The route a response was served by, set by `middleware::served_by`, for the metrics.
+/// The route a response was served by (set by `middleware::api_key` on API routes and by
+/// `middleware::served_by` on the others), for the metrics.
 #[derive(Debug, Clone)]
 pub struct ServedBy(pub MatchedPath);
 
