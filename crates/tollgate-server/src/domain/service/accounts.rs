@@ -9,10 +9,7 @@ impl Tollgate {
             .store
             .get_account(account_id)
             .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "account",
-                id: shorten(account_id),
-            })?;
+            .ok_or_else(|| no_account(account_id))?;
         Ok(self.account_view(&record))
     }
 
@@ -119,10 +116,7 @@ impl Tollgate {
             .store
             .update_account(id, request.name.as_deref(), request.rate_limit)
             .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "account",
-                id: shorten(id),
-            })?;
+            .ok_or_else(|| no_account(id))?;
         if let Some(cache) = &self.key_cache {
             cache.forget_account(id);
         }
@@ -134,10 +128,7 @@ impl Tollgate {
         let (key, api_key) = self.new_key(account_id)?;
         self.disk.ensure_headroom()?;
         if !self.store.create_key(&key).await? {
-            return Err(Error::NotFound {
-                what: "account",
-                id: shorten(account_id),
-            });
+            return Err(no_account(account_id));
         }
         if let Some(cache) = &self.key_cache {
             cache.forget_unknown();
@@ -272,10 +263,7 @@ impl Tollgate {
             .store
             .add_credits(account_id, request.amount, request.note.as_deref())
             .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "account",
-                id: shorten(account_id),
-            })?;
+            .ok_or_else(|| no_account(account_id))?;
         Ok(self.account_view(&record))
     }
 
@@ -288,10 +276,7 @@ impl Tollgate {
         self.store
             .webhook_secret(account_id, &candidate)
             .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "account",
-                id: shorten(account_id),
-            })
+            .ok_or_else(|| no_account(account_id))
     }
 
     /// `GET /v1/account/webhook-secret`: the caller's webhook secret.
@@ -310,10 +295,7 @@ impl Tollgate {
             .set_webhook_secret(&caller.account_id, &secret)
             .await?
         {
-            return Err(Error::NotFound {
-                what: "account",
-                id: shorten(&caller.account_id),
-            });
+            return Err(no_account(&caller.account_id));
         }
         tracing::info!(account_id = %caller.account_id, "webhook secret rotated");
         Ok(WebhookSecret {

@@ -150,6 +150,14 @@ impl Tollgate {
 }
 
 /// Ids echoed in messages come from the client: keep them short.
+/// The 404 of an account id that names none.
+fn no_account(id: &str) -> Error {
+    Error::NotFound {
+        what: "account",
+        id: shorten(id),
+    }
+}
+
 fn shorten(id: &str) -> String {
     if id.chars().count() <= 64 {
         id.to_owned()
