@@ -374,10 +374,10 @@ async fn the_ledger_pages_through_every_entry(store: Arc<dyn Store>) {
     let other = account(store.as_ref(), 7).await;
     for i in 0..9 {
         store
-            .add_credits(&id, 1, Some(&format!("top-up {i}")))
+            .add_credits(&id, 1, Some(&format!("top-up {i}")), now())
             .await
             .unwrap();
-        store.add_credits(&other, 1, None).await.unwrap();
+        store.add_credits(&other, 1, None, now()).await.unwrap();
     }
     let mut pages = Vec::new();
     let mut before = None;
@@ -437,7 +437,7 @@ async fn adjustments_never_overdraw(store: Arc<dyn Store>) {
     let id = account(store.as_ref(), 5).await;
     assert_eq!(
         store
-            .add_credits(&id, 10, Some("top-up"))
+            .add_credits(&id, 10, Some("top-up"), now())
             .await
             .unwrap()
             .unwrap()
@@ -445,12 +445,12 @@ async fn adjustments_never_overdraw(store: Arc<dyn Store>) {
         15
     );
     assert!(matches!(
-        store.add_credits(&id, -16, None).await,
+        store.add_credits(&id, -16, None, now()).await,
         Err(Error::InvalidRequest { .. })
     ));
     assert_eq!(
         store
-            .add_credits(&id, -15, None)
+            .add_credits(&id, -15, None, now())
             .await
             .unwrap()
             .unwrap()
@@ -458,7 +458,7 @@ async fn adjustments_never_overdraw(store: Arc<dyn Store>) {
         0
     );
     assert!(store
-        .add_credits("acct_missing", 1, None)
+        .add_credits("acct_missing", 1, None, now())
         .await
         .unwrap()
         .is_none());
@@ -565,7 +565,7 @@ async fn purged_tasks_stay_as_tombstones(store: Arc<dyn Store>) {
     store.create_task(&queued, None).await.unwrap();
     let expired = store.expired_tasks(ms(1_000), 100).await.unwrap();
     assert!(expired.contains(&queued.id));
-    store.mark_purged(&expired).await.unwrap();
+    store.mark_purged(&expired, now()).await.unwrap();
     let tombstone = store.get_task(&queued.id).await.unwrap().unwrap();
     assert!(tombstone.purged);
     assert_eq!(tombstone.prompt, "");
@@ -611,8 +611,8 @@ async fn revoked_keys_do_not_authenticate(store: Arc<dyn Store>) {
             .account_id,
         id
     );
-    assert!(store.revoke_key(&key.id).await.unwrap());
-    assert!(!store.revoke_key(&key.id).await.unwrap());
+    assert!(store.revoke_key(&key.id, now()).await.unwrap());
+    assert!(!store.revoke_key(&key.id, now()).await.unwrap());
     assert!(store.authenticate(&key.key_hash).await.unwrap().is_none());
     let orphan = KeyRecord {
         account_id: "acct_missing".into(),
@@ -776,7 +776,7 @@ async fn sessions_end_on_expiry_revocation_and_deletion(store: Arc<dyn Store>) {
         None
     );
     // Revoking the key ends the session opened with it.
-    assert!(store.revoke_key(&key.id).await.unwrap());
+    assert!(store.revoke_key(&key.id, now()).await.unwrap());
     assert_eq!(
         store.get_session(&holder.token_hash, now()).await.unwrap(),
         None
@@ -1143,7 +1143,7 @@ async fn the_purge_drops_webhook_data(store: Arc<dyn Store>) {
         .await
         .unwrap());
     store
-        .mark_purged(std::slice::from_ref(&task_id))
+        .mark_purged(std::slice::from_ref(&task_id), now())
         .await
         .unwrap();
     let tombstone = store.get_task(&task_id).await.unwrap().unwrap();
@@ -1156,7 +1156,7 @@ async fn the_purge_drops_webhook_data(store: Arc<dyn Store>) {
         .is_empty());
     // Purging again (a purge resumed after a crash) is harmless.
     store
-        .mark_purged(std::slice::from_ref(&task_id))
+        .mark_purged(std::slice::from_ref(&task_id), now())
         .await
         .unwrap();
 }

@@ -1,7 +1,11 @@
 //! Storage behind one trait.
 //!
-//! [`Store`] is everything the domain asks of a database. Each engine implements it once
-//! ([`sqlite::SqliteStore`] is the embedded default); handlers and domain code never see SQL.
+//! [`Store`] is everything the domain asks of a database. [`sql::SqlStore`] implements it once,
+//! in the SQL both engines share, over an [`engine::Engine`]: [`sqlite::SqliteStore`] (the
+//! embedded default) or [`postgres::PostgresStore`]. Handlers and domain code never see SQL.
+//!
+//! Stores never read the clock: every time they write comes from the caller (the domain's
+//! `Clock`), so expiry and retention are tested without sleeping.
 //!
 //! **Invariants every implementation keeps** (the storage test suite checks them):
 //! - `create_task` charges and inserts in one transaction, with a guarded decrement
@@ -15,8 +19,10 @@
 //!   final state (`finish_task`, `cancel_task`), so no finished task misses its webhook; a
 //!   delivery attempt is recorded only under the claim that made it.
 
+pub mod engine;
 pub mod postgres;
-mod rows;
+pub mod rows;
+pub mod sql;
 pub mod sqlite;
 
 use crate::error::Result;
@@ -296,7 +302,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Commits a small write (one settings row), as `/readyz` asks: `Ok` only when the store
     /// can commit now.
-    async fn probe_write(&self) -> Result<()>;
+    async fn probe_write(&self, now: OffsetDateTime) -> Result<()>;
 
     // --- operator token ---
     async fn admin_token_hash(&self) -> Result<Option<String>>;
@@ -321,11 +327,12 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         amount: i64,
         note: Option<&str>,
+        now: OffsetDateTime,
     ) -> Result<Option<AccountRecord>>;
     /// `false` when the account does not exist.
     async fn create_key(&self, key: &KeyRecord) -> Result<bool>;
     /// `false` when there is no such live key.
-    async fn revoke_key(&self, key_id: &str) -> Result<bool>;
+    async fn revoke_key(&self, key_id: &str, now: OffsetDateTime) -> Result<bool>;
     async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>>;
     /// The account of a live key, by the key's hash.
     async fn authenticate(&self, key_hash: &str) -> Result<Option<KeyAuth>>;
@@ -390,7 +397,7 @@ pub trait Store: Send + Sync + 'static {
     /// Turns the tasks into tombstones (data dropped, id kept: the prompt, the webhook URL and
     /// its deliveries go). A task still queued is cancelled and refunded on the way: it expired
     /// before it could run.
-    async fn mark_purged(&self, ids: &[String]) -> Result<()>;
+    async fn mark_purged(&self, ids: &[String], now: OffsetDateTime) -> Result<()>;
 
     // --- webhooks ---
     /// The account's webhook secret, set to `candidate` first when it has none (accounts made
@@ -500,6 +507,29 @@ pub(crate) fn from_millis(ms: i64) -> OffsetDateTime {
 /// Now, truncated to milliseconds so a value survives a round trip through storage unchanged.
 pub fn now() -> OffsetDateTime {
     from_millis(to_millis(OffsetDateTime::now_utc()))
+}
+
+/// A migrator for one engine's embedded migrations.
+fn migrator(migrations: &'static [(i64, &'static str, &'static str)]) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    use std::borrow::Cow;
+    Migrator {
+        migrations: Cow::Owned(
+            migrations
+                .iter()
+                .map(|(version, name, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*name),
+                        MigrationType::Simple,
+                        Cow::Borrowed(*sql),
+                        false,
+                    )
+                })
+                .collect(),
+        ),
+        ..Migrator::DEFAULT
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Row → record mapping shared by the SQL engines: both store the same columns with the same
+//! Row → record mapping for both SQL engines: both store the same columns with the same
 //! types (BIGINT for numbers and Unix-millisecond times, TEXT for the rest).
 
 use super::*;
@@ -6,11 +6,12 @@ use crate::error::Error;
 use sqlx::Row;
 
 /// The column reads the mappers need, for any engine's row type.
-pub(crate) trait Columns {
+pub trait Columns {
     fn int(&self, col: &str) -> Result<i64>;
     fn opt_int(&self, col: &str) -> Result<Option<i64>>;
     fn text(&self, col: &str) -> Result<String>;
     fn opt_text(&self, col: &str) -> Result<Option<String>>;
+    fn opt_bytes(&self, col: &str) -> Result<Option<Vec<u8>>>;
 }
 
 macro_rules! columns_for {
@@ -28,6 +29,9 @@ macro_rules! columns_for {
             fn opt_text(&self, col: &str) -> Result<Option<String>> {
                 Ok(self.try_get(col)?)
             }
+            fn opt_bytes(&self, col: &str) -> Result<Option<Vec<u8>>> {
+                Ok(self.try_get(col)?)
+            }
         }
     };
 }
@@ -35,13 +39,52 @@ macro_rules! columns_for {
 columns_for!(sqlx::sqlite::SqliteRow);
 columns_for!(sqlx::postgres::PgRow);
 
-pub(crate) const ACCOUNT_COLUMNS: &str = "id, name, credits, rpm, burst, created_at";
-pub(crate) const KEY_COLUMNS: &str = "id, account_id, key_hash, prefix, created_at, revoked_at";
-pub(crate) const TASK_COLUMNS: &str =
-    "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
-                                       completed_at, error_code, error_message, purged, runs, webhook_url";
-pub(crate) const LEDGER_COLUMNS: &str =
-    "id, account_id, delta, balance_after, kind, task_id, note, created_at";
+// The columns each mapper reads, as macros so that statements are `concat!`ed at compile time.
+macro_rules! account_columns {
+    () => {
+        "id, name, credits, rpm, burst, created_at"
+    };
+}
+macro_rules! key_columns {
+    () => {
+        "id, account_id, key_hash, prefix, created_at, revoked_at"
+    };
+}
+macro_rules! task_columns {
+    () => {
+        "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
+         completed_at, error_code, error_message, purged, runs, webhook_url"
+    };
+}
+macro_rules! ledger_columns {
+    () => {
+        "id, account_id, delta, balance_after, kind, task_id, note, created_at"
+    };
+}
+macro_rules! delivery_columns {
+    () => {
+        "task_id, account_id, url, state, attempts, next_attempt_at, delivered_at, created_at"
+    };
+}
+macro_rules! attempt_columns {
+    () => {
+        "task_id, number, at, status, error"
+    };
+}
+macro_rules! voucher_columns {
+    () => {
+        "id, code_hash, prefix, credits, note, created_at, expires_at, redeemed_at, redeemed_by"
+    };
+}
+macro_rules! session_columns {
+    () => {
+        "token_hash, kind, account_id, key_id, admin_token_hash, created_at, expires_at"
+    };
+}
+pub(crate) use {
+    account_columns, attempt_columns, delivery_columns, key_columns, ledger_columns,
+    session_columns, task_columns, voucher_columns,
+};
 
 pub(crate) fn unsigned(row: &impl Columns, col: &str) -> Result<u64> {
     u64::try_from(row.int(col)?).map_err(|_| Error::internal(format!("negative {col} in storage")))
@@ -106,10 +149,6 @@ pub(crate) fn task(row: &impl Columns) -> Result<TaskRecord> {
         webhook_url: row.opt_text("webhook_url")?,
     })
 }
-
-pub(crate) const DELIVERY_COLUMNS: &str =
-    "task_id, account_id, url, state, attempts, next_attempt_at, delivered_at, created_at";
-pub(crate) const ATTEMPT_COLUMNS: &str = "task_id, number, at, status, error";
 
 fn webhook_state(text: &str) -> Result<WebhookState> {
     Ok(match text {
@@ -195,11 +234,6 @@ pub(crate) fn ledger(row: &impl Columns) -> Result<LedgerEntry> {
     })
 }
 
-pub(crate) const VOUCHER_COLUMNS: &str =
-    "id, code_hash, prefix, credits, note, created_at, expires_at, redeemed_at, redeemed_by";
-pub(crate) const SESSION_COLUMNS: &str =
-    "token_hash, kind, account_id, key_id, admin_token_hash, created_at, expires_at";
-
 pub(crate) fn voucher(row: &impl Columns) -> Result<VoucherRecord> {
     Ok(VoucherRecord {
         id: row.text("id")?,
@@ -234,7 +268,7 @@ pub(crate) fn voucher_note(voucher: &VoucherRecord) -> String {
 }
 
 /// The columns a session is stored in: kind, account, key, operator-token hash.
-pub(crate) fn session_columns(
+pub(crate) fn session_fields(
     principal: &SessionPrincipal,
 ) -> (&'static str, Option<&str>, Option<&str>, Option<&str>) {
     match principal {

@@ -203,7 +203,7 @@ impl Tollgate {
 
     /// Operator: revokes a key; the next request with it is refused.
     pub async fn revoke_key(&self, key_id: &str) -> Result<()> {
-        if self.store.revoke_key(key_id).await? {
+        if self.store.revoke_key(key_id, self.now()).await? {
             if let Some(cache) = &self.key_cache {
                 cache.forget_key(key_id);
             }
@@ -261,7 +261,12 @@ impl Tollgate {
         self.disk.ensure_headroom()?;
         let record = self
             .store
-            .add_credits(account_id, request.amount, request.note.as_deref())
+            .add_credits(
+                account_id,
+                request.amount,
+                request.note.as_deref(),
+                self.now(),
+            )
             .await?
             .ok_or_else(|| no_account(account_id))?;
         Ok(self.account_view(&record))

@@ -43,7 +43,7 @@ impl Tollgate {
     }
 
     pub(super) async fn probe(&self) -> Result<(), &'static str> {
-        if let Err(e) = self.store.probe_write().await {
+        if let Err(e) = self.store.probe_write(self.now()).await {
             tracing::warn!(error = %e, "not ready: the store cannot commit");
             return Err("the store cannot commit");
         }

@@ -21,7 +21,7 @@ impl Tollgate {
             for id in &ids {
                 self.images.delete_task(id).await?;
             }
-            self.store.mark_purged(&ids).await?;
+            self.store.mark_purged(&ids, self.now()).await?;
             if let Some(cache) = &self.finished_tasks {
                 cache.forget(&ids);
             }

@@ -1,0 +1,1279 @@
+//! [`Store`] in SQL, once for both engines.
+//!
+//! Every statement is here, written in the SQL that SQLite and PostgreSQL share. What differs
+//! between the engines is behind [`Engine`]: where connections come from (SQLite's one writer
+//! and its readers; PostgreSQL's pool), how a transaction begins, the row locks of a claim
+//! (`FOR UPDATE SKIP LOCKED`, which SQLite, with its one writer, needs not), and how a task
+//! creation is committed (SQLite's group commit in `sqlite.rs`).
+
+use super::engine::{placeholders, q, Conn, Engine, Stmt, Tx};
+use super::rows::{
+    self, account_columns, attempt_columns, delivery_columns, key_columns, ledger_columns,
+    session_columns, signed, task_columns, voucher_columns, would_overdraw, Columns,
+};
+use super::*;
+use crate::error::Error;
+
+/// A row of engine `E`.
+pub(crate) type Row<E> = <<E as Engine>::Conn as Conn>::Row;
+
+/// The [`Store`] on an SQL engine.
+pub struct SqlStore<E: Engine> {
+    engine: E,
+}
+
+impl<E: Engine> SqlStore<E> {
+    pub(crate) fn new(engine: E) -> Self {
+        SqlStore { engine }
+    }
+
+    async fn read_row(&self, stmt: Stmt<'_>) -> Result<Option<Row<E>>> {
+        stmt.fetch_optional(&mut *self.engine.reader().await?).await
+    }
+
+    async fn read_rows(&self, stmt: Stmt<'_>) -> Result<Vec<Row<E>>> {
+        stmt.fetch_all(&mut *self.engine.reader().await?).await
+    }
+
+    async fn write(&self, stmt: Stmt<'_>) -> Result<u64> {
+        stmt.execute(&mut *self.engine.writer().await?).await
+    }
+
+    async fn write_row(&self, stmt: Stmt<'_>) -> Result<Option<Row<E>>> {
+        stmt.fetch_optional(&mut *self.engine.writer().await?).await
+    }
+
+    async fn write_rows(&self, stmt: Stmt<'_>) -> Result<Vec<Row<E>>> {
+        stmt.fetch_all(&mut *self.engine.writer().await?).await
+    }
+
+    /// Commits a reservation made at `now`. A lost answer to COMMIT (the connection broke) may
+    /// have committed all the same: settled by asking, on another connection, whether the key is
+    /// held since `now`. Answering an error for a reservation that was made would leave the
+    /// client's retry facing its own request's 409 until the reservation went stale.
+    async fn commit_reservation(
+        &self,
+        tx: Tx<E>,
+        scope: &IdempotencyScope,
+        now: OffsetDateTime,
+    ) -> Result<IdempotencyBegin> {
+        let Err(e) = tx.commit().await else {
+            return Ok(IdempotencyBegin::Started);
+        };
+        let held = self
+            .read_row(
+                q(
+                    "SELECT locked_at FROM idempotency_keys WHERE scope = $1 AND key = $2 \
+                   AND fingerprint = $3 AND state = 'running'",
+                )
+                .bind(&scope.scope)
+                .bind(&scope.key)
+                .bind(&scope.fingerprint),
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|row| row.int("locked_at").ok());
+        if held == Some(to_millis(now)) {
+            Ok(IdempotencyBegin::Started)
+        } else {
+            Err(e)
+        }
+    }
+
+    async fn begin(&self) -> Result<Tx<E>> {
+        Tx::begin(self.engine.writer().await?, E::BEGIN_WRITE).await
+    }
+
+    async fn snapshot(&self) -> Result<Tx<E>> {
+        Tx::begin(self.engine.reader().await?, E::BEGIN_SNAPSHOT).await
+    }
+}
+
+/// A ledger entry to write.
+pub(crate) struct Entry<'a> {
+    pub account_id: &'a str,
+    pub delta: i64,
+    pub balance_after: i64,
+    pub kind: &'a str,
+    pub task_id: Option<&'a str>,
+    pub note: Option<&'a str>,
+    pub at: OffsetDateTime,
+}
+
+/// Writes the entry; its id.
+pub(crate) async fn ledger_entry<C: Conn>(conn: &mut C, entry: Entry<'_>) -> Result<i64> {
+    let row = q(
+        "INSERT INTO ledger (account_id, delta, balance_after, kind, task_id, note, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+    )
+    .bind(entry.account_id)
+    .bind(entry.delta)
+    .bind(entry.balance_after)
+    .bind(entry.kind)
+    .bind(entry.task_id)
+    .bind(entry.note)
+    .bind(to_millis(entry.at))
+    .fetch_optional(conn)
+    .await?;
+    row.ok_or_else(|| Error::internal("INSERT … RETURNING gave no row"))?
+        .int("id")
+}
+
+async fn refund<C: Conn>(
+    conn: &mut C,
+    account_id: &str,
+    task_id: &str,
+    cost: i64,
+    note: &str,
+    at: OffsetDateTime,
+) -> Result<()> {
+    let balance = q("UPDATE accounts SET credits = credits + $1 WHERE id = $2 RETURNING credits")
+        .bind(cost)
+        .bind(account_id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| Error::internal(format!("refund of task {task_id}: no account")))?
+        .int("credits")?;
+    ledger_entry(
+        conn,
+        Entry {
+            account_id,
+            delta: cost,
+            balance_after: balance,
+            kind: "refund",
+            task_id: Some(task_id),
+            note: Some(note),
+            at,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn complete_idempotency<C: Conn>(
+    conn: &mut C,
+    scope: &IdempotencyScope,
+    response: &StoredResponse,
+) -> Result<()> {
+    q("UPDATE idempotency_keys SET state = 'done', status = $1, body = $2 WHERE scope = $3 AND key = $4")
+        .bind(i64::from(response.status))
+        .bind(response.body.as_slice())
+        .bind(&scope.scope)
+        .bind(&scope.key)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Puts the task's webhook in the outbox, when it has one: called in the transaction that records
+/// the task's final state.
+async fn enqueue_webhook<C: Conn>(conn: &mut C, task_id: &str, now: OffsetDateTime) -> Result<()> {
+    q("INSERT INTO webhook_deliveries (task_id, account_id, url, state, attempts, next_attempt_at, created_at) \
+       SELECT id, account_id, webhook_url, 'pending', 0, $1, $1 FROM tasks \
+       WHERE id = $2 AND webhook_url IS NOT NULL AND purged = 0 \
+       ON CONFLICT (task_id) DO NOTHING")
+    .bind(to_millis(now))
+    .bind(task_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The guarded charge of `task`: its cost and the balance after it; or, when it changed
+/// nothing, why (the balance does not cover it, or there is no such account). The outer error
+/// is the database's.
+pub(crate) async fn charge<C: Conn>(
+    conn: &mut C,
+    task: &TaskRecord,
+) -> Result<std::result::Result<(i64, i64), Error>> {
+    let cost = signed(task.cost)?;
+    // The guarded decrement is the whole of the no-overdraft rule: it either takes the cost from
+    // a balance that covers it, or changes nothing. On PostgreSQL it takes the account's row
+    // lock: concurrent charges on one account queue and each re-checks the balance it finds.
+    let charged = q(
+        "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 RETURNING credits",
+    )
+    .bind(cost)
+    .bind(&task.account_id)
+    .fetch_optional(conn)
+    .await?;
+    if let Some(row) = charged {
+        return Ok(Ok((cost, row.int("credits")?)));
+    }
+    let current = q("SELECT credits FROM accounts WHERE id = $1")
+        .bind(&task.account_id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(Err(match current {
+        Some(row) => Error::InsufficientCredits {
+            cost: task.cost,
+            balance: u64::try_from(row.int("credits")?).unwrap_or(0),
+        },
+        None => Error::NotFound {
+            what: "account",
+            id: task.account_id.clone(),
+        },
+    }))
+}
+
+/// The columns a new task is inserted with, in [`task_values`]' order.
+pub(crate) const NEW_TASK_COLUMNS: &str =
+    "id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url";
+
+/// Binds a new task's values in [`NEW_TASK_COLUMNS`]' order.
+pub(crate) fn task_values<'a>(stmt: Stmt<'a>, task: &'a TaskRecord, cost: i64) -> Stmt<'a> {
+    stmt.bind(&task.id)
+        .bind(&task.account_id)
+        .bind(task.status.as_str())
+        .bind(&task.prompt)
+        .bind(i64::from(task.n))
+        .bind(task.size.as_str())
+        .bind(task.seed)
+        .bind(cost)
+        .bind(to_millis(task.created_at))
+        .bind(&task.webhook_url)
+}
+
+/// Charges and inserts one task (and completes its idempotency record) inside a transaction.
+/// `Ok(Err(_))`: refused (402, no account), nothing written.
+pub(crate) async fn create_one<C: Conn>(
+    conn: &mut C,
+    task: &TaskRecord,
+    idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
+) -> Result<std::result::Result<(), Error>> {
+    let (cost, balance) = match charge(conn, task).await? {
+        Ok(charged) => charged,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    task_values(
+        q(format!(
+            "INSERT INTO tasks ({NEW_TASK_COLUMNS}) VALUES ({})",
+            placeholders(1, 10)
+        )),
+        task,
+        cost,
+    )
+    .execute(conn)
+    .await?;
+    ledger_entry(
+        conn,
+        Entry {
+            account_id: &task.account_id,
+            delta: -cost,
+            balance_after: balance,
+            kind: "charge",
+            task_id: Some(&task.id),
+            note: None,
+            at: task.created_at,
+        },
+    )
+    .await?;
+    if let Some((scope, response)) = idempotency {
+        complete_idempotency(conn, scope, response).await?;
+    }
+    Ok(Ok(()))
+}
+
+/// The task with this id, read on `conn`.
+pub(crate) async fn get_task<C: Conn>(conn: &mut C, id: &str) -> Result<Option<TaskRecord>> {
+    let row = q(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(rows::task).transpose()
+}
+
+fn rate_limit_args(rate_limit: Option<RateLimit>) -> (Option<i64>, Option<i64>) {
+    (
+        rate_limit.map(|r| i64::from(r.requests_per_minute)),
+        rate_limit.map(|r| i64::from(r.burst)),
+    )
+}
+
+#[async_trait]
+impl<E: Engine> Store for SqlStore<E> {
+    fn is_shared(&self) -> bool {
+        E::SHARED
+    }
+
+    async fn probe_write(&self, now: OffsetDateTime) -> Result<()> {
+        let mut tx = self.begin().await?;
+        q(
+            "INSERT INTO settings (name, value) VALUES ('ready_probe', $1) \
+           ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(to_millis(now).to_string().as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    async fn admin_token_hash(&self) -> Result<Option<String>> {
+        self.read_row(q(
+            "SELECT value FROM settings WHERE name = 'admin_token_hash'",
+        ))
+        .await?
+        .map(|row| row.text("value"))
+        .transpose()
+    }
+
+    async fn set_admin_token_hash(&self, hash: &str) -> Result<()> {
+        self.write(
+            q(
+                "INSERT INTO settings (name, value) VALUES ('admin_token_hash', $1) \
+               ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
+            .bind(hash),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn create_account(&self, account: &NewAccount, key: &KeyRecord) -> Result<AccountRecord> {
+        let credits = signed(account.credits)?;
+        let (rpm, burst) = rate_limit_args(account.rate_limit);
+        let mut tx = self.begin().await?;
+        q(
+            "INSERT INTO accounts (id, name, credits, rpm, burst, created_at, webhook_secret) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&account.id)
+        .bind(&account.name)
+        .bind(credits)
+        .bind(rpm)
+        .bind(burst)
+        .bind(to_millis(account.created_at))
+        .bind(&account.webhook_secret)
+        .execute(&mut *tx)
+        .await?;
+        q("INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&key.id)
+            .bind(&account.id)
+            .bind(&key.key_hash)
+            .bind(&key.prefix)
+            .bind(to_millis(key.created_at))
+            .execute(&mut *tx)
+            .await?;
+        if credits > 0 {
+            ledger_entry(
+                &mut *tx,
+                Entry {
+                    account_id: &account.id,
+                    delta: credits,
+                    balance_after: credits,
+                    kind: "grant",
+                    task_id: None,
+                    note: Some("opening balance"),
+                    at: account.created_at,
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(AccountRecord {
+            id: account.id.clone(),
+            name: account.name.clone(),
+            credits: account.credits,
+            rate_limit: account.rate_limit,
+            created_at: account.created_at,
+        })
+    }
+
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>> {
+        let row = self
+            .read_row(
+                q(concat!(
+                    "SELECT ",
+                    account_columns!(),
+                    " FROM accounts WHERE id = $1"
+                ))
+                .bind(id),
+            )
+            .await?;
+        row.as_ref().map(rows::account).transpose()
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>> {
+        self.read_rows(q(concat!(
+            "SELECT ",
+            account_columns!(),
+            " FROM accounts ORDER BY created_at, id"
+        )))
+        .await?
+        .iter()
+        .map(rows::account)
+        .collect()
+    }
+
+    async fn update_account(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        rate_limit: Option<RateLimit>,
+    ) -> Result<Option<AccountRecord>> {
+        let (rpm, burst) = rate_limit_args(rate_limit);
+        let row = self
+            .write_row(
+                q(concat!(
+                    "UPDATE accounts SET name = COALESCE($1, name), rpm = COALESCE($2, rpm), \
+                     burst = COALESCE($3, burst) WHERE id = $4 RETURNING ",
+                    account_columns!()
+                ))
+                .bind(name)
+                .bind(rpm)
+                .bind(burst)
+                .bind(id),
+            )
+            .await?;
+        row.as_ref().map(rows::account).transpose()
+    }
+
+    async fn add_credits(
+        &self,
+        id: &str,
+        amount: i64,
+        note: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Option<AccountRecord>> {
+        let mut tx = self.begin().await?;
+        let row = q(concat!(
+            "UPDATE accounts SET credits = credits + $1 WHERE id = $2 AND credits + $1 >= 0 RETURNING ",
+            account_columns!()
+        ))
+        .bind(amount)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let current = q("SELECT credits FROM accounts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.rollback().await?;
+            return match current {
+                None => Ok(None),
+                Some(row) => Err(would_overdraw(amount, row.int("credits")?)),
+            };
+        };
+        let account = rows::account(&row)?;
+        let entry = ledger_entry(
+            &mut *tx,
+            Entry {
+                account_id: id,
+                delta: amount,
+                balance_after: signed(account.credits)?,
+                kind: if amount >= 0 { "grant" } else { "adjust" },
+                task_id: None,
+                note,
+                at: now,
+            },
+        )
+        .await?;
+        if let Err(e) = tx.commit().await {
+            // A lost answer to COMMIT (the connection broke) may have committed all the same:
+            // settled by asking, on another connection, whether the entry, whose id is known, is
+            // there. Answering an error for a top-up that happened would invite a second one.
+            let committed = self
+                .read_row(q("SELECT id FROM ledger WHERE id = $1").bind(entry))
+                .await
+                .ok()
+                .flatten();
+            if committed.is_none() {
+                return Err(e);
+            }
+        }
+        Ok(Some(account))
+    }
+
+    async fn create_key(&self, key: &KeyRecord) -> Result<bool> {
+        let inserted = self
+            .write(
+                q(
+                    "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at) \
+                   SELECT $1, id, $3, $4, $5 FROM accounts WHERE id = $2",
+                )
+                .bind(&key.id)
+                .bind(&key.account_id)
+                .bind(&key.key_hash)
+                .bind(&key.prefix)
+                .bind(to_millis(key.created_at)),
+            )
+            .await?;
+        Ok(inserted == 1)
+    }
+
+    async fn revoke_key(&self, key_id: &str, now: OffsetDateTime) -> Result<bool> {
+        let revoked = self
+            .write(
+                q("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                    .bind(to_millis(now))
+                    .bind(key_id),
+            )
+            .await?;
+        Ok(revoked == 1)
+    }
+
+    async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>> {
+        self.read_rows(
+            q(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE account_id = $1 ORDER BY created_at, id"
+            ))
+            .bind(account_id),
+        )
+        .await?
+        .iter()
+        .map(rows::key)
+        .collect()
+    }
+
+    async fn authenticate(&self, key_hash: &str) -> Result<Option<KeyAuth>> {
+        let row = self
+            .read_row(
+                q("SELECT k.id AS key_id, k.account_id, a.rpm, a.burst FROM api_keys k \
+                   JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = $1 AND k.revoked_at IS NULL")
+                .bind(key_hash),
+            )
+            .await?;
+        row.map(|row| {
+            Ok(KeyAuth {
+                key_id: row.text("key_id")?,
+                account_id: row.text("account_id")?,
+                rate_limit: rows::rate_limit_of(&row)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_task(
+        &self,
+        task: &TaskRecord,
+        idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
+    ) -> Result<TaskRecord> {
+        self.engine.create_task(task, idempotency).await
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        get_task(&mut *self.engine.reader().await?, id).await
+    }
+
+    async fn list_tasks(
+        &self,
+        account_id: &str,
+        limit: u32,
+        after: Option<&str>,
+        not_before: OffsetDateTime,
+    ) -> Result<Option<Vec<TaskRecord>>> {
+        let before_seq = match after {
+            None => i64::MAX,
+            Some(after) => {
+                let seq = self
+                    .read_row(
+                        q("SELECT seq FROM tasks WHERE id = $1 AND account_id = $2")
+                            .bind(after)
+                            .bind(account_id),
+                    )
+                    .await?;
+                match seq {
+                    Some(row) => row.int("seq")?,
+                    None => return Ok(None),
+                }
+            }
+        };
+        self.read_rows(
+            q(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE account_id = $1 AND seq < $2 AND purged = 0 AND created_at > $3 \
+                 ORDER BY seq DESC LIMIT $4"
+            ))
+            .bind(account_id)
+            .bind(before_seq)
+            .bind(to_millis(not_before))
+            .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(rows::task)
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+    }
+
+    async fn cancel_task(
+        &self,
+        account_id: &str,
+        id: &str,
+        now: OffsetDateTime,
+    ) -> Result<CancelOutcome> {
+        let mut tx = self.begin().await?;
+        let canceled = q(concat!(
+            "UPDATE tasks SET status = 'canceled', completed_at = $1 WHERE id = $2 AND account_id = $3 \
+             AND status = 'queued' RETURNING ",
+            task_columns!()
+        ))
+        .bind(to_millis(now))
+        .bind(id)
+        .bind(account_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = canceled {
+            let task = rows::task(&row)?;
+            let cost = signed(task.cost)?;
+            refund(
+                &mut *tx,
+                account_id,
+                id,
+                cost,
+                "canceled before it ran",
+                now,
+            )
+            .await?;
+            enqueue_webhook(&mut *tx, id, now).await?;
+            tx.commit().await?;
+            return Ok(CancelOutcome::Canceled(task));
+        }
+        let row = q(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = $1 AND account_id = $2"
+        ))
+        .bind(id)
+        .bind(account_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        Ok(match row.as_ref().map(rows::task).transpose()? {
+            None => CancelOutcome::NotFound,
+            Some(task) if task.status == TaskStatus::Canceled => {
+                CancelOutcome::AlreadyCanceled(task)
+            }
+            Some(task) => CancelOutcome::NotCancelable(task),
+        })
+    }
+
+    async fn claim_next_task(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+    ) -> Result<Option<TaskRecord>> {
+        // The queue first (indexed), then tasks whose worker stopped renewing its lease.
+        for pick in [
+            "SELECT seq FROM tasks WHERE status = 'queued' AND purged = 0 ORDER BY seq LIMIT 1",
+            "SELECT seq FROM tasks WHERE status = 'running' AND lease_until < $1 AND purged = 0 \
+             ORDER BY seq LIMIT 1",
+        ] {
+            let row = self
+                .write_row(
+                    q(format!(
+                        "UPDATE tasks SET status = 'running', started_at = $1, lease_until = $2, \
+                         claim = $3, runs = runs + 1 WHERE seq = ({pick}{}) RETURNING {}",
+                        E::SKIP_LOCKED,
+                        task_columns!()
+                    ))
+                    .bind(to_millis(now))
+                    .bind(to_millis(lease_until))
+                    .bind(claim),
+                )
+                .await?;
+            if let Some(row) = row {
+                return rows::task(&row).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn renew_lease(
+        &self,
+        id: &str,
+        claim: &str,
+        lease_until: OffsetDateTime,
+    ) -> Result<bool> {
+        let renewed = self
+            .write(
+                q("UPDATE tasks SET lease_until = $1 WHERE id = $2 AND status = 'running' AND claim = $3")
+                    .bind(to_millis(lease_until))
+                    .bind(id)
+                    .bind(claim),
+            )
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    async fn finish_task(
+        &self,
+        id: &str,
+        claim: &str,
+        outcome: &TaskOutcome,
+        now: OffsetDateTime,
+    ) -> Result<FinishOutcome> {
+        let (status, code, message) = match outcome {
+            TaskOutcome::Succeeded => (TaskStatus::Succeeded, None, None),
+            TaskOutcome::Failed { code, message } => (
+                TaskStatus::Failed,
+                Some(code.as_str()),
+                Some(message.as_str()),
+            ),
+        };
+        let mut tx = self.begin().await?;
+        let row = q(
+            "UPDATE tasks SET status = $1, completed_at = $2, error_code = $3, error_message = $4, \
+             lease_until = NULL WHERE id = $5 AND status = 'running' AND claim = $6 AND purged = 0 \
+             RETURNING account_id, cost",
+        )
+        .bind(status.as_str())
+        .bind(to_millis(now))
+        .bind(code)
+        .bind(message)
+        .bind(id)
+        .bind(claim)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let purged = q("SELECT purged FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.int("purged"))
+                .transpose()?;
+            tx.rollback().await?;
+            return Ok(if purged == Some(1) {
+                FinishOutcome::Purged
+            } else {
+                FinishOutcome::Lost
+            });
+        };
+        if status == TaskStatus::Failed {
+            let account_id = row.text("account_id")?;
+            let cost = row.int("cost")?;
+            refund(&mut *tx, &account_id, id, cost, "task failed", now).await?;
+        }
+        enqueue_webhook(&mut *tx, id, now).await?;
+        tx.commit().await?;
+        Ok(FinishOutcome::Finished)
+    }
+
+    async fn release_task(&self, id: &str, claim: &str) -> Result<bool> {
+        let released = self
+            .write(
+                q("UPDATE tasks SET status = 'queued', started_at = NULL, lease_until = NULL, claim = NULL, \
+                   runs = runs - 1 WHERE id = $1 AND claim = $2 AND status = 'running'")
+                .bind(id)
+                .bind(claim),
+            )
+            .await?;
+        Ok(released == 1)
+    }
+
+    async fn requeue_running(&self) -> Result<u64> {
+        if E::SHARED {
+            // Other instances may be running these tasks right now: leases decide, not a restart.
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let requeued = q(
+            "UPDATE tasks SET status = 'queued', started_at = NULL, lease_until = NULL, claim = NULL \
+             WHERE status = 'running'",
+        )
+        .execute(&mut *tx)
+        .await?;
+        q("DELETE FROM idempotency_keys WHERE state = 'running'")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(requeued)
+    }
+
+    async fn queue_depth(&self) -> Result<u64> {
+        let n = self
+            .read_row(q(
+                "SELECT COUNT(*) AS n FROM tasks WHERE status = 'queued' AND purged = 0",
+            ))
+            .await?
+            .map(|row| row.int("n"))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn expired_tasks(&self, cutoff: OffsetDateTime, limit: u32) -> Result<Vec<String>> {
+        self.read_rows(
+            q("SELECT id FROM tasks WHERE purged = 0 AND created_at <= $1 ORDER BY created_at LIMIT $2")
+                .bind(to_millis(cutoff))
+                .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(|row| row.text("id"))
+        .collect()
+    }
+
+    async fn mark_purged(&self, ids: &[String], now: OffsetDateTime) -> Result<()> {
+        let mut tx = self.begin().await?;
+        for id in ids {
+            let queued = q(
+                "UPDATE tasks SET status = 'canceled', completed_at = $1, error_code = 'expired', \
+                 error_message = 'The task expired before it could run.' \
+                 WHERE id = $2 AND status = 'queued' RETURNING account_id, cost",
+            )
+            .bind(to_millis(now))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = queued {
+                let account_id = row.text("account_id")?;
+                let cost = row.int("cost")?;
+                refund(
+                    &mut *tx,
+                    &account_id,
+                    id,
+                    cost,
+                    "expired before it ran",
+                    now,
+                )
+                .await?;
+            }
+            for delete in [
+                "DELETE FROM webhook_attempts WHERE task_id = $1",
+                "DELETE FROM webhook_deliveries WHERE task_id = $1",
+            ] {
+                q(delete).bind(id).execute(&mut *tx).await?;
+            }
+            q("UPDATE tasks SET purged = 1, prompt = '', webhook_url = NULL WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn webhook_secret(&self, account_id: &str, candidate: &str) -> Result<Option<String>> {
+        let current = self
+            .read_row(q("SELECT webhook_secret FROM accounts WHERE id = $1").bind(account_id))
+            .await?;
+        match current {
+            None => Ok(None),
+            Some(row) => match row.opt_text("webhook_secret")? {
+                Some(secret) => Ok(Some(secret)),
+                // Made before webhooks existed: set one, unless a concurrent call just did
+                // (COALESCE under the row's write lock: the first candidate stays).
+                None => self
+                    .write_row(
+                        q(
+                            "UPDATE accounts SET webhook_secret = COALESCE(webhook_secret, $1) \
+                           WHERE id = $2 RETURNING webhook_secret",
+                        )
+                        .bind(candidate)
+                        .bind(account_id),
+                    )
+                    .await?
+                    .map(|row| row.text("webhook_secret"))
+                    .transpose(),
+            },
+        }
+    }
+
+    async fn set_webhook_secret(&self, account_id: &str, secret: &str) -> Result<bool> {
+        let set = self
+            .write(
+                q("UPDATE accounts SET webhook_secret = $1 WHERE id = $2")
+                    .bind(secret)
+                    .bind(account_id),
+            )
+            .await?;
+        Ok(set == 1)
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+        limit: u32,
+    ) -> Result<Vec<WebhookDeliveryRecord>> {
+        // With SKIP LOCKED the senders of several instances take disjoint batches without
+        // waiting; on SQLite the one writer keeps the select and the update together.
+        self.write_rows(
+            q(format!(
+                "UPDATE webhook_deliveries SET claim = $1, next_attempt_at = $2 WHERE task_id IN \
+                 (SELECT task_id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
+                  ORDER BY next_attempt_at LIMIT $4{}) RETURNING {}",
+                E::SKIP_LOCKED,
+                delivery_columns!()
+            ))
+            .bind(claim)
+            .bind(to_millis(lease_until))
+            .bind(to_millis(now))
+            .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(rows::delivery)
+        .collect()
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        task_id: &str,
+        claim: &str,
+        attempt: &WebhookAttemptRecord,
+        next: DeliveryNext,
+    ) -> Result<bool> {
+        let (state, next_at, delivered_at) = rows::next_columns(next, attempt.at);
+        let number = i64::from(attempt.number);
+        let mut tx = self.begin().await?;
+        let recorded = q(
+            "UPDATE webhook_deliveries SET state = $1, attempts = $2, next_attempt_at = $3, \
+             delivered_at = $4, claim = NULL \
+             WHERE task_id = $5 AND claim = $6 AND state = 'pending' AND attempts = $2 - 1",
+        )
+        .bind(state)
+        .bind(number)
+        .bind(next_at)
+        .bind(delivered_at)
+        .bind(task_id)
+        .bind(claim)
+        .execute(&mut *tx)
+        .await?;
+        if recorded != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        q(concat!(
+            "INSERT INTO webhook_attempts (",
+            attempt_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5)"
+        ))
+        .bind(task_id)
+        .bind(number)
+        .bind(to_millis(attempt.at))
+        .bind(attempt.status.map(i64::from))
+        .bind(&attempt.error)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn webhook_deliveries(&self, task_ids: &[String]) -> Result<Vec<WebhookDeliveryRecord>> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = placeholders(1, task_ids.len());
+        let mut deliveries = q(format!(
+            "SELECT {} FROM webhook_deliveries WHERE task_id IN ({marks})",
+            delivery_columns!()
+        ));
+        let mut attempts = q(format!(
+            "SELECT {} FROM webhook_attempts WHERE task_id IN ({marks}) ORDER BY task_id, number",
+            attempt_columns!()
+        ));
+        for id in task_ids {
+            deliveries = deliveries.bind(id);
+            attempts = attempts.bind(id);
+        }
+        // One snapshot for both reads, so the attempts match the delivery's count.
+        let mut tx = self.snapshot().await?;
+        let deliveries = deliveries
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(rows::delivery)
+            .collect::<Result<Vec<_>>>()?;
+        let attempts = attempts
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(rows::attempt)
+            .collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(rows::with_history(deliveries, attempts))
+    }
+
+    async fn ledger(
+        &self,
+        account_id: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<Vec<LedgerEntry>> {
+        self.read_rows(
+            q(concat!(
+                "SELECT ",
+                ledger_columns!(),
+                " FROM ledger WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+            ))
+            .bind(account_id)
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(rows::ledger)
+        .collect()
+    }
+
+    async fn idempotency_begin(
+        &self,
+        scope: &IdempotencyScope,
+        now: OffsetDateTime,
+        stale_before: OffsetDateTime,
+    ) -> Result<IdempotencyBegin> {
+        let mut tx = self.begin().await?;
+        let inserted = q(
+            "INSERT INTO idempotency_keys (scope, key, fingerprint, state, created_at, locked_at) \
+             VALUES ($1, $2, $3, 'running', $4, $4) ON CONFLICT (scope, key) DO NOTHING",
+        )
+        .bind(&scope.scope)
+        .bind(&scope.key)
+        .bind(&scope.fingerprint)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        if inserted == 1 {
+            return self.commit_reservation(tx, scope, now).await;
+        }
+        let row = q(format!(
+            "SELECT fingerprint, state, status, body, locked_at FROM idempotency_keys \
+             WHERE scope = $1 AND key = $2{}",
+            E::FOR_UPDATE
+        ))
+        .bind(&scope.scope)
+        .bind(&scope.key)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::internal("an idempotency key neither inserted nor found"))?;
+        let outcome = if row.text("fingerprint")? != scope.fingerprint {
+            IdempotencyBegin::Mismatch
+        } else if row.text("state")? == "done" {
+            IdempotencyBegin::Replay(StoredResponse {
+                status: u16::try_from(row.int("status")?).map_err(Error::internal)?,
+                body: row.opt_bytes("body")?.unwrap_or_default(),
+            })
+        } else if row.int("locked_at")? < to_millis(stale_before) {
+            q("UPDATE idempotency_keys SET locked_at = $1 WHERE scope = $2 AND key = $3")
+                .bind(to_millis(now))
+                .bind(&scope.scope)
+                .bind(&scope.key)
+                .execute(&mut *tx)
+                .await?;
+            return self.commit_reservation(tx, scope, now).await;
+        } else {
+            IdempotencyBegin::InUse
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn idempotency_complete(
+        &self,
+        scope: &IdempotencyScope,
+        response: &StoredResponse,
+    ) -> Result<()> {
+        complete_idempotency(&mut *self.engine.writer().await?, scope, response).await
+    }
+
+    async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()> {
+        self.write(
+            q("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND state = 'running'")
+                .bind(&scope.scope)
+                .bind(&scope.key),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn idempotency_purge(&self, cutoff: OffsetDateTime) -> Result<u64> {
+        self.write(q("DELETE FROM idempotency_keys WHERE created_at < $1").bind(to_millis(cutoff)))
+            .await
+    }
+
+    async fn create_voucher(&self, voucher: &VoucherRecord) -> Result<()> {
+        self.write(
+            q(concat!(
+                "INSERT INTO vouchers (",
+                voucher_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, NULL)"
+            ))
+            .bind(&voucher.id)
+            .bind(&voucher.code_hash)
+            .bind(&voucher.prefix)
+            .bind(signed(voucher.credits)?)
+            .bind(&voucher.note)
+            .bind(to_millis(voucher.created_at))
+            .bind(voucher.expires_at.map(to_millis)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn redeem_voucher(
+        &self,
+        code_hash: &str,
+        account_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<RedeemOutcome> {
+        let mut tx = self.begin().await?;
+        // The guarded update is the whole of the single-use rule: it marks a code that is unused
+        // and unexpired, or changes nothing. On PostgreSQL concurrent redemptions of one code
+        // queue on its row lock; each re-checks `redeemed_at IS NULL` after the one before it
+        // commits, so exactly one marks it.
+        let marked = q(concat!(
+            "UPDATE vouchers SET redeemed_at = $1, redeemed_by = $2 \
+             WHERE code_hash = $3 AND redeemed_at IS NULL AND (expires_at IS NULL OR expires_at > $1) \
+             AND EXISTS (SELECT 1 FROM accounts WHERE id = $2) RETURNING ",
+            voucher_columns!()
+        ))
+        .bind(to_millis(now))
+        .bind(account_id)
+        .bind(code_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(marked) = marked else {
+            let existing = q(concat!(
+                "SELECT ",
+                voucher_columns!(),
+                " FROM vouchers WHERE code_hash = $1"
+            ))
+            .bind(code_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            let existing = existing.as_ref().map(rows::voucher).transpose()?;
+            return Ok(rows::refused_redemption(existing, now));
+        };
+        let voucher = rows::voucher(&marked)?;
+        let credits = signed(voucher.credits)?;
+        let row = q(concat!(
+            "UPDATE accounts SET credits = credits + $1 WHERE id = $2 RETURNING ",
+            account_columns!()
+        ))
+        .bind(credits)
+        .bind(account_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::internal("a redeemed voucher's account is gone"))?;
+        let account = rows::account(&row)?;
+        let note = rows::voucher_note(&voucher);
+        ledger_entry(
+            &mut *tx,
+            Entry {
+                account_id,
+                delta: credits,
+                balance_after: signed(account.credits)?,
+                kind: "voucher",
+                task_id: None,
+                note: Some(&note),
+                at: now,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RedeemOutcome::Redeemed { account, voucher })
+    }
+
+    async fn list_vouchers(&self, limit: u32) -> Result<Vec<VoucherRecord>> {
+        self.read_rows(
+            q(concat!(
+                "SELECT ",
+                voucher_columns!(),
+                " FROM vouchers ORDER BY created_at DESC, id DESC LIMIT $1"
+            ))
+            .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(rows::voucher)
+        .collect()
+    }
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<()> {
+        let (kind, account_id, key_id, admin_token_hash) = rows::session_fields(&session.principal);
+        self.write(
+            q(concat!(
+                "INSERT INTO dashboard_sessions (",
+                session_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ))
+            .bind(&session.token_hash)
+            .bind(kind)
+            .bind(account_id)
+            .bind(key_id)
+            .bind(admin_token_hash)
+            .bind(to_millis(session.created_at))
+            .bind(to_millis(session.expires_at)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn get_session(
+        &self,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<SessionRecord>> {
+        let row = self
+            .read_row(
+                q(concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM dashboard_sessions s WHERE token_hash = $1 AND expires_at > $2 \
+                     AND (key_id IS NULL OR EXISTS \
+                          (SELECT 1 FROM api_keys k WHERE k.id = s.key_id AND k.revoked_at IS NULL))"
+                ))
+                .bind(token_hash)
+                .bind(to_millis(now)),
+            )
+            .await?;
+        row.as_ref().map(rows::session).transpose()
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<()> {
+        self.write(q("DELETE FROM dashboard_sessions WHERE token_hash = $1").bind(token_hash))
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_expired_sessions(&self, now: OffsetDateTime) -> Result<u64> {
+        self.write(q("DELETE FROM dashboard_sessions WHERE expires_at <= $1").bind(to_millis(now)))
+            .await
+    }
+
+    async fn daily_spend(
+        &self,
+        account_id: &str,
+        since: OffsetDateTime,
+    ) -> Result<Vec<DailySpend>> {
+        // The CAST: PostgreSQL sums BIGINT into NUMERIC; both engines decode a BIGINT.
+        self.read_rows(
+            q("SELECT created_at / 86400000 AS day, CAST(SUM(-delta) AS BIGINT) AS spent FROM ledger \
+               WHERE account_id = $1 AND created_at >= $2 AND kind IN ('charge', 'refund') \
+               GROUP BY day ORDER BY day")
+            .bind(account_id)
+            .bind(to_millis(since)),
+        )
+        .await?
+        .iter()
+        .map(rows::daily_spend)
+        .collect()
+    }
+
+    async fn spend_by_account(&self, since: OffsetDateTime) -> Result<Vec<(String, i64)>> {
+        self.read_rows(
+            q(
+                "SELECT account_id, CAST(SUM(-delta) AS BIGINT) AS spent FROM ledger \
+               WHERE created_at >= $1 AND kind IN ('charge', 'refund') GROUP BY account_id",
+            )
+            .bind(to_millis(since)),
+        )
+        .await?
+        .iter()
+        .map(|row| Ok((row.text("account_id")?, row.int("spent")?)))
+        .collect()
+    }
+}
