@@ -9,6 +9,8 @@
 use super::rows::Columns;
 use crate::error::Result;
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
+use sqlx::Pool;
 use std::borrow::Cow;
 use std::ops::{Deref, DerefMut};
 
@@ -166,9 +168,8 @@ conn_for!(sqlx::PgConnection, sqlx::postgres::PgRow);
 /// A database engine: where connections come from, and what differs between dialects.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
-    type Conn: Conn;
-    /// A connection on loan from a pool.
-    type Pooled: DerefMut<Target = Self::Conn> + Send;
+    /// sqlx's engine, whose connections run our statements.
+    type Db: sqlx::Database<Connection: Conn>;
 
     /// Whether other processes may write to this database (several instances on one database).
     const SHARED: bool;
@@ -182,10 +183,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Ends a select whose row the transaction goes on to update.
     const FOR_UPDATE: &'static str;
 
-    async fn reader(&self) -> Result<Self::Pooled>;
-    async fn writer(&self) -> Result<Self::Pooled>;
-    /// Makes the connection close, not return to its pool, when it is dropped.
-    fn discard(conn: &mut Self::Pooled);
+    /// Where reads get a connection.
+    fn readers(&self) -> &Pool<Self::Db>;
+    /// Where writes get a connection.
+    fn writers(&self) -> &Pool<Self::Db>;
 
     /// Charges and inserts a task, durably, before it returns (see `Store::create_task`):
     /// SQLite groups concurrent creates into one commit; PostgreSQL commits each.
@@ -195,6 +196,10 @@ pub trait Engine: Send + Sync + 'static {
         idempotency: Option<(&super::IdempotencyScope, &super::StoredResponse)>,
     ) -> Result<super::TaskRecord>;
 }
+
+/// A connection of engine `E`, and one on loan from its pool.
+pub type ConnOf<E> = <<E as Engine>::Db as sqlx::Database>::Connection;
+pub type Pooled<E> = PoolConnection<<E as Engine>::Db>;
 
 /// A transaction on one connection (`BEGIN` … `COMMIT`).
 ///
@@ -209,13 +214,13 @@ pub trait Engine: Send + Sync + 'static {
 /// drifted from SQLite's, turning every later `BEGIN`/`COMMIT` into a savepoint inside that dead
 /// transaction. Savepoints inside a `Tx` are the caller's, under this rule.
 pub struct Tx<E: Engine> {
-    conn: E::Pooled,
+    conn: Pooled<E>,
     ended: bool,
 }
 
 impl<E: Engine> Tx<E> {
     /// Runs `begin` (one of the engine's `BEGIN_*`) on `conn`.
-    pub async fn begin(conn: E::Pooled, begin: &'static str) -> Result<Tx<E>> {
+    pub async fn begin(conn: Pooled<E>, begin: &'static str) -> Result<Tx<E>> {
         let mut tx = Tx { conn, ended: false };
         q(begin).execute(&mut *tx).await?;
         Ok(tx)
@@ -235,14 +240,14 @@ impl<E: Engine> Tx<E> {
 }
 
 impl<E: Engine> Deref for Tx<E> {
-    type Target = E::Conn;
-    fn deref(&self) -> &E::Conn {
+    type Target = ConnOf<E>;
+    fn deref(&self) -> &ConnOf<E> {
         &self.conn
     }
 }
 
 impl<E: Engine> DerefMut for Tx<E> {
-    fn deref_mut(&mut self) -> &mut E::Conn {
+    fn deref_mut(&mut self) -> &mut ConnOf<E> {
         &mut self.conn
     }
 }
@@ -250,7 +255,7 @@ impl<E: Engine> DerefMut for Tx<E> {
 impl<E: Engine> Drop for Tx<E> {
     fn drop(&mut self) {
         if !self.ended {
-            E::discard(&mut self.conn);
+            self.conn.close_on_drop();
         }
     }
 }

@@ -12,9 +12,8 @@ use super::sql::{self, SqlStore};
 use super::*;
 use crate::error::Error;
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{PgConnection, Postgres};
+use sqlx::Postgres;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -46,8 +45,7 @@ pub struct PostgresEngine {
 
 #[async_trait]
 impl Engine for PostgresEngine {
-    type Conn = PgConnection;
-    type Pooled = PoolConnection<Postgres>;
+    type Db = Postgres;
 
     const SHARED: bool = true;
     const BEGIN_WRITE: &'static str = "BEGIN";
@@ -56,16 +54,12 @@ impl Engine for PostgresEngine {
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const FOR_UPDATE: &'static str = " FOR UPDATE";
 
-    async fn reader(&self) -> Result<PoolConnection<Postgres>> {
-        Ok(self.pool.acquire().await?)
+    fn readers(&self) -> &PgPool {
+        &self.pool
     }
 
-    async fn writer(&self) -> Result<PoolConnection<Postgres>> {
-        Ok(self.pool.acquire().await?)
-    }
-
-    fn discard(conn: &mut PoolConnection<Postgres>) {
-        conn.close_on_drop();
+    fn writers(&self) -> &PgPool {
+        &self.pool
     }
 
     async fn create_task(
@@ -73,7 +67,7 @@ impl Engine for PostgresEngine {
         task: &TaskRecord,
         idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
     ) -> Result<TaskRecord> {
-        let mut tx = Tx::<Self>::begin(self.writer().await?, Self::BEGIN_WRITE).await?;
+        let mut tx = Tx::<Self>::begin(self.pool.acquire().await?, Self::BEGIN_WRITE).await?;
         if let Err(refused) = sql::create_one(&mut *tx, task, idempotency).await? {
             tx.rollback().await?;
             return Err(refused);
@@ -83,7 +77,7 @@ impl Engine for PostgresEngine {
             // same. The task's id is ours, so ask on another connection: a task that is there
             // was accepted and must be answered 202, or its retry would find a charge it never
             // heard of.
-            let mut conn = self.reader().await?;
+            let mut conn = self.pool.acquire().await?;
             return match sql::get_task(&mut *conn, &task.id).await {
                 Ok(Some(_)) => Ok(task.clone()),
                 _ => Err(e),

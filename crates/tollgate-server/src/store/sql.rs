@@ -6,7 +6,7 @@
 //! (`FOR UPDATE SKIP LOCKED`, which SQLite, with its one writer, needs not), and how a task
 //! creation is committed (SQLite's group commit in `sqlite.rs`).
 
-use super::engine::{placeholders, q, Conn, Engine, Stmt, Tx};
+use super::engine::{placeholders, q, Conn, ConnOf, Engine, Pooled, Stmt, Tx};
 use super::rows::{
     self, account_columns, attempt_columns, delivery_columns, key_columns, ledger_columns,
     session_columns, signed, task_columns, voucher_columns, would_overdraw, Columns,
@@ -15,7 +15,7 @@ use super::*;
 use crate::error::Error;
 
 /// A row of engine `E`.
-pub(crate) type Row<E> = <<E as Engine>::Conn as Conn>::Row;
+pub(crate) type Row<E> = <ConnOf<E> as Conn>::Row;
 
 /// The [`Store`] on an SQL engine.
 pub struct SqlStore<E: Engine> {
@@ -27,24 +27,32 @@ impl<E: Engine> SqlStore<E> {
         SqlStore { engine }
     }
 
+    async fn reader(&self) -> Result<Pooled<E>> {
+        Ok(self.engine.readers().acquire().await?)
+    }
+
+    async fn writer(&self) -> Result<Pooled<E>> {
+        Ok(self.engine.writers().acquire().await?)
+    }
+
     async fn read_row(&self, stmt: Stmt<'_>) -> Result<Option<Row<E>>> {
-        stmt.fetch_optional(&mut *self.engine.reader().await?).await
+        stmt.fetch_optional(&mut *self.reader().await?).await
     }
 
     async fn read_rows(&self, stmt: Stmt<'_>) -> Result<Vec<Row<E>>> {
-        stmt.fetch_all(&mut *self.engine.reader().await?).await
+        stmt.fetch_all(&mut *self.reader().await?).await
     }
 
     async fn write(&self, stmt: Stmt<'_>) -> Result<u64> {
-        stmt.execute(&mut *self.engine.writer().await?).await
+        stmt.execute(&mut *self.writer().await?).await
     }
 
     async fn write_row(&self, stmt: Stmt<'_>) -> Result<Option<Row<E>>> {
-        stmt.fetch_optional(&mut *self.engine.writer().await?).await
+        stmt.fetch_optional(&mut *self.writer().await?).await
     }
 
     async fn write_rows(&self, stmt: Stmt<'_>) -> Result<Vec<Row<E>>> {
-        stmt.fetch_all(&mut *self.engine.writer().await?).await
+        stmt.fetch_all(&mut *self.writer().await?).await
     }
 
     /// Commits a reservation made at `now`. A lost answer to COMMIT (the connection broke) may
@@ -82,11 +90,11 @@ impl<E: Engine> SqlStore<E> {
     }
 
     async fn begin(&self) -> Result<Tx<E>> {
-        Tx::begin(self.engine.writer().await?, E::BEGIN_WRITE).await
+        Tx::begin(self.writer().await?, E::BEGIN_WRITE).await
     }
 
     async fn snapshot(&self) -> Result<Tx<E>> {
-        Tx::begin(self.engine.reader().await?, E::BEGIN_SNAPSHOT).await
+        Tx::begin(self.reader().await?, E::BEGIN_SNAPSHOT).await
     }
 }
 
@@ -560,7 +568,7 @@ impl<E: Engine> Store for SqlStore<E> {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
-        get_task(&mut *self.engine.reader().await?, id).await
+        get_task(&mut *self.reader().await?, id).await
     }
 
     async fn list_tasks(
@@ -1075,7 +1083,7 @@ impl<E: Engine> Store for SqlStore<E> {
         scope: &IdempotencyScope,
         response: &StoredResponse,
     ) -> Result<()> {
-        complete_idempotency(&mut *self.engine.writer().await?, scope, response).await
+        complete_idempotency(&mut *self.writer().await?, scope, response).await
     }
 
     async fn idempotency_release(&self, scope: &IdempotencyScope) -> Result<()> {

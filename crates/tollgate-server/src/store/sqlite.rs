@@ -13,11 +13,10 @@ use super::sql::{self, charge, complete_idempotency, SqlStore, NEW_TASK_COLUMNS}
 use super::*;
 use crate::error::Error;
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, SqliteConnection};
+use sqlx::Sqlite;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -53,8 +52,7 @@ pub struct SqliteEngine {
 
 #[async_trait]
 impl Engine for SqliteEngine {
-    type Conn = SqliteConnection;
-    type Pooled = PoolConnection<Sqlite>;
+    type Db = Sqlite;
 
     const SHARED: bool = false;
     // IMMEDIATE: the write lock is taken at BEGIN, so a transaction never fails halfway on
@@ -65,16 +63,12 @@ impl Engine for SqliteEngine {
     const SKIP_LOCKED: &'static str = "";
     const FOR_UPDATE: &'static str = "";
 
-    async fn reader(&self) -> Result<PoolConnection<Sqlite>> {
-        Ok(self.read.acquire().await?)
+    fn readers(&self) -> &SqlitePool {
+        &self.read
     }
 
-    async fn writer(&self) -> Result<PoolConnection<Sqlite>> {
-        Ok(self.write.acquire().await?)
-    }
-
-    fn discard(conn: &mut PoolConnection<Sqlite>) {
-        conn.close_on_drop();
+    fn writers(&self) -> &SqlitePool {
+        &self.write
     }
 
     async fn create_task(
