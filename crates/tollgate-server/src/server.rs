@@ -96,9 +96,9 @@ impl Server {
     ) -> Result<()> {
         let config = self.app.config().clone();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let workers = worker::spawn(Arc::clone(&self.app), config.workers, stop_rx.clone());
+        let workers = worker::spawn(Arc::new(self.app.runner()), config.workers, stop_rx.clone());
         let purger = purge::spawn(Arc::clone(&self.app), stop_rx.clone());
-        let sender = webhooks::spawn(Arc::clone(&self.app), stop_rx);
+        let sender = webhooks::spawn(self.app.outbox(), stop_rx);
 
         let state = Arc::new(AppState::new(Arc::clone(&self.app)));
         let app = http::app(Arc::clone(&state));

@@ -15,10 +15,10 @@
 //! (PostgreSQL) another instance could revoke a key behind our back, so there it is not used.
 
 use crate::store::{KeyAuth, TaskRecord};
-use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use tollgate_contract::Task;
 
 /// How many unknown key hashes are remembered before the set starts over: random keys from a
 /// scanner must not grow memory without bound.
@@ -122,12 +122,13 @@ pub struct FinishedTasks {
     tasks: DashMap<String, Arc<FinishedTask>>,
 }
 
-/// A task in a final state, and its wire form once it was asked for.
+/// A task in a final state, and its view once it was asked for.
 pub struct FinishedTask {
     pub record: TaskRecord,
-    /// The task as JSON, for a task without a webhook (whose delivery state still changes):
-    /// polling clients read the same bytes again and again.
-    pub json: OnceLock<Bytes>,
+    /// The task as the API shows it, for a task without a webhook (whose delivery state still
+    /// changes): polling clients ask for the same view again and again, and get this one `Arc`
+    /// (the HTTP layer keeps its JSON beside it).
+    pub view: OnceLock<Arc<Task>>,
 }
 
 impl FinishedTasks {
@@ -143,7 +144,7 @@ impl FinishedTasks {
             }
             let entry = FinishedTask {
                 record: task.clone(),
-                json: OnceLock::new(),
+                view: OnceLock::new(),
             };
             self.tasks.insert(task.id.clone(), Arc::new(entry));
         }

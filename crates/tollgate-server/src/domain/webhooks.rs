@@ -17,17 +17,18 @@
 //! backoff (`RetryPolicy::backoff` plus jitter, or the receiver's `Retry-After`) until
 //! `--webhook-attempts`. Every attempt is recorded and shown on the task.
 
+use crate::domain::clock::Clock;
 use crate::domain::secrets;
-use crate::domain::service::Tollgate;
 use crate::error::{Error, Result};
-use crate::store::{DeliveryNext, WebhookAttemptRecord, WebhookDeliveryRecord};
+use crate::store::{DeliveryNext, Store, WebhookAttemptRecord, WebhookDeliveryRecord};
 use futures_util::future::join_all;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use reqwest::Url;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tollgate_contract::retry::RetryPolicy;
 use tollgate_contract::{headers, webhook, ErrorCode};
@@ -181,10 +182,40 @@ pub fn invalid_url(refusal: Refusal) -> Error {
     )
 }
 
+/// What the webhook sender may use, and nothing else of the facade: the outbox in the store, the
+/// clock, its wake-up and its settings. Made by `Tollgate::outbox`.
+pub struct Outbox {
+    pub(in crate::domain) store: Arc<dyn Store>,
+    pub(in crate::domain) clock: Arc<dyn Clock>,
+    /// Notified when a finished task has a delivery waiting.
+    pub(in crate::domain) ready: Arc<Notify>,
+    /// `--webhook-timeout`: one attempt's bound.
+    pub(in crate::domain) timeout: Duration,
+    /// `--webhook-attempts`: attempts in all before giving up.
+    pub(in crate::domain) attempts: u32,
+    /// `--allow-private-webhooks`: loopback and private addresses accepted (tests, intranets).
+    pub(in crate::domain) allow_private: bool,
+    /// How long tasks are kept: the `expires_at` of the task a delivery carries.
+    pub(in crate::domain) retention: Duration,
+}
+
+impl Outbox {
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+}
+
+/// The account's webhook secret, made on first use (accounts made before webhooks existed).
+/// `None`: no such account.
+pub(crate) async fn secret_of(store: &dyn Store, account_id: &str) -> Result<Option<String>> {
+    let candidate = secrets::new_webhook_secret()?;
+    store.webhook_secret(account_id, &candidate).await
+}
+
 /// Starts the delivery loop; it stops when `stop` turns true, after the attempts in flight.
-pub fn spawn(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn(app: Outbox, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let timeout = app.config().webhook_timeout;
+        let timeout = app.timeout;
         // A claim must outlast an attempt: resolving plus the request's own timeout.
         let lease = (timeout * 2 + RESOLVE_TIMEOUT).max(Duration::from_secs(30));
         while !*stop.borrow() {
@@ -206,7 +237,7 @@ pub fn spawn(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) -> JoinHandle<
                 }
                 Ok(_) => {
                     tokio::select! {
-                        _ = app.webhooks_ready.notified() => {}
+                        _ = app.ready.notified() => {}
                         _ = tokio::time::sleep(IDLE_POLL) => {}
                         _ = stop.changed() => {}
                     }
@@ -242,7 +273,7 @@ impl AttemptResult {
 }
 
 /// Makes one attempt of a claimed delivery and records it.
-async fn deliver(app: &Tollgate, delivery: WebhookDeliveryRecord, claim: &str) {
+async fn deliver(app: &Outbox, delivery: WebhookDeliveryRecord, claim: &str) {
     let number = delivery.attempts + 1;
     let result = match attempt(app, &delivery, number).await {
         Ok(result) => result,
@@ -254,7 +285,7 @@ async fn deliver(app: &Tollgate, delivery: WebhookDeliveryRecord, claim: &str) {
     let at = app.now();
     let next = if result.delivered() {
         DeliveryNext::Delivered
-    } else if number >= app.config().webhook_attempts {
+    } else if number >= app.attempts {
         DeliveryNext::GiveUp
     } else {
         DeliveryNext::RetryAt(at + retry_delay(number, result.retry_after))
@@ -311,7 +342,7 @@ fn retry_delay(number: u32, retry_after: Option<Duration>) -> Duration {
 
 /// One POST of the task to its URL.
 async fn attempt(
-    app: &Tollgate,
+    app: &Outbox,
     delivery: &WebhookDeliveryRecord,
     number: u32,
 ) -> Result<AttemptResult> {
@@ -323,26 +354,24 @@ async fn attempt(
             "the task expired before its webhook could be delivered",
         ));
     }
-    let target = match check_url(&delivery.url, app.config().allow_private_webhooks).await {
+    let target = match check_url(&delivery.url, app.allow_private).await {
         Ok(target) => target,
         Err(Refusal(why)) => return Ok(AttemptResult::failed(format!("the URL {why}"))),
     };
-    let secret = app.webhook_secret_of(&delivery.account_id).await?;
+    let Some(secret) = secret_of(app.store.as_ref(), &delivery.account_id).await? else {
+        return Ok(AttemptResult::failed("the account no longer exists"));
+    };
     // The task as `GET /v1/tasks/{id}` shows it, without the webhook's own bookkeeping, so every
     // attempt sends the same body.
-    let mut view = app.task_view(&task);
-    view.webhook = None;
+    let view = crate::domain::service::task_view(&task, app.retention);
     let body = serde_json::to_vec(&view).map_err(Error::internal)?;
-    let timestamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let timestamp = app.now().unix_timestamp();
     let signature = webhook::sign(&secret, timestamp, &body);
 
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(app.config().webhook_timeout)
-        .connect_timeout(app.config().webhook_timeout);
+        .timeout(app.timeout)
+        .connect_timeout(app.timeout);
     if let Some(domain) = &target.domain {
         // Connect to the addresses just checked, not to whatever a second lookup would say.
         builder = builder.resolve_to_addrs(domain, &target.addrs);
@@ -371,12 +400,13 @@ async fn attempt(
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| tollgate_contract::retry_after::parse(v, SystemTime::now())),
+                .and_then(|v| {
+                    tollgate_contract::retry_after::parse(v, std::time::SystemTime::now())
+                }),
         },
-        Err(e) if e.is_timeout() => AttemptResult::failed(format!(
-            "no answer within {} s",
-            app.config().webhook_timeout.as_secs()
-        )),
+        Err(e) if e.is_timeout() => {
+            AttemptResult::failed(format!("no answer within {} s", app.timeout.as_secs()))
+        }
         Err(e) if e.is_connect() => AttemptResult::failed("the connection was refused or failed"),
         Err(_) => AttemptResult::failed("the connection broke before an answer"),
     })

@@ -15,16 +15,47 @@
 //! `--task-timeout` to produce its images; a timeout, like any failure, fails the task and
 //! refunds it in the same transaction.
 
-use crate::domain::backends::BackendError;
+use crate::disk::DiskSpace;
+use crate::domain::backends::{Backend, BackendError};
+use crate::domain::clock::Clock;
 use crate::domain::secrets;
-use crate::domain::service::Tollgate;
 use crate::error::Error;
-use crate::store::{now, FinishOutcome, TaskOutcome, TaskRecord};
+use crate::images::ImageStore;
+use crate::metrics::Metrics;
+use crate::store::{FinishOutcome, Store, TaskOutcome, TaskRecord};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tollgate_contract::TaskStatus;
+
+/// What a worker may use, and nothing else of the facade (no accounts, keys or limits): the
+/// queue through the store's claim, lease, finish and release; the backend and its slots; the
+/// images; the disk's floor; the clock; the metrics; and the two wake-ups. Made by
+/// `Tollgate::runner`.
+pub struct Runner {
+    pub(in crate::domain) store: Arc<dyn Store>,
+    pub(in crate::domain) images: Arc<dyn ImageStore>,
+    pub(in crate::domain) backend: Arc<dyn Backend>,
+    /// One permit per generation the backend may run at once.
+    pub(in crate::domain) slots: Arc<Semaphore>,
+    pub(in crate::domain) disk: DiskSpace,
+    pub(in crate::domain) clock: Arc<dyn Clock>,
+    pub(in crate::domain) metrics: Arc<Metrics>,
+    /// Notified when a task is queued.
+    pub(in crate::domain) work_ready: Arc<Notify>,
+    /// Notified when a finished task has a webhook to deliver.
+    pub(in crate::domain) webhooks_ready: Arc<Notify>,
+    pub(in crate::domain) lease: Duration,
+    pub(in crate::domain) timeout: Duration,
+}
+
+impl Runner {
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+}
 
 /// Runs a task may start, in all: a task claimed for run `MAX_RUNS + 1` (its last three runs
 /// were interrupted by crashes or lost leases) is failed and refunded rather than run again.
@@ -35,17 +66,17 @@ pub const MAX_RUNS: u32 = 3;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Starts `count` workers (0: this process queues tasks but runs none); they stop when `stop` turns true, after their current task.
-pub fn spawn(app: Arc<Tollgate>, count: usize, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+pub fn spawn(app: Arc<Runner>, count: usize, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     (0..count)
         .map(|_| tokio::spawn(run(Arc::clone(&app), stop.clone())))
         .collect()
 }
 
-async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
+async fn run(app: Arc<Runner>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         // A slot of the backend first: without one, the task is better left in the queue.
         let slot = tokio::select! {
-            slot = Arc::clone(&app.backend_slots).acquire_owned() => match slot {
+            slot = Arc::clone(&app.slots).acquire_owned() => match slot {
                 Ok(slot) => slot,
                 Err(_) => break,
             },
@@ -55,7 +86,7 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
         // the queue, charged and safe, until there is room again.
         if let Err(e) = app.disk.ensure_headroom() {
             drop(slot);
-            warn_low_disk(&e);
+            warn_low_disk(&e, app.now());
             tokio::select! {
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = stop.changed() => {}
@@ -70,7 +101,7 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
-        let lease = app.config().task_lease;
+        let lease = app.lease;
         match app
             .store
             .claim_next_task(app.now(), app.now() + lease, &claim)
@@ -97,9 +128,9 @@ async fn run(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
+async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
     let started = Instant::now();
-    let lease = app.config().task_lease;
+    let lease = app.lease;
     // Renew the lease at a third of its length while the work runs.
     let renewing = async {
         loop {
@@ -150,7 +181,7 @@ async fn run_task(app: &Tollgate, task: TaskRecord, claim: &str) {
             return;
         }
         Err(failure) => {
-            let (code, message) = failure.task_error(app.config().task_timeout);
+            let (code, message) = failure.task_error(app.timeout);
             match &failure {
                 TaskFailure::Backend(BackendError::Internal(cause)) => {
                     tracing::error!(task_id = %task.id, backend = app.backend.name(), cause = %cause, "task failed; refunding")
@@ -245,8 +276,8 @@ impl From<Error> for TaskFailure {
 }
 
 /// Asks the backend for the task's images within `--task-timeout`, then stores them.
-async fn generate_and_store(app: &Tollgate, task: &TaskRecord) -> Result<(), TaskFailure> {
-    let deadline = tokio::time::Instant::now() + app.config().task_timeout;
+async fn generate_and_store(app: &Runner, task: &TaskRecord) -> Result<(), TaskFailure> {
+    let deadline = tokio::time::Instant::now() + app.timeout;
     let images = match tokio::time::timeout_at(deadline, app.backend.generate(task, deadline)).await
     {
         Ok(Ok(images)) => images,
@@ -273,10 +304,10 @@ async fn generate_and_store(app: &Tollgate, task: &TaskRecord) -> Result<(), Tas
 
 /// Logs that workers wait for disk space, at most once a minute per process (every idle worker
 /// checks once a second).
-fn warn_low_disk(e: &Error) {
+fn warn_low_disk(e: &Error, now: OffsetDateTime) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let minute = now().unix_timestamp().unsigned_abs() / 60;
+    let minute = now.unix_timestamp().unsigned_abs() / 60;
     if LAST.swap(minute, Ordering::Relaxed) != minute {
         tracing::warn!(error = %e, "workers wait: the disk is below its free-space floor");
     }

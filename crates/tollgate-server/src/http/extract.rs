@@ -92,7 +92,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         let path = err.path().to_string();
         let inner = err.into_inner();
         let text = strip_position(&inner.to_string());
-        if !inner.is_data() {
+        if inner.classify() != serde_json::error::Category::Data {
             return Error::InvalidRequest {
                 code: ErrorCode::InvalidJson,
                 message: format!("The request body is not valid JSON: {text}."),
@@ -106,6 +106,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
                 format!("{path}.{field}")
             }
         };
+        // serde_json says that it is a data error (`classify`), and serde_path_to_error where;
+        // which data error is only in the text: serde_json formats serde's `missing_field` and
+        // `unknown_field` into its message (serde's own default wording, the same in every
+        // version) and keeps no kind of its own.
         if let Some(field) = quoted(&text, "missing field `") {
             let param = join(field);
             return Error::InvalidRequest {

@@ -11,6 +11,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod routes;
 pub mod serve;
+pub mod wire;
 
 use crate::domain::service::Tollgate;
 use axum::extract::DefaultBodyLimit;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Requests past the drain gate and not finished yet.
     pub in_flight: AtomicUsize,
+    /// The JSON of finished tasks, as polling clients read it again and again.
+    pub task_json: wire::TaskJson,
 }
 
 impl AppState {
@@ -35,6 +38,7 @@ impl AppState {
             app,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            task_json: wire::TaskJson::default(),
         }
     }
 }

@@ -79,7 +79,8 @@ pub async fn get_task(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
-    let json = state.app.get_task_json(&caller, &id).await?;
+    let task = state.app.get_task_shared(&caller, &id).await?;
+    let json = state.task_json.of(&task)?;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -277,9 +277,7 @@ impl Tollgate {
     /// The secret that signs the account's webhooks, made now for an account older than
     /// webhooks.
     pub(crate) async fn webhook_secret_of(&self, account_id: &str) -> Result<String> {
-        let candidate = secrets::new_webhook_secret()?;
-        self.store
-            .webhook_secret(account_id, &candidate)
+        webhooks::secret_of(self.store.as_ref(), account_id)
             .await?
             .ok_or_else(|| no_account(account_id))
     }

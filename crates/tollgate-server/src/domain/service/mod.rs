@@ -8,6 +8,8 @@ mod idempotency;
 mod retention;
 mod tasks;
 
+pub(crate) use tasks::task_view;
+
 use crate::config::Config;
 use crate::disk::DiskSpace;
 use crate::domain::backends::{self, Backend};
@@ -17,7 +19,7 @@ use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
 use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
 use crate::domain::sessions::SignInLimiter;
-use crate::domain::webhooks;
+use crate::domain::{webhooks, worker};
 use crate::error::{Error, Result};
 use crate::images::ImageStore;
 use crate::metrics::Metrics;
@@ -25,7 +27,6 @@ use crate::store::{
     AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount, Store,
     StoredResponse, TaskRecord, WebhookDeliveryRecord,
 };
-use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -49,10 +50,10 @@ pub struct Caller {
 pub struct Tollgate {
     /// What time it is (the system's; a `ManualClock` in tests).
     clock: Arc<dyn Clock>,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) images: Arc<dyn ImageStore>,
-    pub(crate) metrics: Metrics,
-    pub(crate) config: Config,
+    pub(in crate::domain) store: Arc<dyn Store>,
+    pub(in crate::domain) images: Arc<dyn ImageStore>,
+    metrics: Arc<Metrics>,
+    pub(in crate::domain) config: Config,
     limits: Limiter,
     admin_token_hash: String,
     /// Past key lookups; `None` when the store is shared with other instances (see caches.rs).
@@ -60,18 +61,18 @@ pub struct Tollgate {
     /// Finished tasks; `None` when the store is shared with other instances.
     finished_tasks: Option<FinishedTasks>,
     /// Dashboard sign-in attempts, per client address and per credential prefix.
-    pub(crate) sign_in_limits: SignInLimiter,
+    pub(in crate::domain) sign_in_limits: SignInLimiter,
     /// Wakes a worker when a task is queued.
-    pub(crate) work_ready: Notify,
+    work_ready: Arc<Notify>,
     /// What generates the images.
-    pub(crate) backend: Arc<dyn Backend>,
+    backend: Arc<dyn Backend>,
     /// One permit per generation the backend may run at once; a worker claims a task only
     /// with a permit in hand.
-    pub(crate) backend_slots: Arc<Semaphore>,
+    backend_slots: Arc<Semaphore>,
     /// Wakes the webhook sender when a finished task has a delivery waiting.
-    pub(crate) webhooks_ready: Notify,
+    webhooks_ready: Arc<Notify>,
     /// Free space under the data directory, checked before writes that grow the data.
-    pub(crate) disk: DiskSpace,
+    pub(in crate::domain) disk: DiskSpace,
     /// Idempotency reservations (scope, key) whose release failed: their requests ended.
     abandoned_reservations: dashmap::DashSet<(String, String)>,
     /// The last readiness probe: when, and what it found (see [`Tollgate::readiness`]).
@@ -109,19 +110,18 @@ impl Tollgate {
             finished_tasks,
             store,
             images,
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
             config,
             limits,
             admin_token_hash,
             sign_in_limits: SignInLimiter::default(),
-            work_ready: Notify::new(),
+            work_ready: Arc::new(Notify::new()),
             backend: Arc::new(backends::builtin::Builtin),
             backend_slots,
-            webhooks_ready: Notify::new(),
+            webhooks_ready: Arc::new(Notify::new()),
         }
     }
 
-    /// Generates with `backend` instead of the built-in renderer.
     /// With another clock (tests move a `ManualClock` instead of sleeping).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -133,6 +133,7 @@ impl Tollgate {
         self.clock.now()
     }
 
+    /// Generates with `backend` instead of the built-in renderer.
     pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Self {
         self.backend = backend;
         self
@@ -144,6 +145,36 @@ impl Tollgate {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The workers' handle: the queue and the backend, not the facade.
+    pub fn runner(&self) -> worker::Runner {
+        worker::Runner {
+            store: Arc::clone(&self.store),
+            images: Arc::clone(&self.images),
+            backend: Arc::clone(&self.backend),
+            slots: Arc::clone(&self.backend_slots),
+            disk: self.disk.clone(),
+            clock: Arc::clone(&self.clock),
+            metrics: Arc::clone(&self.metrics),
+            work_ready: Arc::clone(&self.work_ready),
+            webhooks_ready: Arc::clone(&self.webhooks_ready),
+            lease: self.config.task_lease,
+            timeout: self.config.task_timeout,
+        }
+    }
+
+    /// The webhook sender's handle: the outbox, not the facade.
+    pub fn outbox(&self) -> webhooks::Outbox {
+        webhooks::Outbox {
+            store: Arc::clone(&self.store),
+            clock: Arc::clone(&self.clock),
+            ready: Arc::clone(&self.webhooks_ready),
+            timeout: self.config.webhook_timeout,
+            attempts: self.config.webhook_attempts,
+            allow_private: self.config.allow_private_webhooks,
+            retention: self.config.retention,
+        }
     }
 
     // ---------------------------------------------------------------- authentication
@@ -164,12 +195,6 @@ fn shorten(id: &str) -> String {
     } else {
         format!("{}…", id.chars().take(64).collect::<String>())
     }
-}
-
-fn to_json(task: &Task) -> Result<Bytes> {
-    serde_json::to_vec(task)
-        .map(Bytes::from)
-        .map_err(Error::internal)
 }
 
 #[cfg(test)]

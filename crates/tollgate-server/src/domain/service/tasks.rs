@@ -86,21 +86,20 @@ impl Tollgate {
         Ok(self.views(&[record]).await?.remove(0))
     }
 
-    /// [`Tollgate::get_task`] as JSON: what clients poll. A finished task without a webhook
-    /// never changes again, so its JSON is made once and kept with it in the cache.
-    pub async fn get_task_json(&self, caller: &Caller, id: &str) -> Result<Bytes> {
+    /// [`Tollgate::get_task`], shared: what clients poll. A finished task without a webhook
+    /// never changes again, so its view is made once and every poll gets the same `Arc` (which
+    /// lets the HTTP layer serialise it once too).
+    pub async fn get_task_shared(&self, caller: &Caller, id: &str) -> Result<Arc<Task>> {
         if let Some(entry) = self.finished_tasks.as_ref().and_then(|cache| cache.get(id)) {
             let record = &entry.record;
             if record.webhook_url.is_none() {
                 self.check_live(caller, id, record)?;
-                if let Some(json) = entry.json.get() {
-                    return Ok(json.clone());
-                }
-                let json = to_json(&self.task_view(record))?;
-                return Ok(entry.json.get_or_init(|| json).clone());
+                return Ok(Arc::clone(
+                    entry.view.get_or_init(|| Arc::new(self.task_view(record))),
+                ));
             }
         }
-        to_json(&self.get_task(caller, id).await?)
+        Ok(Arc::new(self.get_task(caller, id).await?))
     }
 
     /// The caller's tasks, newest first, `limit` (1–100, default 20) after the task `after`.
@@ -290,39 +289,44 @@ impl Tollgate {
     }
 
     pub(super) fn task_view_plain(&self, record: &TaskRecord) -> Task {
-        let images = if record.status == TaskStatus::Succeeded {
-            (0..record.n)
-                .map(|i| ImageRef {
-                    url: format!("/v1/tasks/{}/images/{i}", record.id),
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let error = match (&record.error_code, &record.error_message) {
-            (Some(code), Some(message)) => Some(TaskError {
-                code: code.clone(),
-                message: message.clone(),
-            }),
-            _ => None,
-        };
-        Task {
-            id: record.id.clone(),
-            object: "task".to_owned(),
-            status: record.status,
-            prompt: record.prompt.clone(),
-            n: record.n,
-            size: record.size,
-            seed: record.seed,
-            cost: record.cost,
-            created_at: record.created_at,
-            completed_at: record.completed_at,
-            expires_at: self.expires_at(record),
-            images,
-            error,
-            webhook: None,
-        }
+        task_view(record, self.config.retention)
     }
 
     // ---------------------------------------------------------------- accounts
+}
+
+/// The task as the API shows it, without its webhook's delivery state.
+pub(crate) fn task_view(record: &TaskRecord, retention: Duration) -> Task {
+    let images = if record.status == TaskStatus::Succeeded {
+        (0..record.n)
+            .map(|i| ImageRef {
+                url: format!("/v1/tasks/{}/images/{i}", record.id),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let error = match (&record.error_code, &record.error_message) {
+        (Some(code), Some(message)) => Some(TaskError {
+            code: code.clone(),
+            message: message.clone(),
+        }),
+        _ => None,
+    };
+    Task {
+        id: record.id.clone(),
+        object: "task".to_owned(),
+        status: record.status,
+        prompt: record.prompt.clone(),
+        n: record.n,
+        size: record.size,
+        seed: record.seed,
+        cost: record.cost,
+        created_at: record.created_at,
+        completed_at: record.completed_at,
+        expires_at: record.created_at + retention,
+        images,
+        error,
+        webhook: None,
+    }
 }
