@@ -7,6 +7,7 @@ use futures_util::future::join_all;
 use std::collections::HashSet;
 use std::sync::Arc;
 use tollgate_contract::{ImageSize, TaskStatus, WebhookState};
+use tollgate_server::domain::clock::system_now as now;
 use tollgate_server::store::postgres::PostgresStore;
 use tollgate_server::store::sqlite::SqliteStore;
 use tollgate_server::store::*;
@@ -100,13 +101,7 @@ fn task(account_id: &str, cost: u64) -> TaskRecord {
         seed: 1,
         cost,
         created_at: now(),
-        started_at: None,
-        completed_at: None,
-        error_code: None,
-        error_message: None,
-        purged: false,
-        runs: 0,
-        webhook_url: None,
+        ..TaskRecord::default()
     }
 }
 

@@ -180,7 +180,7 @@ async fn images_come_from_the_upstream_with_its_key_and_the_right_request() {
                "response_format": "b64_json", "model": "dall-e-2"})
     );
     assert_eq!(server.balance(&acct.key).await, 98);
-    let logs = server.logs();
+    let logs = server.wait_for_log("serving").await;
     let serving = logs
         .lines()
         .find(|l| l.contains("serving"))
@@ -237,11 +237,8 @@ async fn a_500_is_retried_with_backoff_then_the_task_succeeds() {
         (Duration::from_secs(1)..Duration::from_secs(3)).contains(&gap),
         "the seed's first backoff: 1 s plus jitter, waited {gap:?}"
     );
-    assert!(
-        server.logs().contains("retrying"),
-        "each retry is logged:\n{}",
-        server.logs()
-    );
+    // Each retry is logged.
+    server.wait_for_log("retrying").await;
     assert_no_key(&server, &done);
 }
 
@@ -259,7 +256,8 @@ async fn a_400_fails_the_task_at_once_with_its_reason_and_refunds_it() {
             json!({"prompt": "forbidden", "size": "1024x1024"}),
         )
         .await;
-    assert_eq!(server.balance(&acct.key).await, 6);
+    // Charged on acceptance (the refund may already have followed: a 400 fails at once).
+    assert_eq!(task["cost"], 4);
     let done = server
         .wait_task(&acct.key, task["id"].as_str().unwrap())
         .await;
@@ -274,6 +272,17 @@ async fn a_400_fails_the_task_at_once_with_its_reason_and_refunds_it() {
     assert!(message.chars().count() < 400, "{message}");
     assert_eq!(fake.seen.lock().unwrap().len(), 1, "a 400 is not retried");
     assert_eq!(server.balance(&acct.key).await, 10, "refunded");
+    let ledger = server
+        .get_json(&acct.key, "/v1/account/ledger?limit=10")
+        .await;
+    let of_task: Vec<(&str, i64)> = ledger["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["task_id"] == task["id"])
+        .map(|e| (e["kind"].as_str().unwrap(), e["delta"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(of_task, [("refund", 4), ("charge", -4)], "{ledger}");
     assert_no_key(&server, &done);
 }
 

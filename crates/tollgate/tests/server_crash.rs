@@ -32,10 +32,8 @@ async fn sigkill_mid_batch_then_restart_finishes_every_accepted_task() {
     drop(server);
 
     let server = TestServer::start_in(tmp.path(), &["--workers", "2"]);
-    assert!(
-        server.logs().contains("queued again"),
-        "the restart says what it recovered"
-    );
+    // The restart says what it recovered.
+    server.wait_for_log("queued again").await;
     for id in &ids {
         let task = server.wait_task(&acct.key, id).await;
         assert_eq!(task["status"], "succeeded", "{task}");

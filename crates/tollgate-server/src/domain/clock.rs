@@ -1,8 +1,8 @@
 //! The domain's clock: the system's in production, a settable one in tests, so that expiry,
 //! retention, sessions, idempotency and vouchers can be tested without sleeping.
 //!
-//! Times are truncated to milliseconds (as `store::now` does), so a value survives a round trip
-//! through either store unchanged.
+//! Times are truncated to milliseconds, so a value survives a round trip through either store
+//! unchanged.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -19,8 +19,13 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> OffsetDateTime {
-        crate::store::now()
+        system_now()
     }
+}
+
+/// The system's time now, truncated to milliseconds (the storage's resolution).
+pub fn system_now() -> OffsetDateTime {
+    crate::store::from_millis(crate::store::to_millis(OffsetDateTime::now_utc()))
 }
 
 /// A clock that moves only when told to (tests).
@@ -33,7 +38,7 @@ impl ManualClock {
     /// Starts at the system's time now.
     pub fn new() -> ManualClock {
         ManualClock {
-            at: Mutex::new(crate::store::now()),
+            at: Mutex::new(system_now()),
         }
     }
 
@@ -52,8 +57,6 @@ impl Default for ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
-        self.at
-            .lock()
-            .map_or_else(|_| crate::store::now(), |at| *at)
+        self.at.lock().map_or_else(|_| system_now(), |at| *at)
     }
 }

@@ -42,12 +42,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use crate::config::Config;
+    use crate::domain::clock::system_now as now;
     use crate::domain::ratelimit::{Limiter, RateLimits};
     use crate::domain::service::Tollgate;
     use crate::error::{Error, Result};
     use crate::images::{DiskImageStore, ImageStore};
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{now, KeyRecord, NewAccount, Store, TaskRecord};
+    use crate::store::{KeyRecord, NewAccount, Store, TaskRecord};
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -131,13 +132,7 @@ mod tests {
                 seed: 1,
                 cost: 1,
                 created_at: two_hours_ago,
-                started_at: None,
-                completed_at: None,
-                error_code: None,
-                error_message: None,
-                purged: false,
-                runs: 0,
-                webhook_url: None,
+                ..TaskRecord::default()
             };
             store.create_task(&task, None).await.unwrap();
             disk.put(&task.id, 0, vec![1, 2, 3]).await.unwrap();

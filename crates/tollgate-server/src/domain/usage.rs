@@ -2,7 +2,6 @@
 
 use crate::domain::service::Tollgate;
 use crate::error::Result;
-use crate::store::now;
 use std::collections::HashMap;
 use time::{Date, Duration, OffsetDateTime, Time};
 use tollgate_contract::Account;
@@ -21,9 +20,9 @@ pub struct AccountUsage {
     pub spent: u64,
 }
 
-/// Midnight (UTC) starting the window of the last `days` days, today included.
-fn window_start(days: u16) -> OffsetDateTime {
-    let today = now().date();
+/// Midnight (UTC) starting the window of the last `days` days, today (`now`'s day) included.
+fn window_start(now: OffsetDateTime, days: u16) -> OffsetDateTime {
+    let today = now.date();
     let first = today - Duration::days(i64::from(days.max(1)) - 1);
     first.with_time(Time::MIDNIGHT).assume_utc()
 }
@@ -33,7 +32,7 @@ impl Tollgate {
     /// with a zero for days without any. A refund that lands on a later day than its charge
     /// can make a day's net negative; it counts as zero.
     pub async fn spend_per_day(&self, account_id: &str, days: u16) -> Result<Vec<DaySpend>> {
-        let start = window_start(days);
+        let start = window_start(self.now(), days);
         let spent: HashMap<Date, i64> = self
             .store
             .daily_spend(account_id, start)
@@ -56,7 +55,7 @@ impl Tollgate {
     pub async fn accounts_with_usage(&self, days: u16) -> Result<Vec<AccountUsage>> {
         let spent: HashMap<String, i64> = self
             .store
-            .spend_by_account(window_start(days))
+            .spend_by_account(window_start(self.now(), days))
             .await?
             .into_iter()
             .collect();
@@ -79,9 +78,10 @@ mod tests {
 
     #[test]
     fn the_window_starts_at_midnight_days_ago() {
-        let start = window_start(30);
+        let now = time::macros::datetime!(2026-12-04 23:59:59 UTC);
+        let start = window_start(now, 30);
         assert_eq!(start.time(), Time::MIDNIGHT);
-        assert_eq!((now().date() - start.date()).whole_days(), 29);
-        assert_eq!(window_start(1).date(), now().date());
+        assert_eq!(start.date(), time::macros::date!(2026 - 11 - 05));
+        assert_eq!(window_start(now, 1).date(), now.date());
     }
 }

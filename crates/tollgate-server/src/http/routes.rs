@@ -280,7 +280,12 @@ pub async fn task_image(
     Path((id, index)): Path<(String, String)>,
 ) -> AppResult<Response> {
     let png = state.app.task_image(&caller, &id, &index).await?;
-    Ok((
+    Ok(png_response(png))
+}
+
+/// A task's image as a response: it never changes, but it is the account's.
+pub(crate) fn png_response(png: impl IntoResponse) -> Response {
+    (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
             (
@@ -290,7 +295,7 @@ pub async fn task_image(
         ],
         png,
     )
-        .into_response())
+        .into_response()
 }
 
 #[utoipa::path(get, path = "/v1/account", tag = "account",

@@ -91,6 +91,8 @@ pub struct KeyAuth {
 }
 
 /// A task row; after the purge it is a tombstone (`purged`, prompt emptied).
+///
+/// `Default` is a queued task that never ran, for `..Default::default()` in constructions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskRecord {
     pub id: String,
@@ -111,6 +113,29 @@ pub struct TaskRecord {
     pub runs: u32,
     /// Where the task's outcome is POSTed once it is final.
     pub webhook_url: Option<String>,
+}
+
+impl Default for TaskRecord {
+    fn default() -> Self {
+        TaskRecord {
+            id: String::new(),
+            account_id: String::new(),
+            status: TaskStatus::Queued,
+            prompt: String::new(),
+            n: 1,
+            size: ImageSize::default(),
+            seed: 0,
+            cost: 0,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            started_at: None,
+            completed_at: None,
+            error_code: None,
+            error_message: None,
+            purged: false,
+            runs: 0,
+            webhook_url: None,
+        }
+    }
 }
 
 /// How a running task ended.
@@ -502,11 +527,6 @@ pub(crate) fn to_millis(t: OffsetDateTime) -> i64 {
 pub(crate) fn from_millis(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-/// Now, truncated to milliseconds so a value survives a round trip through storage unchanged.
-pub fn now() -> OffsetDateTime {
-    from_millis(to_millis(OffsetDateTime::now_utc()))
 }
 
 /// A migrator for one engine's embedded migrations.

@@ -193,8 +193,38 @@ impl TestServer {
         assert!(status.success(), "server exited with {status}");
     }
 
+    /// The server's log so far. The server writes it from a thread of its own, a moment after
+    /// the event: this waits until the file has stopped growing (for up to 2 s), so that a check
+    /// that a secret is *not* in it reads what was logged, not what was flushed in time.
     pub fn logs(&self) -> String {
+        let size = || std::fs::metadata(&self.log).map_or(0, |m| m.len());
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut seen = size();
+        loop {
+            std::thread::sleep(Duration::from_millis(40));
+            let now = size();
+            if now == seen || std::time::Instant::now() > deadline {
+                break;
+            }
+            seen = now;
+        }
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log, once it has a line containing `needle` (panics after 10 s without one).
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?} within 10 s:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn admin(

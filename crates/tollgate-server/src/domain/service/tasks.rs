@@ -52,13 +52,8 @@ impl Tollgate {
             seed,
             cost: self.config.prices.cost(size, n)?,
             created_at: self.now(),
-            started_at: None,
-            completed_at: None,
-            error_code: None,
-            error_message: None,
-            purged: false,
-            runs: 0,
             webhook_url,
+            ..TaskRecord::default()
         };
         self.disk.ensure_headroom()?;
         let task = self.task_view(&record);

@@ -14,8 +14,8 @@ use crate::domain::service::Caller;
 use crate::error::Error;
 use crate::http::AppState;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use maud::{html, Markup};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -386,17 +386,7 @@ pub async fn task_image(
         .app
         .task_image(&caller(&page_, &account), &id, &index)
         .await?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
-            (
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("private, max-age=86400, immutable"),
-            ),
-        ],
-        png,
-    )
-        .into_response())
+    Ok(crate::http::routes::png_response(png))
 }
 
 /// The keys table; `revoke_action` makes the form's target from a key id.

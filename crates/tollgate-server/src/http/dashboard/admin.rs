@@ -406,7 +406,7 @@ async fn vouchers_page(
         .map(|a| (a.id, a.name))
         .collect();
     let csrf = page_.session.csrf_token.as_str();
-    let now = crate::store::now();
+    let now = state.app.now();
     let body = html! {
         (page_head("Vouchers", Some(html! { "Single-use codes worth credits. Account holders redeem them on their Top up page, or with " code { "POST /v1/vouchers/redeem" } "." }), None))
         @if let Some((code, worth)) = created {
