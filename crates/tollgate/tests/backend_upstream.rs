@@ -195,11 +195,8 @@ async fn a_429_with_retry_after_is_waited_out_then_the_task_succeeds() {
     let (url, fake) = fake_upstream(vec![Reply::Status(429, busy, Some("2"))], Reply::Images).await;
     let (_tmp, server) = server_for(&url, &[]);
     let acct = server.account(100).await;
-    let task = server
-        .create_task(&acct.key, json!({"prompt": "busy", "size": "256x256"}))
-        .await;
-    let done = server
-        .wait_task(&acct.key, task["id"].as_str().unwrap())
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "busy", "size": "256x256"}))
         .await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let seen = fake.seen.lock().unwrap().clone();
@@ -223,11 +220,8 @@ async fn a_500_is_retried_with_backoff_then_the_task_succeeds() {
     let (url, fake) = fake_upstream(vec![Reply::Status(500, broken, None)], Reply::Images).await;
     let (_tmp, server) = server_for(&url, &[]);
     let acct = server.account(100).await;
-    let task = server
-        .create_task(&acct.key, json!({"prompt": "flaky", "size": "256x256"}))
-        .await;
-    let done = server
-        .wait_task(&acct.key, task["id"].as_str().unwrap())
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "flaky", "size": "256x256"}))
         .await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let seen = fake.seen.lock().unwrap().clone();
@@ -292,11 +286,8 @@ async fn a_401_does_not_echo_the_upstream_and_says_who_must_act() {
     let (url, _fake) = fake_upstream(vec![], Reply::Status(401, refused, None)).await;
     let (_tmp, server) = server_for(&url, &[]);
     let acct = server.account(10).await;
-    let task = server
-        .create_task(&acct.key, json!({"prompt": "x", "size": "256x256"}))
-        .await;
-    let done = server
-        .wait_task(&acct.key, task["id"].as_str().unwrap())
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "x", "size": "256x256"}))
         .await;
     assert_eq!(done["error"]["code"], "upstream_rejected", "{done}");
     let message = done["error"]["message"].as_str().unwrap();
@@ -316,11 +307,8 @@ async fn a_persistent_503_exhausts_the_retries_and_refunds() {
     let (url, fake) = fake_upstream(vec![], Reply::Status(503, down, Some("0"))).await;
     let (_tmp, server) = server_for(&url, &[]);
     let acct = server.account(10).await;
-    let task = server
-        .create_task(&acct.key, json!({"prompt": "x", "size": "512x512"}))
-        .await;
-    let done = server
-        .wait_task(&acct.key, task["id"].as_str().unwrap())
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "x", "size": "512x512"}))
         .await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "upstream_unavailable");
@@ -341,11 +329,8 @@ async fn a_hanging_upstream_hits_the_task_timeout_and_is_refunded() {
     let (_tmp, server) = server_for(&url, &["--task-timeout", "2s"]);
     let acct = server.account(10).await;
     let started = Instant::now();
-    let task = server
-        .create_task(&acct.key, json!({"prompt": "x", "size": "256x256"}))
-        .await;
-    let done = server
-        .wait_task(&acct.key, task["id"].as_str().unwrap())
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "x", "size": "256x256"}))
         .await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "generation_timeout");

@@ -340,11 +340,8 @@ async fn a_script_in_a_prompt_renders_as_text() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
     let prompt = "<script>alert(1)</script><img src=x onerror=\"document.title='pwned'\">";
-    let task = server
-        .create_task(&acct.key, json!({"prompt": prompt, "size": "256x256"}))
-        .await;
-    let done = server
-        .wait_task(&acct.key, task["id"].as_str().unwrap())
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": prompt, "size": "256x256"}))
         .await;
     assert_eq!(done["status"], "succeeded");
 

@@ -295,6 +295,15 @@ impl TestServer {
         response.json().await.unwrap()
     }
 
+    /// Creates a task and waits for it to end: the task as accepted, and as it ended.
+    pub async fn generate(&self, key: &str, body: Value) -> (Value, Value) {
+        let task = self.create_task(key, body).await;
+        let done = self
+            .wait_task(key, task["id"].as_str().expect("a task id"))
+            .await;
+        (task, done)
+    }
+
     /// Polls a task until it is in a final state.
     pub async fn wait_task(&self, key: &str, id: &str) -> Value {
         for _ in 0..600 {
