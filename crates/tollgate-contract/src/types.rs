@@ -6,7 +6,9 @@ use std::str::FromStr;
 use time::OffsetDateTime;
 
 /// The sizes the generator renders. The wire form is `"256x256"` and so on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ImageSize {
     #[serde(rename = "256x256")]
@@ -189,6 +191,22 @@ pub struct Task {
     /// outcome is sent, and every delivery attempt so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<TaskWebhook>,
+}
+
+/// A model clients can ask for, with its prices (`GET /v1/models`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Model {
+    /// What `model` takes on a create.
+    pub id: String,
+    /// Always `"model"`.
+    pub object: String,
+    pub name: String,
+    /// Credits per image, by size: the sizes the model accepts.
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::BTreeMap<String, u64>))]
+    pub prices: std::collections::BTreeMap<ImageSize, u64>,
+    /// The most images one task may ask for.
+    pub max_n: u8,
 }
 
 /// Where a task's webhook stands (extension).

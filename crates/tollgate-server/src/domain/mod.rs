@@ -6,6 +6,7 @@
 
 pub mod backends;
 pub mod caches;
+pub mod catalogue;
 pub mod clock;
 pub mod generator;
 pub mod idempotency;

@@ -1,0 +1,393 @@
+//! The model catalogue: what can be sold, at what price, made by which backend.
+//!
+//! (Issue 19, first step: the file and its checks. Serving from it — `model` on create,
+//! `GET /v1/models`, a queue share per model — is the next.)
+//!
+//! `--models FILE` is a TOML file (the contract's "Models"); without one there is a single model,
+//! [`DEFAULT_MODEL`], made by the backend of `--backend` at the `--prices` of each size. A bad file
+//! stops the server at start with the line and the reason: a catalogue is checked whole before
+//! anything is sold from it. A provider's key is named by an environment variable, never written
+//! in the file.
+
+use crate::config::{BackendKind, Config, Secret};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tollgate_contract::{ImageSize, Model};
+
+/// The one model of a server without a catalogue.
+pub const DEFAULT_MODEL: &str = "builtin";
+
+/// The most images one task may ask for (the contract's `n` is 1–4).
+const MAX_N: u8 = 4;
+
+/// Every model of the server, and the one a create without `model` gets.
+#[derive(Debug, Clone)]
+pub struct Catalogue {
+    pub default: String,
+    /// By id.
+    pub models: BTreeMap<String, ModelSpec>,
+}
+
+/// One model as configured.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub id: String,
+    pub name: String,
+    pub backend: BackendSpec,
+    /// Credits per image; the sizes the model accepts.
+    pub prices: BTreeMap<ImageSize, u64>,
+    pub max_n: u8,
+    /// Generations of this model in flight at once, per instance (its own workers and slots).
+    pub concurrency: usize,
+    /// How long one run may take before the task fails and is refunded.
+    pub timeout: Duration,
+}
+
+/// What makes a model's images, with the provider's settings.
+#[derive(Debug, Clone)]
+pub enum BackendSpec {
+    Builtin,
+    /// An OpenAI-compatible images API.
+    OpenAi {
+        url: String,
+        /// Redacted in `Debug`.
+        api_key: Secret,
+        upstream_model: Option<String>,
+    },
+}
+
+impl BackendSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BackendSpec::Builtin => "builtin",
+            BackendSpec::OpenAi { .. } => "openai",
+        }
+    }
+}
+
+impl ModelSpec {
+    /// The cost of `n` images of `size`; `None` when the model does not price `size`.
+    pub fn price(&self, size: ImageSize) -> Option<u64> {
+        self.prices.get(&size).copied()
+    }
+
+    /// As `GET /v1/models` shows it.
+    pub fn view(&self) -> Model {
+        Model {
+            id: self.id.clone(),
+            object: "model".to_owned(),
+            name: self.name.clone(),
+            prices: self.prices.clone(),
+            max_n: self.max_n,
+        }
+    }
+}
+
+impl Catalogue {
+    /// The catalogue of the file at `models` (`--models`), or else the one default model.
+    pub fn from_config(
+        models: Option<&std::path::Path>,
+        config: &Config,
+    ) -> Result<Catalogue, String> {
+        match models {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--models {}: {e}", path.display()))?;
+                Catalogue::parse(&text, config, |name| std::env::var(name).ok())
+                    .map_err(|e| format!("--models {}: {e}", path.display()))
+            }
+            None => Catalogue::single(config),
+        }
+    }
+
+    /// The one model of a server without a catalogue, as `--backend` and `--prices` say.
+    fn single(config: &Config) -> Result<Catalogue, String> {
+        let backend = match config.backend {
+            BackendKind::Builtin => BackendSpec::Builtin,
+            BackendKind::OpenAi => BackendSpec::OpenAi {
+                url: config.upstream_url.clone().ok_or(
+                    "--backend openai needs --upstream-url (TOLLGATE_UPSTREAM_URL)".to_owned(),
+                )?,
+                api_key: config.upstream_api_key.clone().ok_or(
+                    "--backend openai needs TOLLGATE_UPSTREAM_API_KEY in the environment"
+                        .to_owned(),
+                )?,
+                upstream_model: config.upstream_model.clone(),
+            },
+        };
+        let model = ModelSpec {
+            id: DEFAULT_MODEL.to_owned(),
+            name: "Built-in".to_owned(),
+            backend,
+            prices: ImageSize::ALL
+                .into_iter()
+                .map(|size| (size, config.prices.per_image(size)))
+                .collect(),
+            max_n: MAX_N,
+            concurrency: config.effective_backend_concurrency(),
+            timeout: config.task_timeout,
+        };
+        Ok(Catalogue {
+            default: model.id.clone(),
+            models: BTreeMap::from([(model.id.clone(), model)]),
+        })
+    }
+
+    /// Reads a catalogue file. `env` looks up the variables that hold providers' keys.
+    pub fn parse(
+        text: &str,
+        config: &Config,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Catalogue, String> {
+        let raw: RawCatalogue = toml::from_str(text).map_err(|e| e.to_string())?;
+        // Semantic errors come after the parse: point at the model's table.
+        let at = |id: &str, why: String| match line_of(text, id) {
+            Some(line) => format!("line {line}, [models.{id}]: {why}"),
+            None => format!("[models.{id}]: {why}"),
+        };
+        if raw.models.is_empty() {
+            return Err("the catalogue has no models: add a [models.<id>] table".to_owned());
+        }
+        let mut models = BTreeMap::new();
+        for (id, m) in raw.models {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+            {
+                return Err(at(
+                    &id,
+                    "a model id is 1–64 letters, digits or - _ . : /".to_owned(),
+                ));
+            }
+            if m.prices.is_empty() {
+                return Err(at(&id, "`prices` names no size".to_owned()));
+            }
+            let max_n = m.max_n.unwrap_or(MAX_N);
+            if !(1..=MAX_N).contains(&max_n) {
+                return Err(at(&id, format!("`max_n` must be 1–{MAX_N}")));
+            }
+            let concurrency = m
+                .concurrency
+                .unwrap_or_else(|| config.effective_backend_concurrency());
+            if concurrency == 0 {
+                return Err(at(&id, "`concurrency` must be at least 1".to_owned()));
+            }
+            let timeout = match &m.timeout {
+                Some(t) => {
+                    crate::parse_duration(t).map_err(|e| at(&id, format!("`timeout`: {e}")))?
+                }
+                None => config.task_timeout,
+            };
+            let backend = match m.backend {
+                RawBackend::Builtin => {
+                    for (field, set) in [
+                        ("url", m.url.is_some()),
+                        ("api_key_env", m.api_key_env.is_some()),
+                        ("upstream_model", m.upstream_model.is_some()),
+                    ] {
+                        if set {
+                            return Err(at(&id, format!("the builtin backend takes no `{field}`")));
+                        }
+                    }
+                    BackendSpec::Builtin
+                }
+                RawBackend::Openai => {
+                    let url = m
+                        .url
+                        .ok_or_else(|| at(&id, "the openai backend needs `url`".to_owned()))?;
+                    reqwest::Url::parse(&url)
+                        .map_err(|e| at(&id, format!("`url` {url:?}: {e}")))?;
+                    let var = m.api_key_env.ok_or_else(|| {
+                        at(
+                            &id,
+                            "the openai backend needs `api_key_env`, the environment variable \
+                             that holds the provider's key"
+                                .to_owned(),
+                        )
+                    })?;
+                    let key = env(&var).filter(|k| !k.is_empty()).ok_or_else(|| {
+                        at(&id, format!("`api_key_env`: the variable {var} is not set"))
+                    })?;
+                    BackendSpec::OpenAi {
+                        url,
+                        api_key: Secret::new(key),
+                        upstream_model: m.upstream_model,
+                    }
+                }
+                other @ (RawBackend::Replicate | RawBackend::Fal | RawBackend::Comfyui) => {
+                    return Err(at(
+                        &id,
+                        format!(
+                            "the {other:?} backend is not available in this version of tollgate \
+                             (builtin and openai are)"
+                        )
+                        .to_lowercase(),
+                    ))
+                }
+            };
+            let model = ModelSpec {
+                name: m.name.unwrap_or_else(|| id.clone()),
+                id: id.clone(),
+                backend,
+                prices: m.prices,
+                max_n,
+                concurrency,
+                timeout,
+            };
+            models.insert(id, model);
+        }
+        let default = match raw.default {
+            Some(default) if models.contains_key(&default) => default,
+            Some(default) => {
+                return Err(format!(
+                    "`default = {default:?}` names no model of the catalogue"
+                ))
+            }
+            None if models.len() == 1 => models.keys().next().cloned().unwrap_or_default(),
+            None => {
+                return Err(
+                    "`default` must name the model a create without `model` gets".to_owned(),
+                )
+            }
+        };
+        Ok(Catalogue { default, models })
+    }
+
+    /// The model `id` names, or the default one.
+    pub fn model(&self, id: Option<&str>) -> Option<&ModelSpec> {
+        self.models.get(id.unwrap_or(&self.default))
+    }
+}
+
+/// The line (from 1) of the table `[models.<id>]`, when written that way.
+fn line_of(text: &str, id: &str) -> Option<usize> {
+    let header = format!("[models.{id}]");
+    let quoted = format!("[models.\"{id}\"]");
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.starts_with(&header) || l.starts_with(&quoted)
+        })
+        .map(|i| i + 1)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalogue {
+    default: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Option<String>,
+    backend: RawBackend,
+    url: Option<String>,
+    upstream_model: Option<String>,
+    api_key_env: Option<String>,
+    prices: BTreeMap<ImageSize, u64>,
+    max_n: Option<u8>,
+    concurrency: Option<usize>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawBackend {
+    Builtin,
+    Openai,
+    Replicate,
+    Fal,
+    Comfyui,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(text: &str) -> Result<Catalogue, String> {
+        let config = Config::new(std::path::Path::new("/tmp"));
+        Catalogue::parse(text, &config, |name| {
+            (name == "UPSTREAM_KEY").then(|| "sk-test".to_owned())
+        })
+    }
+
+    #[test]
+    fn a_catalogue_of_two_models() {
+        let c = parse(
+            r#"
+default = "sketch"
+
+[models.sketch]
+name = "Sketch"
+backend = "builtin"
+prices = { "256x256" = 1, "512x512" = 2 }
+max_n = 2
+
+[models.photo]
+backend = "openai"
+url = "http://127.0.0.1:9/v1"
+api_key_env = "UPSTREAM_KEY"
+upstream_model = "gpt-image-1"
+prices = { "1024x1024" = 3 }
+concurrency = 4
+timeout = "5m"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.default, "sketch");
+        let sketch = c.model(None).unwrap();
+        assert_eq!((sketch.max_n, sketch.price(ImageSize::S512)), (2, Some(2)));
+        assert_eq!(sketch.price(ImageSize::S1024), None);
+        let photo = c.model(Some("photo")).unwrap();
+        assert_eq!(photo.name, "photo");
+        assert_eq!(
+            (photo.concurrency, photo.timeout),
+            (4, Duration::from_secs(300))
+        );
+        assert!(
+            matches!(&photo.backend, BackendSpec::OpenAi { api_key, .. } if api_key.expose() == "sk-test")
+        );
+        assert!(!format!("{c:?}").contains("sk-test"), "the key is redacted");
+        assert!(c.model(Some("nope")).is_none());
+    }
+
+    #[test]
+    fn bad_files_say_where_and_why() {
+        let cases = [
+            ("[models.a]\nbackend = \"builtin\"\nprices = { \"300x300\" = 1 }\n", "line 3"),
+            ("[models.a]\nbackend = \"dalle\"\nprices = { \"256x256\" = 1 }\n", "line 2"),
+            ("[models.a]\nbackend = \"builtin\"\nprice = 1\n", "line 3"),
+            ("[models.a]\nbackend = \"builtin\"\n", "prices"),
+            ("\n[models.a]\nbackend = \"openai\"\nurl = \"http://x\"\napi_key_env = \"MISSING\"\nprices = { \"256x256\" = 1 }\n", "line 2, [models.a]: `api_key_env`: the variable MISSING is not set"),
+            ("[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\nmax_n = 9\n", "`max_n` must be 1–4"),
+            ("default = \"b\"\n[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\n", "names no model"),
+            ("[models.a]\nbackend = \"replicate\"\nprices = { \"256x256\" = 1 }\n", "not available"),
+            ("[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\ntimeout = \"soon\"\n", "`timeout`"),
+            ("", "no models"),
+            ("[models.a\n", "line 1"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn without_a_file_one_model_at_the_configured_prices() {
+        let mut config = Config::new(std::path::Path::new("/tmp"));
+        config.prices = crate::Prices::parse("256x256=3").unwrap();
+        let c = Catalogue::from_config(None, &config).unwrap();
+        assert_eq!(c.default, DEFAULT_MODEL);
+        let m = c.model(None).unwrap();
+        assert_eq!(m.price(ImageSize::S256), Some(3));
+        assert_eq!(m.price(ImageSize::S1024), Some(4));
+        assert_eq!(m.max_n, 4);
+    }
+}
