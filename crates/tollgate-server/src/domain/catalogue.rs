@@ -217,14 +217,12 @@ impl Catalogue {
                         upstream_model: m.upstream_model,
                     }
                 }
-                other @ (RawBackend::Replicate | RawBackend::Fal | RawBackend::Comfyui) => {
+                RawBackend::Replicate | RawBackend::Fal | RawBackend::Comfyui => {
                     return Err(at(
                         &id,
-                        format!(
-                            "the {other:?} backend is not available in this version of tollgate \
-                             (builtin and openai are)"
-                        )
-                        .to_lowercase(),
+                        "this backend is not available in this version of tollgate \
+                         (builtin and openai are)"
+                            .to_owned(),
                     ))
                 }
             };

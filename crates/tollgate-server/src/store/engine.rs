@@ -112,6 +112,14 @@ pub fn placeholders(from: usize, count: usize) -> String {
     marks
 }
 
+/// `($1, …, $width), ($width+1, …), …`: the placeholders of a multi-row `VALUES` of `rows` rows.
+pub fn value_rows(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|row| format!("({})", placeholders(row * width + 1, width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One engine's connection: runs a [`Stmt`].
 #[async_trait]
 pub trait Conn: Send {
@@ -267,5 +275,6 @@ mod tests {
         assert_eq!(super::placeholders(1, 3), "$1, $2, $3");
         assert_eq!(super::placeholders(11, 2), "$11, $12");
         assert_eq!(super::placeholders(1, 0), "");
+        assert_eq!(super::value_rows(2, 2), "($1, $2), ($3, $4)");
     }
 }

@@ -6,7 +6,7 @@
 //! (`FOR UPDATE SKIP LOCKED`, which SQLite, with its one writer, needs not), and how a task
 //! creation is committed (SQLite's group commit in `sqlite.rs`).
 
-use super::engine::{placeholders, q, Conn, ConnOf, Engine, Pooled, Stmt, Tx};
+use super::engine::{placeholders, q, value_rows, Conn, ConnOf, Engine, Pooled, Stmt, Tx};
 use super::rows::{
     self, account_columns, attempt_columns, delivery_columns, key_columns, ledger_columns,
     session_columns, signed, task_columns, voucher_columns, would_overdraw, Columns,
@@ -225,9 +225,10 @@ pub(crate) async fn charge<C: Conn>(
     }))
 }
 
-/// The columns a new task is inserted with, in [`task_values`]' order.
+/// The columns a new task is inserted with, in [`task_values`]' order, and how many they are.
 pub(crate) const NEW_TASK_COLUMNS: &str =
     "id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url";
+pub(crate) const NEW_TASK_WIDTH: usize = 10;
 
 /// Binds a new task's values in [`NEW_TASK_COLUMNS`]' order.
 pub(crate) fn task_values<'a>(stmt: Stmt<'a>, task: &'a TaskRecord, cost: i64) -> Stmt<'a> {
@@ -256,8 +257,8 @@ pub(crate) async fn create_one<C: Conn>(
     };
     task_values(
         q(format!(
-            "INSERT INTO tasks ({NEW_TASK_COLUMNS}) VALUES ({})",
-            placeholders(1, 10)
+            "INSERT INTO tasks ({NEW_TASK_COLUMNS}) VALUES {}",
+            value_rows(1, NEW_TASK_WIDTH)
         )),
         task,
         cost,

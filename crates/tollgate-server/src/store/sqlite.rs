@@ -8,8 +8,8 @@
 //! The statements are `sql.rs`'s; what is SQLite's own is here: connecting, pragmas, and the
 //! group commit of task creations.
 
-use super::engine::{placeholders, q, Engine, Tx};
-use super::sql::{self, charge, complete_idempotency, SqlStore, NEW_TASK_COLUMNS};
+use super::engine::{q, value_rows, Engine, Tx};
+use super::sql::{self, charge, complete_idempotency, SqlStore, NEW_TASK_COLUMNS, NEW_TASK_WIDTH};
 use super::*;
 use crate::error::Error;
 use async_trait::async_trait;
@@ -208,23 +208,17 @@ async fn create_batch_grouped(
         }
     }
     if !charged.is_empty() {
-        let rows: Vec<String> = (0..charged.len())
-            .map(|i| format!("({})", placeholders(i * 10 + 1, 10)))
-            .collect();
         let mut tasks = q(format!(
             "INSERT INTO tasks ({NEW_TASK_COLUMNS}) VALUES {}",
-            rows.join(", ")
+            value_rows(charged.len(), NEW_TASK_WIDTH)
         ));
         for (job, cost, _) in &charged {
             tasks = sql::task_values(tasks, &job.task, *cost);
         }
         tasks.execute(&mut *tx).await?;
-        let rows: Vec<String> = (0..charged.len())
-            .map(|i| format!("({})", placeholders(i * 6 + 1, 6)))
-            .collect();
         let mut ledger = q(format!(
             "INSERT INTO ledger (account_id, delta, balance_after, kind, task_id, created_at) VALUES {}",
-            rows.join(", ")
+            value_rows(charged.len(), 6)
         ));
         for (job, cost, balance) in &charged {
             let task = &job.task;
