@@ -471,35 +471,53 @@ async fn idempotency_records(store: Arc<dyn Store>) {
         ..scope.clone()
     };
     let stale_before = ms(-60_000);
+    let reserved_at = ms(0);
     assert_eq!(
         store
-            .idempotency_begin(&scope, now(), stale_before)
+            .idempotency_begin(&scope, reserved_at, stale_before, &[])
             .await
             .unwrap(),
-        IdempotencyBegin::Started
+        IdempotencyBegin::Started { at: reserved_at }
     );
     assert_eq!(
         store
-            .idempotency_begin(&scope, now(), stale_before)
+            .idempotency_begin(&scope, now(), stale_before, &[])
             .await
             .unwrap(),
         IdempotencyBegin::InUse
     );
     assert_eq!(
         store
-            .idempotency_begin(&other, now(), stale_before)
+            .idempotency_begin(&other, now(), stale_before, &[])
             .await
             .unwrap(),
         IdempotencyBegin::Mismatch
     );
-    // A reservation older than the stale mark is taken over.
+    // A reservation abandoned at another time is not this one: still in use.
     assert_eq!(
         store
-            .idempotency_begin(&scope, now(), ms(1_000))
+            .idempotency_begin(&scope, now(), stale_before, &[ms(-5_000)])
             .await
             .unwrap(),
-        IdempotencyBegin::Started
+        IdempotencyBegin::InUse
     );
+    // One abandoned at its own time is taken over at once.
+    let taken_at = ms(10);
+    assert_eq!(
+        store
+            .idempotency_begin(&scope, taken_at, stale_before, &[ms(-5_000), reserved_at])
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started { at: taken_at }
+    );
+    // A reservation older than the stale mark is taken over.
+    assert!(matches!(
+        store
+            .idempotency_begin(&scope, now(), ms(1_000), &[])
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started { .. }
+    ));
     let response = StoredResponse {
         status: 202,
         body: b"{\"id\":1}".to_vec(),
@@ -507,7 +525,7 @@ async fn idempotency_records(store: Arc<dyn Store>) {
     store.idempotency_complete(&scope, &response).await.unwrap();
     assert_eq!(
         store
-            .idempotency_begin(&scope, now(), stale_before)
+            .idempotency_begin(&scope, now(), stale_before, &[])
             .await
             .unwrap(),
         IdempotencyBegin::Replay(response)
@@ -517,17 +535,17 @@ async fn idempotency_records(store: Arc<dyn Store>) {
         ..scope.clone()
     };
     store
-        .idempotency_begin(&released, now(), stale_before)
+        .idempotency_begin(&released, now(), stale_before, &[])
         .await
         .unwrap();
     store.idempotency_release(&released).await.unwrap();
-    assert_eq!(
+    assert!(matches!(
         store
-            .idempotency_begin(&released, now(), stale_before)
+            .idempotency_begin(&released, now(), stale_before, &[])
             .await
             .unwrap(),
-        IdempotencyBegin::Started
-    );
+        IdempotencyBegin::Started { .. }
+    ));
     assert!(store.idempotency_purge(ms(60_000)).await.unwrap() >= 2);
     // Concurrent first uses: exactly one starts.
     let fresh = IdempotencyScope {
@@ -539,7 +557,7 @@ async fn idempotency_records(store: Arc<dyn Store>) {
         let fresh = fresh.clone();
         async move {
             store
-                .idempotency_begin(&fresh, now(), stale_before)
+                .idempotency_begin(&fresh, now(), stale_before, &[])
                 .await
                 .unwrap()
         }
@@ -548,7 +566,7 @@ async fn idempotency_records(store: Arc<dyn Store>) {
     assert_eq!(
         outcomes
             .iter()
-            .filter(|o| **o == IdempotencyBegin::Started)
+            .filter(|o| matches!(o, IdempotencyBegin::Started { .. }))
             .count(),
         1
     );

@@ -18,6 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 use std::time::Duration;
+use time::OffsetDateTime;
 use tollgate_contract::{headers as h, retry_after, ErrorCode};
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static(h::RATELIMIT_POLICY);
@@ -160,7 +161,8 @@ pub async fn admin_auth(State(state): State<Arc<AppState>>, req: Request, next: 
 /// client that went away), so a retry can run instead of waiting for the reservation to go stale.
 struct ReservationGuard {
     state: Arc<AppState>,
-    scope: Option<IdempotencyScope>,
+    /// The reservation: its key, and the time that names it.
+    scope: Option<(IdempotencyScope, OffsetDateTime)>,
 }
 
 impl ReservationGuard {
@@ -171,10 +173,10 @@ impl ReservationGuard {
 
 impl Drop for ReservationGuard {
     fn drop(&mut self) {
-        if let Some(scope) = self.scope.take() {
+        if let Some((scope, at)) = self.scope.take() {
             let state = Arc::clone(&self.state);
             tokio::spawn(async move {
-                if let Err(e) = state.app.idempotency_release(&scope).await {
+                if let Err(e) = state.app.idempotency_release(&scope, at).await {
                     tracing::warn!(error = %e, "could not release an idempotency reservation; it will go stale");
                 }
             });
@@ -212,10 +214,10 @@ pub async fn idempotency(State(state): State<Arc<AppState>>, req: Request, next:
         Ok(IdempotencyBegin::Mismatch) => Error::IdempotencyKeyReused.into_response(),
         Ok(IdempotencyBegin::InUse) => Error::IdempotencyKeyInUse.into_response(),
         Ok(IdempotencyBegin::Replay(stored)) => replay(stored),
-        Ok(IdempotencyBegin::Started) => {
+        Ok(IdempotencyBegin::Started { at }) => {
             let mut guard = ReservationGuard {
                 state: Arc::clone(&state),
-                scope: Some(scope.clone()),
+                scope: Some((scope.clone(), at)),
             };
             let mut req = Request::from_parts(parts, Body::from(bytes));
             req.extensions_mut()
@@ -228,8 +230,8 @@ pub async fn idempotency(State(state): State<Arc<AppState>>, req: Request, next:
             if !response.status().is_success() {
                 // Only successes are kept: a 4xx/5xx may go differently next time (after a
                 // top-up, after an outage), so the key is released before the client can retry.
-                if let Some(scope) = guard.scope.take() {
-                    if let Err(e) = state.app.idempotency_release(&scope).await {
+                if let Some((scope, at)) = guard.scope.take() {
+                    if let Err(e) = state.app.idempotency_release(&scope, at).await {
                         tracing::warn!(error = %e, "could not release an idempotency reservation; it will go stale");
                     }
                 }

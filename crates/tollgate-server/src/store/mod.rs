@@ -306,8 +306,9 @@ pub struct StoredResponse {
 /// What `idempotency_begin` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyBegin {
-    /// First use (or a stale reservation taken over): run the request.
-    Started,
+    /// First use (or a stale or abandoned reservation taken over): run the request. `at` is
+    /// the reservation's time, which names it when it has to be given up.
+    Started { at: OffsetDateTime },
     /// Done before with the same request: send this again.
     Replay(StoredResponse),
     /// Done or running with a different request.
@@ -465,12 +466,14 @@ pub trait Store: Send + Sync + 'static {
 
     // --- idempotency ---
     /// Looks the key up and, on first use, reserves it. A reservation older than `stale_before`
-    /// is taken over (its request died without finishing).
+    /// is taken over (its request died without finishing), and so is one made at one of the
+    /// `abandoned` times (this process knows its request ended without an answer to keep).
     async fn idempotency_begin(
         &self,
         scope: &IdempotencyScope,
         now: OffsetDateTime,
         stale_before: OffsetDateTime,
+        abandoned: &[OffsetDateTime],
     ) -> Result<IdempotencyBegin>;
     async fn idempotency_complete(
         &self,

@@ -66,7 +66,7 @@ impl<E: Engine> SqlStore<E> {
         now: OffsetDateTime,
     ) -> Result<IdempotencyBegin> {
         let Err(e) = tx.commit().await else {
-            return Ok(IdempotencyBegin::Started);
+            return Ok(IdempotencyBegin::Started { at: now });
         };
         let held = self
             .read_row(
@@ -83,7 +83,7 @@ impl<E: Engine> SqlStore<E> {
             .flatten()
             .and_then(|row| row.int("locked_at").ok());
         if held == Some(to_millis(now)) {
-            Ok(IdempotencyBegin::Started)
+            Ok(IdempotencyBegin::Started { at: now })
         } else {
             Err(e)
         }
@@ -1032,6 +1032,7 @@ impl<E: Engine> Store for SqlStore<E> {
         scope: &IdempotencyScope,
         now: OffsetDateTime,
         stale_before: OffsetDateTime,
+        abandoned: &[OffsetDateTime],
     ) -> Result<IdempotencyBegin> {
         let mut tx = self.begin().await?;
         let inserted = q(
@@ -1057,6 +1058,7 @@ impl<E: Engine> Store for SqlStore<E> {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| Error::internal("an idempotency key neither inserted nor found"))?;
+        let locked_at = row.int("locked_at")?;
         let outcome = if row.text("fingerprint")? != scope.fingerprint {
             IdempotencyBegin::Mismatch
         } else if row.text("state")? == "done" {
@@ -1064,7 +1066,9 @@ impl<E: Engine> Store for SqlStore<E> {
                 status: u16::try_from(row.int("status")?).map_err(Error::internal)?,
                 body: row.opt_bytes("body")?.unwrap_or_default(),
             })
-        } else if row.int("locked_at")? < to_millis(stale_before) {
+        } else if locked_at < to_millis(stale_before)
+            || abandoned.iter().any(|t| to_millis(*t) == locked_at)
+        {
             q("UPDATE idempotency_keys SET locked_at = $1 WHERE scope = $2 AND key = $3")
                 .bind(to_millis(now))
                 .bind(&scope.scope)

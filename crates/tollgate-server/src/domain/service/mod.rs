@@ -73,8 +73,10 @@ pub struct Tollgate {
     webhooks_ready: Arc<Notify>,
     /// Free space under the data directory, checked before writes that grow the data.
     pub(in crate::domain) disk: DiskSpace,
-    /// Idempotency reservations (scope, key) whose release failed: their requests ended.
-    abandoned_reservations: dashmap::DashSet<(String, String)>,
+    /// Idempotency reservations, by (scope, key), that this process may have made and whose
+    /// requests ended without an answer to keep (the release failed, or the store failed while
+    /// reserving and may have committed all the same): the times they were made at.
+    abandoned_reservations: dashmap::DashMap<(String, String), Vec<OffsetDateTime>>,
     /// The last readiness probe: when, and what it found (see [`Tollgate::readiness`]).
     last_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), &'static str>)>>,
 }
@@ -105,7 +107,7 @@ impl Tollgate {
             clock: Arc::new(SystemClock),
             disk,
             last_probe: tokio::sync::Mutex::new(None),
-            abandoned_reservations: dashmap::DashSet::new(),
+            abandoned_reservations: dashmap::DashMap::new(),
             key_cache,
             finished_tasks,
             store,
