@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tollgate_contract::headers;
 use tollgate_contract::retry::RetryPolicy;
 use tollgate_contract::types::{
-    Account, CreateGenerationRequest, Health, LedgerEntry, List, Task, WebhookSecret,
+    Account, CreateGenerationRequest, Health, LedgerEntry, List, Model, Task, WebhookSecret,
 };
 
 use crate::admin::AdminClient;
@@ -347,6 +347,11 @@ impl Client {
     /// `GET /v1/account`: name, balance and rate limit of the key's account.
     pub async fn account(&self) -> Result<Account> {
         self.get_json("/v1/account").await
+    }
+
+    /// `GET /v1/models`: the models for sale, with their prices per size and `max_n`.
+    pub async fn models(&self) -> Result<List<Model>> {
+        self.get_json("/v1/models").await
     }
 
     /// `GET /v1/account/ledger?limit=&after=`: the account's balance changes.

@@ -77,6 +77,9 @@ pub struct CreateGenerationRequest {
     /// that receives the task, signed, once it has succeeded, failed or been cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    /// The model (`GET /v1/models`); default: the catalogue's default model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 impl CreateGenerationRequest {
@@ -87,6 +90,7 @@ impl CreateGenerationRequest {
             size: None,
             seed: None,
             webhook_url: None,
+            model: None,
         }
     }
 }
@@ -168,6 +172,9 @@ pub struct Task {
     /// Always `"task"`.
     pub object: String,
     pub status: TaskStatus,
+    /// The model the task was sold as (`builtin` on a server without a catalogue).
+    #[serde(default)]
+    pub model: String,
     pub prompt: String,
     pub n: u8,
     pub size: ImageSize,

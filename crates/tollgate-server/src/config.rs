@@ -57,6 +57,9 @@ pub struct Config {
     pub upstream_model: Option<String>,
     /// Generations in flight against the backend at once, per instance; `None`: as many as `workers`.
     pub backend_concurrency: Option<usize>,
+    /// The model catalogue (`--models`, TOML); `None`: one model, `builtin`, made by `backend`
+    /// at `prices`.
+    pub models: Option<std::path::PathBuf>,
     /// How long one run of a task may take (the backend's retries included) before it fails and
     /// is refunded.
     pub task_timeout: Duration,
@@ -181,6 +184,7 @@ impl Config {
             upstream_api_key: None,
             upstream_model: None,
             backend_concurrency: None,
+            models: None,
             task_timeout: Duration::from_secs(5 * 60),
             allow_private_webhooks: false,
             webhook_attempts: 8,

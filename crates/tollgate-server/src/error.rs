@@ -26,7 +26,12 @@ pub enum Error {
     InvalidCredential { admin: bool },
     /// The balance does not cover the cost; nothing was created or charged.
     #[error("insufficient credits: cost {cost}, balance {balance}")]
-    InsufficientCredits { cost: u64, balance: u64 },
+    InsufficientCredits {
+        cost: u64,
+        balance: u64,
+        /// What was priced, for the message: `2 × 1024x1024 with `flux` at 3 credits each`.
+        priced: Option<String>,
+    },
     /// No such resource for the caller (another account's resource included).
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },

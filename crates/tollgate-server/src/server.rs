@@ -3,7 +3,8 @@
 use crate::config::{Config, Secret};
 use crate::domain::ratelimit::{Limiter, RateLimits, RedisLimits};
 use crate::domain::service::Tollgate;
-use crate::domain::{backends, purge, secrets, webhooks, worker};
+use crate::domain::catalogue::Catalogue;
+use crate::domain::{purge, secrets, webhooks, worker};
 use crate::error::Error;
 use crate::error::Result;
 use crate::http::{self, AppState};
@@ -27,11 +28,11 @@ pub struct Server {
 impl Server {
     /// Opens the data directory (SQLite, migrations, images) and settles the operator token:
     /// `config.admin_token` if set; else the hash kept from an earlier start; else a new token,
-    /// of which only the hash is kept (see [`Server::generated_admin_token`]).
-    pub async fn open(config: Config) -> Result<Server> {
+    /// of which only the hash is kept (see [`Server::generated_admin_token`]). Sells the models
+    /// of `catalogue` (`Catalogue::from_config`, checked before anything is opened).
+    pub async fn open(config: Config, catalogue: Catalogue) -> Result<Server> {
         // First: the store's pool, Redis and every connection need descriptors.
         http::serve::raise_descriptor_limit();
-        let backend = backends::from_config(&config)?;
         let store = open_store(&config).await?;
         let images = Arc::new(DiskImageStore::new(config.data_dir.join("images"))?);
         let limits = match &config.redis_url {
@@ -59,14 +60,18 @@ impl Server {
                 "tasks left running by an earlier run are queued again"
             );
         }
-        tracing::info!(
-            backend = backend.name(),
-            concurrency = config.effective_backend_concurrency(),
-            task_timeout_secs = config.task_timeout.as_secs(),
-            "generation backend ready"
-        );
+        for model in catalogue.models.values() {
+            tracing::info!(
+                model = %model.id,
+                backend = model.backend.name(),
+                concurrency = model.concurrency,
+                workers = model.workers,
+                task_timeout_secs = model.timeout.as_secs(),
+                "model ready"
+            );
+        }
         let app = Arc::new(
-            Tollgate::new(config, store, images, limits, admin_hash).with_backend(backend),
+            Tollgate::new(config, store, images, limits, admin_hash).with_models(catalogue)?,
         );
         Ok(Server {
             app,
@@ -96,7 +101,12 @@ impl Server {
     ) -> Result<()> {
         let config = self.app.config().clone();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let workers = worker::spawn(Arc::new(self.app.runner()), config.workers, stop_rx.clone());
+        let workers: Vec<_> = self
+            .app
+            .runners()
+            .into_iter()
+            .flat_map(|(runner, count)| worker::spawn(Arc::new(runner), count, stop_rx.clone()))
+            .collect();
         let purger = purge::spawn(Arc::clone(&self.app), stop_rx.clone());
         let sender = webhooks::spawn(self.app.outbox(), stop_rx);
 

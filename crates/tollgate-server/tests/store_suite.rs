@@ -120,7 +120,7 @@ async fn finished_with_webhook(store: &dyn Store, account_id: &str) -> String {
     // Claim until this task comes up (other scenarios' tasks are not in this account's way:
     // every engine gets a fresh database or schema per scenario).
     let claimed = store
-        .claim_next_task(now(), ms(60_000), &claim)
+        .claim_next_task("builtin", now(), ms(60_000), &claim)
         .await
         .unwrap()
         .unwrap();
@@ -242,7 +242,7 @@ async fn claims_are_exclusive(store: Arc<dyn Store>) {
         async move {
             let mut mine = Vec::new();
             while let Some(t) = store
-                .claim_next_task(now(), ms(60_000), &format!("claim-{w}"))
+                .claim_next_task("builtin", now(), ms(60_000), &format!("claim-{w}"))
                 .await
                 .unwrap()
             {
@@ -261,13 +261,13 @@ async fn an_expired_lease_moves_the_task_to_another_worker(store: Arc<dyn Store>
     let t = task(&id, 2);
     store.create_task(&t, None).await.unwrap();
     let first = store
-        .claim_next_task(now(), ms(-1), "dead-worker")
+        .claim_next_task("builtin", now(), ms(-1), "dead-worker")
         .await
         .unwrap()
         .unwrap();
     assert_eq!(first.id, t.id);
     let second = store
-        .claim_next_task(now(), ms(60_000), "live-worker")
+        .claim_next_task("builtin", now(), ms(60_000), "live-worker")
         .await
         .unwrap()
         .unwrap();
@@ -302,7 +302,7 @@ async fn an_expired_lease_moves_the_task_to_another_worker(store: Arc<dyn Store>
         TaskStatus::Succeeded
     );
     assert!(store
-        .claim_next_task(now(), ms(60_000), "anyone")
+        .claim_next_task("builtin", now(), ms(60_000), "anyone")
         .await
         .unwrap()
         .is_none());
@@ -313,7 +313,7 @@ async fn failures_and_cancels_refund_exactly_once(store: Arc<dyn Store>) {
     let failing = task(&id, 3);
     store.create_task(&failing, None).await.unwrap();
     let claimed = store
-        .claim_next_task(now(), ms(60_000), "w")
+        .claim_next_task("builtin", now(), ms(60_000), "w")
         .await
         .unwrap()
         .unwrap();
@@ -404,7 +404,7 @@ async fn a_released_task_is_queued_again_without_counting_the_run(store: Arc<dyn
     let t = task(&id, 1);
     store.create_task(&t, None).await.unwrap();
     let claimed = store
-        .claim_next_task(now(), ms(60_000), "w1")
+        .claim_next_task("builtin", now(), ms(60_000), "w1")
         .await
         .unwrap()
         .unwrap();
@@ -416,7 +416,7 @@ async fn a_released_task_is_queued_again_without_counting_the_run(store: Arc<dyn
     assert!(store.release_task(&t.id, "w1").await.unwrap());
     assert!(!store.release_task(&t.id, "w1").await.unwrap(), "once");
     let again = store
-        .claim_next_task(now(), ms(60_000), "w2")
+        .claim_next_task("builtin", now(), ms(60_000), "w2")
         .await
         .unwrap()
         .unwrap();
@@ -593,7 +593,7 @@ async fn purged_tasks_stay_as_tombstones(store: Arc<dyn Store>) {
         "and refunded"
     );
     assert!(store
-        .claim_next_task(now(), ms(60_000), "w")
+        .claim_next_task("builtin", now(), ms(60_000), "w")
         .await
         .unwrap()
         .is_none());
@@ -830,13 +830,13 @@ async fn runs_count_every_claim(store: Arc<dyn Store>) {
     store.create_task(&t, None).await.unwrap();
     assert_eq!(store.get_task(&t.id).await.unwrap().unwrap().runs, 0);
     let first = store
-        .claim_next_task(now(), ms(-1), "dead")
+        .claim_next_task("builtin", now(), ms(-1), "dead")
         .await
         .unwrap()
         .unwrap();
     assert_eq!(first.runs, 1);
     let second = store
-        .claim_next_task(now(), ms(60_000), "live")
+        .claim_next_task("builtin", now(), ms(60_000), "live")
         .await
         .unwrap()
         .unwrap();
@@ -860,7 +860,7 @@ async fn the_webhook_outbox_is_written_with_the_final_state(store: Arc<dyn Store
     );
     // Running: no delivery yet. Finished: one, pending and due now.
     let running = store
-        .claim_next_task(now(), ms(60_000), "w")
+        .claim_next_task("builtin", now(), ms(60_000), "w")
         .await
         .unwrap()
         .unwrap();
@@ -890,7 +890,7 @@ async fn the_webhook_outbox_is_written_with_the_final_state(store: Arc<dyn Store
     let failed = task_with_webhook(&id, 1);
     store.create_task(&failed, None).await.unwrap();
     store
-        .claim_next_task(now(), ms(60_000), "f")
+        .claim_next_task("builtin", now(), ms(60_000), "f")
         .await
         .unwrap()
         .unwrap();

@@ -72,6 +72,12 @@ pub enum ClientCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List the models for sale, with their prices per size (what `generate --model` takes).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Models {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Operator commands: accounts, keys, credits (with TOLLGATE_ADMIN_TOKEN).
     #[command(after_help = EXIT_CODES_HELP)]
     Admin {
@@ -173,10 +179,13 @@ impl AdminArgs {
 pub struct GenerateArgs {
     /// What to draw (1–4000 characters).
     prompt: String,
-    /// Number of images, 1–4 (server default 1).
+    /// The model (`tollgate models` lists them; default: the server's default model).
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// Number of images, 1 to the model's max_n (server default 1).
     #[arg(long, short = 'n', value_parser = clap::value_parser!(u8).range(1..=4))]
     n: Option<u8>,
-    /// Image size: 256x256, 512x512 (server default) or 1024x1024.
+    /// Image size: 256x256, 512x512 (server default, when the model makes it) or 1024x1024.
     #[arg(long, value_parser = parse_size)]
     size: Option<ImageSize>,
     /// Seed, for a reproducible image.
@@ -393,6 +402,7 @@ async fn dispatch(cmd: ClientCommand) -> Result<(), Failure> {
             }
         }
         ClientCommand::Account { api } => print_json(&api.client()?.account().await?),
+        ClientCommand::Models { api } => print_json(&api.client()?.models().await?),
         ClientCommand::Admin { admin, command } => {
             let client = admin.client()?;
             match command {
@@ -455,6 +465,7 @@ async fn generate(args: GenerateArgs) -> Result<(), Failure> {
         size: args.size,
         seed: args.seed,
         webhook_url: args.webhook_url,
+        model: args.model,
     };
     let task = match &args.idempotency_key {
         Some(key) => client.create_generation_with_key(&request, key).await?,

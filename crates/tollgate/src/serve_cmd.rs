@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
 use tollgate_server::config::{BackendKind, ConnectionLimits, MinFreeDisk};
+use tollgate_server::domain::catalogue::Catalogue;
 use tollgate_server::{parse_duration, Config, Prices, Secret, Server};
 
 #[derive(Args)]
@@ -59,6 +60,11 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "TOLLGATE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// The model catalogue, a TOML file: models, each with its backend, provider settings,
+    /// prices per size, max_n, concurrency and timeout (README, "Models"). Without it there is
+    /// one model, `builtin`, made by --backend at --prices.
+    #[arg(long, env = "TOLLGATE_MODELS", value_name = "FILE")]
+    models: Option<PathBuf>,
     /// What generates the images: `builtin` (the offline renderer) or `openai` (an
     /// OpenAI-compatible images API at --upstream-url, its key in TOLLGATE_UPSTREAM_API_KEY).
     #[arg(long, env = "TOLLGATE_BACKEND", default_value = "builtin")]
@@ -184,6 +190,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.backend = args.backend;
     config.upstream_url = args.upstream_url;
     config.upstream_model = args.upstream_model;
+    config.models = args.models;
     config.backend_concurrency = args.backend_concurrency.map(|n| n as usize);
     config.task_timeout = args.task_timeout;
     config.allow_private_webhooks = args.allow_private_webhooks;
@@ -217,7 +224,10 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         .filter(|t| !t.is_empty())
         .map(Secret::new);
 
-    let server = Server::open(config).await?;
+    // The catalogue first: a bad file stops the start, with its line and reason, before
+    // anything is opened.
+    let catalogue = Catalogue::from_config(&config)?;
+    let server = Server::open(config, catalogue).await?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;

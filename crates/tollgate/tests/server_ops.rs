@@ -112,6 +112,7 @@ async fn openapi_documents_every_route_and_error_response() {
             "/v1/account/webhook-secret",
             &["200", "401", "409", "429"],
         ),
+        ("get", "/v1/models", &["200", "401", "429"]),
         ("post", "/admin/accounts", &["201", "400", "401"]),
         ("get", "/admin/accounts", &["200", "401"]),
         ("get", "/admin/accounts/{id}", &["200", "401", "404"]),

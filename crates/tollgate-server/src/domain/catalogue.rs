@@ -1,8 +1,5 @@
 //! The model catalogue: what can be sold, at what price, made by which backend.
 //!
-//! (Issue 19, first step: the file and its checks. Serving from it — `model` on create,
-//! `GET /v1/models`, a queue share per model — is the next.)
-//!
 //! `--models FILE` is a TOML file (the contract's "Models"); without one there is a single model,
 //! [`DEFAULT_MODEL`], made by the backend of `--backend` at the `--prices` of each size. A bad file
 //! stops the server at start with the line and the reason: a catalogue is checked whole before
@@ -38,8 +35,11 @@ pub struct ModelSpec {
     /// Credits per image; the sizes the model accepts.
     pub prices: BTreeMap<ImageSize, u64>,
     pub max_n: u8,
-    /// Generations of this model in flight at once, per instance (its own workers and slots).
+    /// Generations of this model in flight at once, per instance (its own slots).
     pub concurrency: usize,
+    /// Workers of this model per instance: its `concurrency` (0 with `--workers 0`); without a
+    /// catalogue, `--workers`.
+    pub workers: usize,
     /// How long one run may take before the task fails and is refunded.
     pub timeout: Duration,
 }
@@ -72,6 +72,16 @@ impl ModelSpec {
         self.prices.get(&size).copied()
     }
 
+    /// The size of a create that names none: the contract's `512x512` when the model sells it,
+    /// else the smallest it sells.
+    pub fn default_size(&self) -> ImageSize {
+        if self.prices.contains_key(&ImageSize::default()) {
+            ImageSize::default()
+        } else {
+            self.prices.keys().next().copied().unwrap_or_default()
+        }
+    }
+
     /// As `GET /v1/models` shows it.
     pub fn view(&self) -> Model {
         Model {
@@ -85,12 +95,9 @@ impl ModelSpec {
 }
 
 impl Catalogue {
-    /// The catalogue of the file at `models` (`--models`), or else the one default model.
-    pub fn from_config(
-        models: Option<&std::path::Path>,
-        config: &Config,
-    ) -> Result<Catalogue, String> {
-        match models {
+    /// The catalogue of the file `--models` names, or else the one default model.
+    pub fn from_config(config: &Config) -> Result<Catalogue, String> {
+        match config.models.as_deref() {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("--models {}: {e}", path.display()))?;
@@ -116,9 +123,25 @@ impl Catalogue {
                 upstream_model: config.upstream_model.clone(),
             },
         };
+        Ok(Catalogue::of_one(config, backend))
+    }
+
+    /// One model, [`DEFAULT_MODEL`], made by the built-in renderer at `--prices`.
+    pub fn builtin(config: &Config) -> Catalogue {
+        Catalogue::of_one(config, BackendSpec::Builtin)
+    }
+
+    fn of_one(config: &Config, backend: BackendSpec) -> Catalogue {
+        let name = match &backend {
+            BackendSpec::Builtin => "Built-in".to_owned(),
+            BackendSpec::OpenAi { upstream_model, .. } => match upstream_model {
+                Some(upstream) => format!("{upstream} (OpenAI-compatible)"),
+                None => "OpenAI-compatible".to_owned(),
+            },
+        };
         let model = ModelSpec {
             id: DEFAULT_MODEL.to_owned(),
-            name: "Built-in".to_owned(),
+            name,
             backend,
             prices: ImageSize::ALL
                 .into_iter()
@@ -126,12 +149,13 @@ impl Catalogue {
                 .collect(),
             max_n: MAX_N,
             concurrency: config.effective_backend_concurrency(),
+            workers: config.workers,
             timeout: config.task_timeout,
         };
-        Ok(Catalogue {
+        Catalogue {
             default: model.id.clone(),
             models: BTreeMap::from([(model.id.clone(), model)]),
-        })
+        }
     }
 
     /// Reads a catalogue file. `env` looks up the variables that hold providers' keys.
@@ -233,6 +257,7 @@ impl Catalogue {
                 prices: m.prices,
                 max_n,
                 concurrency,
+                workers: if config.workers == 0 { 0 } else { concurrency },
                 timeout,
             };
             models.insert(id, model);
@@ -343,8 +368,11 @@ timeout = "5m"
         let sketch = c.model(None).unwrap();
         assert_eq!((sketch.max_n, sketch.price(ImageSize::S512)), (2, Some(2)));
         assert_eq!(sketch.price(ImageSize::S1024), None);
+        assert_eq!(sketch.default_size(), ImageSize::S512);
         let photo = c.model(Some("photo")).unwrap();
         assert_eq!(photo.name, "photo");
+        assert_eq!(photo.default_size(), ImageSize::S1024);
+        assert_eq!(photo.workers, 4);
         assert_eq!(
             (photo.concurrency, photo.timeout),
             (4, Duration::from_secs(300))
@@ -381,7 +409,7 @@ timeout = "5m"
     fn without_a_file_one_model_at_the_configured_prices() {
         let mut config = Config::new(std::path::Path::new("/tmp"));
         config.prices = crate::Prices::parse("256x256=3").unwrap();
-        let c = Catalogue::from_config(None, &config).unwrap();
+        let c = Catalogue::from_config(&config).unwrap();
         assert_eq!(c.default, DEFAULT_MODEL);
         let m = c.model(None).unwrap();
         assert_eq!(m.price(ImageSize::S256), Some(3));

@@ -1,5 +1,5 @@
-//! The worker pool: a fixed number of workers take queued tasks from the store and run them
-//! on the configured backend.
+//! The worker pools: each model of the catalogue has its own workers, which take that model's
+//! queued tasks from the store and run them on the model's backend.
 //!
 //! The queue is the `tasks` table itself, so an accepted task survives a crash. A worker holds
 //! the task it runs under a lease that it renews while it works; if its process dies, the lease
@@ -10,10 +10,11 @@
 //! deterministic, so a second run gives the images the first would have given; an upstream
 //! backend is not, and a second run is a new request to it.
 //!
-//! A worker claims a task only with a slot of the backend in hand (`--backend-concurrency`), so
-//! tasks wait in the queue, where any instance can take them, rather than in a worker. A run has
-//! `--task-timeout` to produce its images; a timeout, like any failure, fails the task and
-//! refunds it in the same transaction.
+//! A worker claims a task only with a slot of its model in hand (the model's `concurrency`, or
+//! `--backend-concurrency` without a catalogue), so tasks wait in the queue, where any instance
+//! can take them, rather than in a worker; and a model whose provider hangs holds only its own
+//! slots. A run has the model's `timeout` (`--task-timeout`) to produce its images; a timeout,
+//! like any failure, fails the task and refunds it in the same transaction.
 
 use crate::disk::DiskSpace;
 use crate::domain::backends::{Backend, BackendError};
@@ -35,6 +36,8 @@ use tollgate_contract::TaskStatus;
 /// images; the disk's floor; the clock; the metrics; and the two wake-ups. Made by
 /// `Tollgate::runner`.
 pub struct Runner {
+    /// The model whose tasks this runner's workers take, and only those.
+    pub(in crate::domain) model: String,
     pub(in crate::domain) store: Arc<dyn Store>,
     pub(in crate::domain) images: Arc<dyn ImageStore>,
     pub(in crate::domain) backend: Arc<dyn Backend>,
@@ -104,7 +107,7 @@ async fn run(app: Arc<Runner>, mut stop: watch::Receiver<bool>) {
         let lease = app.lease;
         match app
             .store
-            .claim_next_task(app.now(), app.now() + lease, &claim)
+            .claim_next_task(&app.model, app.now(), app.now() + lease, &claim)
             .await
         {
             Ok(Some(task)) => {
@@ -184,10 +187,10 @@ async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
             let (code, message) = failure.task_error(app.timeout);
             match &failure {
                 TaskFailure::Backend(BackendError::Internal(cause)) => {
-                    tracing::error!(task_id = %task.id, backend = app.backend.name(), cause = %cause, "task failed; refunding")
+                    tracing::error!(task_id = %task.id, model = %app.model, backend = app.backend.name(), cause = %cause, "task failed; refunding")
                 }
                 other => {
-                    tracing::warn!(task_id = %task.id, backend = app.backend.name(), error = %other, code = %code, "task failed; refunding")
+                    tracing::warn!(task_id = %task.id, model = %app.model, backend = app.backend.name(), error = %other, code = %code, "task failed; refunding")
                 }
             }
             TaskOutcome::Failed { code, message }

@@ -277,11 +277,19 @@ impl From<Error> for ErrorReply {
             Error::InvalidCredential { admin: true } => {
                 reply("The operator token is not valid. Check TOLLGATE_ADMIN_TOKEN.").www_authenticate()
             }
-            Error::InsufficientCredits { cost, balance } => ErrorReply::new(
+            Error::InsufficientCredits {
+                cost,
+                balance,
+                priced,
+            } => ErrorReply::new(
                 code,
                 format!(
-                    "This request costs {cost} credits but the balance is {balance}. \
+                    "This request costs {cost} credits{} but the balance is {balance}. \
                      Top up credits in the Dashboard: {} (sign in with your API key).",
+                    priced
+                        .as_ref()
+                        .map(|p| format!(" ({p})"))
+                        .unwrap_or_default(),
                     top_up_link()
                 ),
             ),

@@ -88,6 +88,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{id}/cancel", api(post(r::cancel_task)))
         .route("/v1/tasks/{id}/images/{index}", api_get(get(r::task_image)))
         .route("/v1/account", api_get(get(r::account)))
+        .route("/v1/models", api_get(get(r::models)))
         .route("/v1/account/ledger", api_get(get(r::account_ledger)))
         .route(
             "/v1/account/webhook-secret",

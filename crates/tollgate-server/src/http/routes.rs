@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tollgate_contract::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest,
     CreateVoucherRequest, CreatedAccount, CreatedKey, CreatedVoucher, ErrorBody, ErrorCode, Health,
-    KeyInfo, LedgerEntry, List, RedeemVoucherRequest, Task, UpdateAccountRequest, Voucher,
+    KeyInfo, LedgerEntry, List, Model, RedeemVoucherRequest, Task, UpdateAccountRequest, Voucher,
     WebhookSecret,
 };
 
@@ -310,6 +310,17 @@ pub async fn account(
     Extension(caller): Extension<Caller>,
 ) -> AppResult<Json<Account>> {
     Ok(Json(state.app.account(&caller.account_id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses(
+        (status = 200, description = "The models for sale, with their prices per size and max_n", body = List<Model>),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<List<Model>> {
+    Json(state.app.models())
 }
 
 #[utoipa::path(post, path = "/admin/accounts", tag = "admin", request_body = CreateAccountRequest,

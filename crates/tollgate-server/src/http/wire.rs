@@ -52,6 +52,7 @@ mod tests {
             id: "task_1".into(),
             object: "task".into(),
             status,
+            model: "builtin".into(),
             prompt: "a lighthouse".into(),
             n: 1,
             size: ImageSize::S512,

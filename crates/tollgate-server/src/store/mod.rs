@@ -113,6 +113,8 @@ pub struct TaskRecord {
     pub runs: u32,
     /// Where the task's outcome is POSTed once it is final.
     pub webhook_url: Option<String>,
+    /// The catalogue's id of the model the task was sold as; its workers run it.
+    pub model: String,
 }
 
 impl Default for TaskRecord {
@@ -134,6 +136,7 @@ impl Default for TaskRecord {
             purged: false,
             runs: 0,
             webhook_url: None,
+            model: crate::domain::catalogue::DEFAULT_MODEL.to_owned(),
         }
     }
 }
@@ -388,10 +391,12 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         now: OffsetDateTime,
     ) -> Result<CancelOutcome>;
-    /// Takes the oldest queued task (or, failing that, a running task whose lease ran out) and
-    /// marks it running under `claim` until `lease_until`. Never hands one task to two claimers.
+    /// Takes the oldest queued task of `model` (or, failing that, a running one whose lease ran
+    /// out) and marks it running under `claim` until `lease_until`. Never hands one task to two
+    /// claimers.
     async fn claim_next_task(
         &self,
+        model: &str,
         now: OffsetDateTime,
         lease_until: OffsetDateTime,
         claim: &str,

@@ -33,6 +33,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "backends_webhooks",
         include_str!("../../migrations/postgres/0003_backends_webhooks.sql"),
     ),
+    (
+        4,
+        "models",
+        include_str!("../../migrations/postgres/0004_models.sql"),
+    ),
 ];
 
 /// PostgreSQL-backed storage.

@@ -53,7 +53,7 @@ macro_rules! key_columns {
 macro_rules! task_columns {
     () => {
         "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
-         completed_at, error_code, error_message, purged, runs, webhook_url"
+         completed_at, error_code, error_message, purged, runs, webhook_url, model"
     };
 }
 macro_rules! ledger_columns {
@@ -147,6 +147,7 @@ pub(crate) fn task(row: &impl Columns) -> Result<TaskRecord> {
         purged: row.int("purged")? != 0,
         runs: u32::try_from(row.int("runs")?).map_err(Error::internal)?,
         webhook_url: row.opt_text("webhook_url")?,
+        model: row.text("model")?,
     })
 }
 

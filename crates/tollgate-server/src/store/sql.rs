@@ -217,6 +217,7 @@ pub(crate) async fn charge<C: Conn>(
         Some(row) => Error::InsufficientCredits {
             cost: task.cost,
             balance: u64::try_from(row.int("credits")?).unwrap_or(0),
+            priced: None,
         },
         None => Error::NotFound {
             what: "account",
@@ -227,8 +228,8 @@ pub(crate) async fn charge<C: Conn>(
 
 /// The columns a new task is inserted with, in [`task_values`]' order, and how many they are.
 pub(crate) const NEW_TASK_COLUMNS: &str =
-    "id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url";
-pub(crate) const NEW_TASK_WIDTH: usize = 10;
+    "id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url, model";
+pub(crate) const NEW_TASK_WIDTH: usize = 11;
 
 /// Binds a new task's values in [`NEW_TASK_COLUMNS`]' order.
 pub(crate) fn task_values<'a>(stmt: Stmt<'a>, task: &'a TaskRecord, cost: i64) -> Stmt<'a> {
@@ -242,6 +243,7 @@ pub(crate) fn task_values<'a>(stmt: Stmt<'a>, task: &'a TaskRecord, cost: i64) -
         .bind(cost)
         .bind(to_millis(task.created_at))
         .bind(&task.webhook_url)
+        .bind(&task.model)
 }
 
 /// Charges and inserts one task (and completes its idempotency record) inside a transaction.
@@ -668,15 +670,17 @@ impl<E: Engine> Store for SqlStore<E> {
 
     async fn claim_next_task(
         &self,
+        model: &str,
         now: OffsetDateTime,
         lease_until: OffsetDateTime,
         claim: &str,
     ) -> Result<Option<TaskRecord>> {
         // The queue first (indexed), then tasks whose worker stopped renewing its lease.
         for pick in [
-            "SELECT seq FROM tasks WHERE status = 'queued' AND purged = 0 ORDER BY seq LIMIT 1",
-            "SELECT seq FROM tasks WHERE status = 'running' AND lease_until < $1 AND purged = 0 \
+            "SELECT seq FROM tasks WHERE status = 'queued' AND model = $4 AND purged = 0 \
              ORDER BY seq LIMIT 1",
+            "SELECT seq FROM tasks WHERE status = 'running' AND lease_until < $1 AND model = $4 \
+             AND purged = 0 ORDER BY seq LIMIT 1",
         ] {
             let row = self
                 .write_row(
@@ -688,7 +692,8 @@ impl<E: Engine> Store for SqlStore<E> {
                     ))
                     .bind(to_millis(now))
                     .bind(to_millis(lease_until))
-                    .bind(claim),
+                    .bind(claim)
+                    .bind(model),
                 )
                 .await?;
             if let Some(row) = row {

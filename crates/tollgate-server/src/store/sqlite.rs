@@ -37,6 +37,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "backends_webhooks",
         include_str!("../../migrations/sqlite/0003_backends_webhooks.sql"),
     ),
+    (
+        4,
+        "models",
+        include_str!("../../migrations/sqlite/0004_models.sql"),
+    ),
 ];
 
 /// SQLite-backed storage.

@@ -13,8 +13,8 @@
 pub mod builtin;
 pub mod openai;
 
-use crate::config::{BackendKind, Config};
-use crate::error::{Error, Result};
+use crate::domain::catalogue::BackendSpec;
+use crate::error::Result;
 use crate::store::TaskRecord;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -103,25 +103,19 @@ fn human(duration: std::time::Duration) -> String {
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
-/// The backend the configuration names. Fails when the upstream's URL or key is missing.
-pub fn from_config(config: &Config) -> Result<Arc<dyn Backend>> {
-    match config.backend {
-        BackendKind::Builtin => Ok(Arc::new(builtin::Builtin)),
-        BackendKind::OpenAi => {
-            let url = config.upstream_url.as_deref().ok_or_else(|| {
-                Error::internal("--backend openai needs --upstream-url (TOLLGATE_UPSTREAM_URL)")
-            })?;
-            let key = config.upstream_api_key.clone().ok_or_else(|| {
-                Error::internal(
-                    "--backend openai needs TOLLGATE_UPSTREAM_API_KEY in the environment",
-                )
-            })?;
-            Ok(Arc::new(openai::OpenAiImages::new(
-                url,
-                key,
-                config.upstream_model.clone(),
-            )?))
-        }
+/// The backend a model of the catalogue names, with its provider's settings.
+pub fn for_model(spec: &BackendSpec) -> Result<Arc<dyn Backend>> {
+    match spec {
+        BackendSpec::Builtin => Ok(Arc::new(builtin::Builtin)),
+        BackendSpec::OpenAi {
+            url,
+            api_key,
+            upstream_model,
+        } => Ok(Arc::new(openai::OpenAiImages::new(
+            url,
+            api_key.clone(),
+            upstream_model.clone(),
+        )?)),
     }
 }
 

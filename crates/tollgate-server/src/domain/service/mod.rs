@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::disk::DiskSpace;
 use crate::domain::backends::{self, Backend};
 use crate::domain::caches::{Cached, FinishedTasks, KeyCache};
+use crate::domain::catalogue::{Catalogue, ModelSpec};
 use crate::domain::clock::{Clock, SystemClock};
 use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
 use crate::domain::ratelimit::{Admission, Limiter};
@@ -27,13 +28,14 @@ use crate::store::{
     AccountRecord, CancelOutcome, IdempotencyBegin, IdempotencyScope, KeyRecord, NewAccount, Store,
     StoredResponse, TaskRecord, WebhookDeliveryRecord,
 };
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore};
 use tollgate_contract::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
-    CreatedKey, ErrorCode, ImageRef, KeyInfo, LedgerEntry, List, RateLimit, Task, TaskError,
+    CreatedKey, ErrorCode, ImageRef, KeyInfo, LedgerEntry, List, Model, RateLimit, Task, TaskError,
     TaskStatus, TaskWebhook, UpdateAccountRequest, WebhookAttempt, WebhookSecret, WebhookState,
 };
 
@@ -62,13 +64,10 @@ pub struct Tollgate {
     finished_tasks: Option<FinishedTasks>,
     /// Dashboard sign-in attempts, per client address and per credential prefix.
     pub(in crate::domain) sign_in_limits: SignInLimiter,
-    /// Wakes a worker when a task is queued.
-    work_ready: Arc<Notify>,
-    /// What generates the images.
-    backend: Arc<dyn Backend>,
-    /// One permit per generation the backend may run at once; a worker claims a task only
-    /// with a permit in hand.
-    backend_slots: Arc<Semaphore>,
+    /// What can be sold, by model id, each with its backend and its own share of the queue.
+    models: BTreeMap<String, ServedModel>,
+    /// The model of a create that names none.
+    default_model: String,
     /// Wakes the webhook sender when a finished task has a delivery waiting.
     webhooks_ready: Arc<Notify>,
     /// Free space under the data directory, checked before writes that grow the data.
@@ -81,6 +80,30 @@ pub struct Tollgate {
     last_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), &'static str>)>>,
 }
 
+/// A model as this process serves it: what the catalogue says, the backend that makes its
+/// images, and its own share of the queue (slots, workers and a wake-up), so that a slow or
+/// broken provider never holds the workers another model needs.
+struct ServedModel {
+    spec: ModelSpec,
+    backend: Arc<dyn Backend>,
+    /// One permit per generation of this model in flight; a worker claims a task only with a
+    /// permit in hand.
+    slots: Arc<Semaphore>,
+    /// Wakes one of the model's workers when one of its tasks is queued.
+    work_ready: Arc<Notify>,
+}
+
+impl ServedModel {
+    fn start(spec: ModelSpec) -> Result<ServedModel> {
+        Ok(ServedModel {
+            backend: backends::for_model(&spec.backend)?,
+            slots: Arc::new(Semaphore::new(spec.concurrency)),
+            work_ready: Arc::new(Notify::new()),
+            spec,
+        })
+    }
+}
+
 /// Readiness is probed at most this often; callers in between get the last answer.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -91,7 +114,8 @@ const MAX_LIST_LIMIT: u32 = 100;
 const PURGE_BATCH: u32 = 200;
 
 impl Tollgate {
-    /// Builds the domain over a store. `admin_token_hash` is the hash the operator's token must match.
+    /// Builds the domain over a store, selling the one built-in model ([`Tollgate::with_models`]
+    /// sells a catalogue). `admin_token_hash` is the hash the operator's token must match.
     pub fn new(
         config: Config,
         store: Arc<dyn Store>,
@@ -99,7 +123,20 @@ impl Tollgate {
         limits: Limiter,
         admin_token_hash: String,
     ) -> Self {
-        let backend_slots = Arc::new(Semaphore::new(config.effective_backend_concurrency()));
+        let builtin = Catalogue::builtin(&config);
+        let models = builtin
+            .models
+            .into_values()
+            .map(|spec| {
+                let served = ServedModel {
+                    backend: Arc::new(backends::builtin::Builtin),
+                    slots: Arc::new(Semaphore::new(spec.concurrency)),
+                    work_ready: Arc::new(Notify::new()),
+                    spec,
+                };
+                (served.spec.id.clone(), served)
+            })
+            .collect();
         let key_cache = (!store.is_shared()).then(KeyCache::default);
         let finished_tasks = (!store.is_shared()).then(FinishedTasks::default);
         let disk = DiskSpace::new(config.data_dir.clone(), config.min_free_disk);
@@ -117,9 +154,8 @@ impl Tollgate {
             limits,
             admin_token_hash,
             sign_in_limits: SignInLimiter::default(),
-            work_ready: Arc::new(Notify::new()),
-            backend: Arc::new(backends::builtin::Builtin),
-            backend_slots,
+            models,
+            default_model: builtin.default,
             webhooks_ready: Arc::new(Notify::new()),
         }
     }
@@ -135,10 +171,16 @@ impl Tollgate {
         self.clock.now()
     }
 
-    /// Generates with `backend` instead of the built-in renderer.
-    pub fn with_backend(mut self, backend: Arc<dyn Backend>) -> Self {
-        self.backend = backend;
-        self
+    /// Sells the models of `catalogue`, each made by the backend it names. Fails when a
+    /// backend cannot be set up (a provider URL that is no URL).
+    pub fn with_models(mut self, catalogue: Catalogue) -> Result<Self> {
+        self.models = catalogue
+            .models
+            .into_iter()
+            .map(|(id, spec)| Ok((id, ServedModel::start(spec)?)))
+            .collect::<Result<_>>()?;
+        self.default_model = catalogue.default;
+        Ok(self)
     }
 
     pub fn config(&self) -> &Config {
@@ -149,21 +191,55 @@ impl Tollgate {
         &self.metrics
     }
 
-    /// The workers' handle: the queue and the backend, not the facade.
-    pub fn runner(&self) -> worker::Runner {
-        worker::Runner {
-            store: Arc::clone(&self.store),
-            images: Arc::clone(&self.images),
-            backend: Arc::clone(&self.backend),
-            slots: Arc::clone(&self.backend_slots),
-            disk: self.disk.clone(),
-            clock: Arc::clone(&self.clock),
-            metrics: Arc::clone(&self.metrics),
-            work_ready: Arc::clone(&self.work_ready),
-            webhooks_ready: Arc::clone(&self.webhooks_ready),
-            lease: self.config.task_lease,
-            timeout: self.config.task_timeout,
+    /// The workers' handles, one per model with how many workers it gets: the model's queue
+    /// and backend, not the facade.
+    pub fn runners(&self) -> Vec<(worker::Runner, usize)> {
+        self.models
+            .values()
+            .map(|model| {
+                let runner = worker::Runner {
+                    model: model.spec.id.clone(),
+                    store: Arc::clone(&self.store),
+                    images: Arc::clone(&self.images),
+                    backend: Arc::clone(&model.backend),
+                    slots: Arc::clone(&model.slots),
+                    disk: self.disk.clone(),
+                    clock: Arc::clone(&self.clock),
+                    metrics: Arc::clone(&self.metrics),
+                    work_ready: Arc::clone(&model.work_ready),
+                    webhooks_ready: Arc::clone(&self.webhooks_ready),
+                    lease: self.config.task_lease,
+                    timeout: model.spec.timeout,
+                };
+                (runner, model.spec.workers)
+            })
+            .collect()
+    }
+
+    /// The models for sale, as `GET /v1/models` lists them.
+    pub fn models(&self) -> List<Model> {
+        List {
+            object: "list".to_owned(),
+            data: self.models.values().map(|m| m.spec.view()).collect(),
+            has_more: false,
         }
+    }
+
+    /// The model `id` names (the default one for `None`); 400 with `param` `model` when none.
+    fn model(&self, id: Option<&str>) -> Result<&ServedModel> {
+        let id = id.unwrap_or(&self.default_model);
+        self.models.get(id).ok_or_else(|| {
+            let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            Error::invalid(
+                ErrorCode::InvalidValue,
+                "model",
+                format!(
+                    "There is no model `{}`; the models are {} (GET /v1/models lists them with their prices).",
+                    shorten(id),
+                    quoted_list(&known)
+                ),
+            )
+        })
     }
 
     /// The webhook sender's handle: the outbox, not the facade.
@@ -188,6 +264,16 @@ fn no_account(id: &str) -> Error {
     Error::NotFound {
         what: "account",
         id: shorten(id),
+    }
+}
+
+/// `a`, `b` and `c`.
+fn quoted_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("`{i}`")).collect();
+    match quoted.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
     }
 }
 

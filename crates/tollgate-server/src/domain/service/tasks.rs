@@ -19,15 +19,40 @@ impl Tollgate {
                 format!("`prompt` must be 1 to {MAX_PROMPT_CHARS} characters and not blank; it has {prompt_chars}."),
             ));
         }
+        let model = self.model(request.model.as_deref())?;
+        let spec = &model.spec;
         let n = request.n.unwrap_or(1);
-        if !(1..=4).contains(&n) {
+        if !(1..=spec.max_n).contains(&n) {
             return Err(Error::invalid(
                 ErrorCode::InvalidValue,
                 "n",
-                format!("`n` must be 1 to 4, not {n}."),
+                format!(
+                    "`n` must be 1 to {} for the model `{}`, not {n}.",
+                    spec.max_n, spec.id
+                ),
             ));
         }
-        let size = request.size.unwrap_or_default();
+        let size = request.size.unwrap_or_else(|| spec.default_size());
+        let Some(per_image) = spec.price(size) else {
+            let sizes: Vec<&str> = spec.prices.keys().map(|s| s.as_str()).collect();
+            return Err(Error::invalid(
+                ErrorCode::InvalidValue,
+                "size",
+                format!(
+                    "The model `{}` does not make {}; it makes {}.",
+                    spec.id,
+                    size.as_str(),
+                    quoted_list(&sizes)
+                ),
+            ));
+        };
+        let cost = per_image.checked_mul(u64::from(n)).ok_or_else(|| {
+            Error::invalid(
+                ErrorCode::InvalidValue,
+                "n",
+                "The task would cost more credits than can be counted.",
+            )
+        })?;
         let seed = match request.seed {
             Some(seed) => seed,
             None => i64::from(rand::random::<u32>()),
@@ -50,9 +75,10 @@ impl Tollgate {
             n,
             size,
             seed,
-            cost: self.config.prices.cost(size, n)?,
+            cost,
             created_at: self.now(),
             webhook_url,
+            model: spec.id.clone(),
             ..TaskRecord::default()
         };
         self.disk.ensure_headroom()?;
@@ -69,9 +95,22 @@ impl Tollgate {
                 &record,
                 stored.as_ref().map(|(scope, response)| (*scope, response)),
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                Error::InsufficientCredits { cost, balance, .. } => Error::InsufficientCredits {
+                    cost,
+                    balance,
+                    priced: Some(format!(
+                        "{n} × {} with `{}` at {per_image} credit{} each",
+                        size.as_str(),
+                        spec.id,
+                        if per_image == 1 { "" } else { "s" }
+                    )),
+                },
+                other => other,
+            })?;
         self.metrics.credits_charged.inc_by(record.cost);
-        self.work_ready.notify_one();
+        model.work_ready.notify_one();
         Ok(task)
     }
 
@@ -312,6 +351,7 @@ pub(crate) fn task_view(record: &TaskRecord, retention: Duration) -> Task {
         id: record.id.clone(),
         object: "task".to_owned(),
         status: record.status,
+        model: record.model.clone(),
         prompt: record.prompt.clone(),
         n: record.n,
         size: record.size,

@@ -19,7 +19,7 @@ use axum::response::Response;
 use maud::{html, Markup};
 use serde::Deserialize;
 use std::sync::Arc;
-use tollgate_contract::{Account, ImageSize, KeyInfo, LedgerEntry, Task, TaskStatus};
+use tollgate_contract::{Account, KeyInfo, LedgerEntry, Task, TaskStatus};
 
 /// Ledger entries on the overview, and with "show more".
 const LEDGER_ROWS: u32 = 20;
@@ -174,7 +174,7 @@ fn credits_page(
     flash: Option<Flash>,
     code: &str,
 ) -> Markup {
-    let prices = &state.app.config().prices;
+    let models = state.app.models().data;
     let body = html! {
         (page_head("Top up credits", Some(html! { "Credits pay for images: each task is charged when it is accepted and refunded if it fails." }), None))
         div.grid.two {
@@ -199,12 +199,19 @@ fn credits_page(
                     div.value #balance { (thousands(account.credits)) " " small { "credits" } }
                     div.muted.small { "Available for new tasks now" }
                 }
-                section.card {
+                section.card #prices {
                     h2 { "Prices" }
                     table {
+                        thead { tr { th { "Model" } th { "Size" } th.num { "Per image" } } }
                         tbody {
-                            @for size in ImageSize::ALL {
-                                tr { td { (size.as_str()) } td.num { (credits(prices.per_image(size))) " / image" } }
+                            @for model in &models {
+                                @for (size, price) in &model.prices {
+                                    tr {
+                                        td title=(model.id) { (model.name) }
+                                        td { (size.as_str()) }
+                                        td.num { (credits(*price)) }
+                                    }
+                                }
                             }
                         }
                     }
@@ -303,6 +310,7 @@ fn task_tile(task: &Task) -> Markup {
                 @if let Some(error) = &task.error { p.small.muted { (error.message) } }
                 div.meta {
                     (badge(status, status))
+                    span.model { (task.model) }
                     span { (task.size.as_str()) " · " (credits(task.cost)) }
                 }
                 div.meta { span { (layout::datetime(task.created_at)) } }
