@@ -1,9 +1,9 @@
 //! Assembles storage, the domain, the workers and the HTTP layer, and runs them until shutdown.
 
 use crate::config::{Config, Secret};
+use crate::domain::catalogue::Catalogue;
 use crate::domain::ratelimit::{Limiter, RateLimits, RedisLimits};
 use crate::domain::service::Tollgate;
-use crate::domain::catalogue::Catalogue;
 use crate::domain::{purge, secrets, webhooks, worker};
 use crate::error::Error;
 use crate::error::Result;

@@ -256,6 +256,51 @@ async fn claims_are_exclusive(store: Arc<dyn Store>) {
     assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), ids);
 }
 
+async fn each_model_claims_only_its_own_tasks(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let slow = TaskRecord {
+        model: "slow".into(),
+        ..task(&id, 1)
+    };
+    let fast = TaskRecord {
+        model: "fast".into(),
+        ..task(&id, 1)
+    };
+    store.create_task(&slow, None).await.unwrap();
+    store.create_task(&fast, None).await.unwrap();
+    let claimed = store
+        .claim_next_task("fast", now(), ms(-1), "fast-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (claimed.id.as_str(), claimed.model.as_str()),
+        (fast.id.as_str(), "fast")
+    );
+    // Nothing else queued for `fast`, and its lapsed lease is taken by `fast` alone.
+    assert!(store
+        .claim_next_task("builtin", now(), ms(60_000), "other")
+        .await
+        .unwrap()
+        .is_none());
+    let again = store
+        .claim_next_task("fast", now(), ms(60_000), "fast-2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.id, fast.id);
+    let claimed = store
+        .claim_next_task("slow", now(), ms(60_000), "slow-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, slow.id);
+    assert_eq!(
+        store.get_task(&slow.id).await.unwrap().unwrap().model,
+        "slow"
+    );
+}
+
 async fn an_expired_lease_moves_the_task_to_another_worker(store: Arc<dyn Store>) {
     let id = account(store.as_ref(), 10).await;
     let t = task(&id, 2);
@@ -1203,6 +1248,7 @@ on_every_engine!(
     credits_never_overdraw_under_concurrency,
     a_task_that_cannot_be_written_fails_alone,
     claims_are_exclusive,
+    each_model_claims_only_its_own_tasks,
     an_expired_lease_moves_the_task_to_another_worker,
     failures_and_cancels_refund_exactly_once,
     adjustments_never_overdraw,
