@@ -44,6 +44,8 @@ pub struct Metrics {
     pub ready: Gauge,
     pub task_duration: Histogram,
     tasks_finished: Family<Labels, Counter>,
+    model_runs: Family<Labels, Counter>,
+    model_failing: Family<Labels, Gauge>,
     request_handles: dashmap::DashMap<u64, RequestHandles, crate::domain::caches::FastHash>,
 }
 
@@ -64,6 +66,8 @@ impl Default for Metrics {
         let ready = Gauge::default();
         let task_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let tasks_finished = Family::<Labels, Counter>::default();
+        let model_runs = Family::<Labels, Counter>::default();
+        let model_failing = Family::<Labels, Gauge>::default();
         registry.register(
             "http_requests",
             "HTTP requests by route, method and status",
@@ -118,8 +122,21 @@ impl Default for Metrics {
             "Tasks that reached a final state, by status",
             tasks_finished.clone(),
         );
+        registry.register(
+            "model_runs",
+            "Runs of each model's backend, by outcome (succeeded, failed: the provider refused, \
+             was unavailable or timed out)",
+            model_runs.clone(),
+        );
+        registry.register(
+            "model_failing",
+            "1 while a model's provider keeps failing (its last runs all failed)",
+            model_failing.clone(),
+        );
         Metrics {
             registry,
+            model_runs,
+            model_failing,
             http_requests,
             http_duration,
             rate_limited,
@@ -170,6 +187,38 @@ impl Metrics {
                 latency,
             },
         );
+    }
+
+    /// The models served, each at zero from the start, so that a rate over its runs exists
+    /// before the first (and only these: a model no longer sold is not shown).
+    pub fn models(&self, ids: impl IntoIterator<Item = String>) {
+        self.model_runs.clear();
+        self.model_failing.clear();
+        for id in ids {
+            for outcome in ["succeeded", "failed"] {
+                drop(self.model_runs.get_or_create(&vec![
+                    ("model", id.clone()),
+                    ("outcome", outcome.to_owned()),
+                ]));
+            }
+            self.model_failing
+                .get_or_create(&vec![("model", id)])
+                .set(0);
+        }
+    }
+
+    /// One run of `model`'s backend ended; `failing`: the model is now reported failing.
+    pub fn model_run(&self, model: &str, succeeded: bool, failing: bool) {
+        let outcome = if succeeded { "succeeded" } else { "failed" };
+        self.model_runs
+            .get_or_create(&vec![
+                ("model", model.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+        self.model_failing
+            .get_or_create(&vec![("model", model.to_owned())])
+            .set(i64::from(failing));
     }
 
     pub fn task_finished(&self, status: &str) {

@@ -816,3 +816,143 @@ async fn the_stylesheet_is_cached_and_pages_show_spend() {
         .contains("immutable"));
     assert!(response.text().await.unwrap().contains("@media"));
 }
+
+/// An OpenAI-compatible upstream that refuses every request (a 400, as for a bad parameter).
+async fn refusing_upstream() -> String {
+    let app = axum::Router::new().route(
+        "/v1/images/generations",
+        axum::routing::post(|| async {
+            (
+                axum::http::StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": "model not available", "type": "invalid_request_error"}})),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test]
+async fn the_operator_sees_the_models_their_prices_and_a_provider_that_keeps_failing() {
+    let upstream = refusing_upstream().await;
+    let files = tempfile::tempdir().unwrap();
+    let models = files.path().join("models.toml");
+    std::fs::write(
+        &models,
+        format!(
+            "default = \"sketch\"\n\n[models.sketch]\nname = \"Sketch\"\nbackend = \"builtin\"\n\
+             prices = {{ \"256x256\" = 1, \"512x512\" = 2 }}\n\n[models.broken]\nname = \"Broken\"\n\
+             backend = \"openai\"\nurl = \"{upstream}\"\napi_key_env = \"BROKEN_KEY\"\n\
+             prices = {{ \"1024x1024\" = 9 }}\n"
+        ),
+    )
+    .unwrap();
+    let (_tmp, server) = TestServer::start_with_env(
+        &["--models", models.to_str().unwrap()],
+        &[("BROKEN_KEY", "sk-broken-0c1d")],
+    );
+    let acct = server.account(100).await;
+    let metric = |text: &str, line: &str| {
+        text.lines()
+            .find(|l| l.starts_with(line))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let text = metrics.text().await.unwrap();
+    assert_eq!(
+        metric(&text, "tollgate_model_failing{model=\"broken\"}").as_deref(),
+        Some("0"),
+        "{text}"
+    );
+
+    for i in 0..3 {
+        let (_, done) = server
+            .generate(
+                &acct.key,
+                json!({"prompt": format!("p{i}"), "model": "broken"}),
+            )
+            .await;
+        assert_eq!(done["error"]["code"], "upstream_rejected", "{done}");
+    }
+    let (_, done) = server.generate(&acct.key, json!({"prompt": "fine"})).await;
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(
+        server.balance(&acct.key).await,
+        100 - 2,
+        "the failures were refunded"
+    );
+
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "tollgate_model_failing{model=\"broken\"}").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "tollgate_model_failing{model=\"sketch\"}").as_deref(),
+        Some("0"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_model_runs_total{model=\"broken\",outcome=\"failed\"}"
+        )
+        .as_deref(),
+        Some("3"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_model_runs_total{model=\"sketch\",outcome=\"succeeded\"}"
+        )
+        .as_deref(),
+        Some("1"),
+        "{text}"
+    );
+
+    let mut operator = Browser::signed_in(&server, ADMIN_TOKEN, "/dashboard/admin").await;
+    let page = operator.page("/dashboard/admin").await;
+    let models_card = &page[page.find("id=\"models\"").expect("a models card")..];
+    let broken_row = &models_card[models_card.find("broken").unwrap()..];
+    let broken_row = &broken_row[..broken_row.find("</tr>").unwrap()];
+    assert!(broken_row.contains("failing"), "{broken_row}");
+    assert!(broken_row.contains("3 in a row"), "{broken_row}");
+    assert!(broken_row.contains("upstream_rejected"), "{broken_row}");
+    assert!(broken_row.contains("1024x1024 9 credits"), "{broken_row}");
+    let sketch_row = &models_card[models_card.find("sketch").unwrap()..];
+    let sketch_row = &sketch_row[..sketch_row.find("</tr>").unwrap()];
+    assert!(sketch_row.contains(">ok<"), "{sketch_row}");
+    assert!(!page.contains("sk-broken-0c1d"));
+
+    // The account holder's Top up page lists the prices of every model.
+    let mut holder = Browser::signed_in(&server, &acct.key, "/dashboard/overview").await;
+    let credits = holder.page("/dashboard/credits").await;
+    let prices = &credits[credits.find("id=\"prices\"").unwrap()..];
+    for expected in [
+        "Broken",
+        "1024x1024",
+        "9 credits",
+        "Sketch",
+        "256x256",
+        "1 credit",
+    ] {
+        assert!(prices.contains(expected), "{expected} in {prices}");
+    }
+}

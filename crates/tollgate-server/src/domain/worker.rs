@@ -52,11 +52,72 @@ pub struct Runner {
     pub(in crate::domain) webhooks_ready: Arc<Notify>,
     pub(in crate::domain) lease: Duration,
     pub(in crate::domain) timeout: Duration,
+    /// How this model's runs have gone (shared with the facade, which reports it).
+    pub(in crate::domain) health: Arc<ModelHealth>,
 }
 
 impl Runner {
     fn now(&self) -> OffsetDateTime {
         self.clock.now()
+    }
+}
+
+/// Consecutive provider failures after which a model is reported failing (`/metrics`'s
+/// `tollgate_model_failing`, the operator's dashboard) until one of its runs succeeds.
+pub const FAILING_AFTER: u64 = 3;
+
+/// How a model's runs have gone in this process: what `/metrics` and the operator's dashboard
+/// show of it. A provider failure is a run its backend could not turn into images (refused,
+/// unavailable until the retries ran out, or timed out); a crash or a full disk is not.
+#[derive(Debug, Default)]
+pub struct ModelHealth {
+    succeeded: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    consecutive_failures: std::sync::atomic::AtomicU64,
+    /// The last provider failure: its task error code and when.
+    last_failure: std::sync::Mutex<Option<(String, OffsetDateTime)>>,
+}
+
+/// A snapshot of a [`ModelHealth`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub consecutive_failures: u64,
+    pub last_failure: Option<(String, OffsetDateTime)>,
+}
+
+impl HealthReport {
+    /// The provider keeps failing: [`FAILING_AFTER`] failures in a row, none since succeeded.
+    pub fn failing(&self) -> bool {
+        self.consecutive_failures >= FAILING_AFTER
+    }
+}
+
+impl ModelHealth {
+    fn succeeded(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.succeeded.fetch_add(1, Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+    }
+
+    fn failed(&self, code: &str, at: OffsetDateTime) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.failed.fetch_add(1, Relaxed);
+        self.consecutive_failures.fetch_add(1, Relaxed);
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = Some((code.to_owned(), at));
+        }
+    }
+
+    pub fn report(&self) -> HealthReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        HealthReport {
+            succeeded: self.succeeded.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            consecutive_failures: self.consecutive_failures.load(Relaxed),
+            last_failure: self.last_failure.lock().ok().and_then(|l| l.clone()),
+        }
     }
 }
 
@@ -163,6 +224,23 @@ async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
             _ = renewing => Err(TaskFailure::Backend(BackendError::Internal("lease renewal loop ended".to_owned()))),
         }
     };
+    match &rendered {
+        Ok(()) => {
+            app.health.succeeded();
+            app.metrics.model_run(&app.model, true, false);
+        }
+        Err(failure @ TaskFailure::Backend(e)) if !matches!(e, BackendError::Internal(_)) => {
+            app.health
+                .failed(&failure.task_error(app.timeout).0, app.now());
+            let failing = app.health.report().failing();
+            if failing {
+                tracing::warn!(model = %app.model, backend = app.backend.name(), "the model's provider keeps failing");
+            }
+            app.metrics.model_run(&app.model, false, failing);
+        }
+        // Not the provider's doing (a crash, the disk, a bug).
+        Err(_) => {}
+    }
     let outcome = match rendered {
         Ok(()) => TaskOutcome::Succeeded,
         Err(TaskFailure::Storage(e)) => {

@@ -91,6 +91,8 @@ struct ServedModel {
     slots: Arc<Semaphore>,
     /// Wakes one of the model's workers when one of its tasks is queued.
     work_ready: Arc<Notify>,
+    /// How its runs have gone in this process.
+    health: Arc<worker::ModelHealth>,
 }
 
 impl ServedModel {
@@ -99,6 +101,7 @@ impl ServedModel {
             backend: backends::for_model(&spec.backend)?,
             slots: Arc::new(Semaphore::new(spec.concurrency)),
             work_ready: Arc::new(Notify::new()),
+            health: Arc::default(),
             spec,
         })
     }
@@ -124,6 +127,8 @@ impl Tollgate {
         admin_token_hash: String,
     ) -> Self {
         let builtin = Catalogue::builtin(&config);
+        let metrics = Metrics::default();
+        metrics.models(builtin.models.keys().cloned());
         let models = builtin
             .models
             .into_values()
@@ -132,6 +137,7 @@ impl Tollgate {
                     backend: Arc::new(backends::builtin::Builtin),
                     slots: Arc::new(Semaphore::new(spec.concurrency)),
                     work_ready: Arc::new(Notify::new()),
+                    health: Arc::default(),
                     spec,
                 };
                 (served.spec.id.clone(), served)
@@ -149,7 +155,7 @@ impl Tollgate {
             finished_tasks,
             store,
             images,
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(metrics),
             config,
             limits,
             admin_token_hash,
@@ -180,6 +186,7 @@ impl Tollgate {
             .map(|(id, spec)| Ok((id, ServedModel::start(spec)?)))
             .collect::<Result<_>>()?;
         self.default_model = catalogue.default;
+        self.metrics.models(self.models.keys().cloned());
         Ok(self)
     }
 
@@ -210,6 +217,7 @@ impl Tollgate {
                     webhooks_ready: Arc::clone(&self.webhooks_ready),
                     lease: self.config.task_lease,
                     timeout: model.spec.timeout,
+                    health: Arc::clone(&model.health),
                 };
                 (runner, model.spec.workers)
             })
@@ -223,6 +231,14 @@ impl Tollgate {
             data: self.models.values().map(|m| m.spec.view()).collect(),
             has_more: false,
         }
+    }
+
+    /// Every model with its backend's name and how its runs have gone, for the operator.
+    pub fn model_health(&self) -> Vec<(Model, &'static str, worker::HealthReport)> {
+        self.models
+            .values()
+            .map(|m| (m.spec.view(), m.spec.backend.name(), m.health.report()))
+            .collect()
     }
 
     /// The model `id` names (the default one for `None`); 400 with `param` `model` when none.

@@ -58,6 +58,50 @@ fn whole_number(text: &str, what: &str) -> Result<i64, String> {
         .map_err(|_| format!("{what} must be a whole number, not “{}”.", text.trim()))
 }
 
+/// The models for sale, their prices, and how their providers have done since the start.
+fn models_card(state: &AppState) -> Markup {
+    let models = state.app.model_health();
+    html! {
+        section.card #models {
+            h2 { "Models" }
+            div.table-wrap {
+                table {
+                    thead { tr {
+                        th { "Model" } th.hide-sm { "Backend" } th { "Prices (per image)" }
+                        th.num { "Runs ok" } th.num { "Failed" } th { "Provider" }
+                    } }
+                    tbody {
+                        @for (model, backend, health) in &models {
+                            tr {
+                                td { strong { (model.name) } div.small.muted.mono { (model.id) } }
+                                td.hide-sm { (backend) }
+                                td.small {
+                                    @for (i, (size, price)) in model.prices.iter().enumerate() {
+                                        @if i > 0 { " · " }
+                                        (size.as_str()) " " (credits(*price))
+                                    }
+                                }
+                                td.num { (thousands(health.succeeded)) }
+                                td.num { (thousands(health.failed)) }
+                                td {
+                                    @if health.failing() {
+                                        (badge("failed", "failing"))
+                                        @if let Some((code, at)) = &health.last_failure {
+                                            div.small.muted { (health.consecutive_failures) " in a row; last " span.mono { (code) } " at " (datetime(*at)) }
+                                        }
+                                    } @else {
+                                        (badge("succeeded", "ok"))
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn accounts_page(
     state: &AppState,
     page_: &OperatorPage,
@@ -78,6 +122,7 @@ async fn accounts_page(
             div.card.stat { div.label { "Credits held" } div.value { (thousands(total_balance)) " " small { "credits" } } }
             div.card.stat { div.label { "Spent, last " (SPEND_DAYS) " days" } div.value { (thousands(total_spent)) " " small { "credits" } } }
         }
+        (models_card(state))
         section.card {
             div.table-wrap {
                 table #accounts {
