@@ -55,6 +55,22 @@ pub enum BackendSpec {
         api_key: Secret,
         upstream_model: Option<String>,
     },
+    /// Replicate's predictions API.
+    Replicate(QueueProvider),
+    /// fal's queue API.
+    Fal(QueueProvider),
+}
+
+/// The settings of a provider with a queue API (Replicate, fal).
+#[derive(Debug, Clone)]
+pub struct QueueProvider {
+    pub url: String,
+    /// Redacted in `Debug`.
+    pub api_key: Secret,
+    /// The provider's name of the model: `owner/name[:version]` (Replicate), `fal-ai/…` (fal).
+    pub upstream_model: String,
+    /// Inputs sent with every request, over tollgate's own (`input = { … }` in the file).
+    pub input: serde_json::Map<String, serde_json::Value>,
 }
 
 impl BackendSpec {
@@ -62,6 +78,8 @@ impl BackendSpec {
         match self {
             BackendSpec::Builtin => "builtin",
             BackendSpec::OpenAi { .. } => "openai",
+            BackendSpec::Replicate(_) => "replicate",
+            BackendSpec::Fal(_) => "fal",
         }
     }
 }
@@ -138,6 +156,7 @@ impl Catalogue {
                 Some(upstream) => format!("{upstream} (OpenAI-compatible)"),
                 None => "OpenAI-compatible".to_owned(),
             },
+            BackendSpec::Replicate(p) | BackendSpec::Fal(p) => p.upstream_model.clone(),
         };
         let model = ModelSpec {
             id: DEFAULT_MODEL.to_owned(),
@@ -205,47 +224,104 @@ impl Catalogue {
                 }
                 None => config.task_timeout,
             };
+            let key = |backend: &str| -> Result<Secret, String> {
+                let var = m.api_key_env.as_deref().ok_or_else(|| {
+                    at(
+                        &id,
+                        format!(
+                            "the {backend} backend needs `api_key_env`, the environment variable \
+                             that holds the provider's key"
+                        ),
+                    )
+                })?;
+                env(var)
+                    .filter(|k| !k.is_empty())
+                    .map(Secret::new)
+                    .ok_or_else(|| at(&id, format!("`api_key_env`: the variable {var} is not set")))
+            };
+            let url = |backend: &str, default: Option<&str>| -> Result<String, String> {
+                let url = m
+                    .url
+                    .clone()
+                    .or(default.map(str::to_owned))
+                    .ok_or_else(|| at(&id, format!("the {backend} backend needs `url`")))?;
+                match reqwest::Url::parse(&url) {
+                    Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => Ok(url),
+                    Ok(_) => Err(at(&id, format!("`url` {url:?}: not http:// or https://"))),
+                    Err(e) => Err(at(&id, format!("`url` {url:?}: {e}"))),
+                }
+            };
+            let refuse = |backend: &str, fields: &[(&str, bool)]| -> Result<(), String> {
+                match fields.iter().find(|(_, set)| *set) {
+                    Some((field, _)) => {
+                        Err(at(&id, format!("the {backend} backend takes no `{field}`")))
+                    }
+                    None => Ok(()),
+                }
+            };
+            let input = match &m.input {
+                Some(table) => match serde_json::to_value(table) {
+                    Ok(serde_json::Value::Object(map)) => map,
+                    _ => return Err(at(&id, "`input` must be a table".to_owned())),
+                },
+                None => serde_json::Map::new(),
+            };
+            let queue = |backend: &str, default_url: &str| -> Result<QueueProvider, String> {
+                Ok(QueueProvider {
+                    url: url(backend, Some(default_url))?,
+                    api_key: key(backend)?,
+                    upstream_model: m.upstream_model.clone().ok_or_else(|| {
+                        at(
+                            &id,
+                            format!("the {backend} backend needs `upstream_model`, the provider's name of the model"),
+                        )
+                    })?,
+                    input: input.clone(),
+                })
+            };
             let backend = match m.backend {
                 RawBackend::Builtin => {
-                    for (field, set) in [
-                        ("url", m.url.is_some()),
-                        ("api_key_env", m.api_key_env.is_some()),
-                        ("upstream_model", m.upstream_model.is_some()),
-                    ] {
-                        if set {
-                            return Err(at(&id, format!("the builtin backend takes no `{field}`")));
-                        }
-                    }
+                    refuse(
+                        "builtin",
+                        &[
+                            ("url", m.url.is_some()),
+                            ("api_key_env", m.api_key_env.is_some()),
+                            ("upstream_model", m.upstream_model.is_some()),
+                            ("input", m.input.is_some()),
+                        ],
+                    )?;
                     BackendSpec::Builtin
                 }
                 RawBackend::Openai => {
-                    let url = m
-                        .url
-                        .ok_or_else(|| at(&id, "the openai backend needs `url`".to_owned()))?;
-                    reqwest::Url::parse(&url)
-                        .map_err(|e| at(&id, format!("`url` {url:?}: {e}")))?;
-                    let var = m.api_key_env.ok_or_else(|| {
-                        at(
-                            &id,
-                            "the openai backend needs `api_key_env`, the environment variable \
-                             that holds the provider's key"
-                                .to_owned(),
-                        )
-                    })?;
-                    let key = env(&var).filter(|k| !k.is_empty()).ok_or_else(|| {
-                        at(&id, format!("`api_key_env`: the variable {var} is not set"))
-                    })?;
+                    refuse("openai", &[("input", m.input.is_some())])?;
                     BackendSpec::OpenAi {
-                        url,
-                        api_key: Secret::new(key),
-                        upstream_model: m.upstream_model,
+                        url: url("openai", None)?,
+                        api_key: key("openai")?,
+                        upstream_model: m.upstream_model.clone(),
                     }
                 }
-                RawBackend::Replicate | RawBackend::Fal | RawBackend::Comfyui => {
+                RawBackend::Replicate => {
+                    let provider = queue("replicate", "https://api.replicate.com")?;
+                    let name = provider
+                        .upstream_model
+                        .split(':')
+                        .next()
+                        .unwrap_or_default();
+                    if name.split('/').filter(|p| !p.is_empty()).count() != 2 {
+                        return Err(at(
+                            &id,
+                            "`upstream_model`: a Replicate model is owner/name or owner/name:version"
+                                .to_owned(),
+                        ));
+                    }
+                    BackendSpec::Replicate(provider)
+                }
+                RawBackend::Fal => BackendSpec::Fal(queue("fal", "https://queue.fal.run")?),
+                RawBackend::Comfyui => {
                     return Err(at(
                         &id,
-                        "this backend is not available in this version of tollgate \
-                         (builtin and openai are)"
+                        "the comfyui backend is not available in this version of tollgate \
+                         (builtin, openai, replicate and fal are)"
                             .to_owned(),
                     ))
                 }
@@ -317,6 +393,7 @@ struct RawModel {
     max_n: Option<u8>,
     concurrency: Option<usize>,
     timeout: Option<String>,
+    input: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,7 +471,10 @@ timeout = "5m"
             ("\n[models.a]\nbackend = \"openai\"\nurl = \"http://x\"\napi_key_env = \"MISSING\"\nprices = { \"256x256\" = 1 }\n", "line 2, [models.a]: `api_key_env`: the variable MISSING is not set"),
             ("[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\nmax_n = 9\n", "`max_n` must be 1–4"),
             ("default = \"b\"\n[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\n", "names no model"),
-            ("[models.a]\nbackend = \"replicate\"\nprices = { \"256x256\" = 1 }\n", "not available"),
+            ("[models.a]\nbackend = \"comfyui\"\nprices = { \"256x256\" = 1 }\n", "not available"),
+            ("[models.a]\nbackend = \"replicate\"\napi_key_env = \"UPSTREAM_KEY\"\nprices = { \"256x256\" = 1 }\n", "needs `upstream_model`"),
+            ("[models.a]\nbackend = \"replicate\"\napi_key_env = \"UPSTREAM_KEY\"\nupstream_model = \"flux\"\nprices = { \"256x256\" = 1 }\n", "owner/name"),
+            ("[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\ninput = { steps = 4 }\n", "takes no `input`"),
             ("[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\ntimeout = \"soon\"\n", "`timeout`"),
             ("", "no models"),
             ("[models.a\n", "line 1"),

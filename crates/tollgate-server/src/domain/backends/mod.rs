@@ -2,8 +2,12 @@
 //!
 //! - [`builtin::Builtin`]: the offline reference renderer (`domain/generator.rs`), the default.
 //! - [`openai::OpenAiImages`]: an OpenAI-compatible images API
-//!   (`POST {url}/v1/images/generations`, `response_format: b64_json`), called with the SDK's
-//!   retry loop.
+//!   (`POST {url}/v1/images/generations`, `response_format: b64_json`).
+//! - [`replicate::Replicate`]: Replicate's predictions (create, poll, download, cancel).
+//! - [`fal::Fal`]: fal's queue (submit, status, result, download, cancel).
+//!
+//! The providers' backends share [`upstream::Upstream`]: every call through the SDK's retry
+//! loop, the key sent to the provider's origin only, messages cleaned for the task.
 //!
 //! The worker (`domain/worker.rs`) calls the backend under the per-backend concurrency limit and
 //! the per-task timeout, stores what it returns, and turns a [`BackendError`] into the task's
@@ -11,7 +15,10 @@
 //! task: they never carry a credential or an upstream body beyond a short, cleaned message.
 
 pub mod builtin;
+pub mod fal;
 pub mod openai;
+pub mod replicate;
+pub mod upstream;
 
 use crate::domain::catalogue::BackendSpec;
 use crate::error::Result;
@@ -115,6 +122,18 @@ pub fn for_model(spec: &BackendSpec) -> Result<Arc<dyn Backend>> {
             url,
             api_key.clone(),
             upstream_model.clone(),
+        )?)),
+        BackendSpec::Replicate(p) => Ok(Arc::new(replicate::Replicate::new(
+            &p.url,
+            p.api_key.clone(),
+            &p.upstream_model,
+            p.input.clone(),
+        )?)),
+        BackendSpec::Fal(p) => Ok(Arc::new(fal::Fal::new(
+            &p.url,
+            p.api_key.clone(),
+            &p.upstream_model,
+            p.input.clone(),
         )?)),
     }
 }

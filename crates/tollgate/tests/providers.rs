@@ -1,0 +1,479 @@
+//! The queue providers' backends against local servers that follow each provider's documented
+//! protocol over real HTTP: Replicate's predictions (create, poll, output URLs, cancel) and fal's
+//! queue (submit, status, result, cancel). Each: images made and served, the task's input and the
+//! catalogue's `input` sent, the key sent to the provider and not to the CDN that serves the
+//! outputs, a failed run refunded with the provider's reason, and a run past the model's timeout
+//! refunded and cancelled at the provider.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use common::TestServer;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const REPLICATE_KEY: &str = "r8_test_replicate_token_5b1e";
+const FAL_KEY: &str = "fal-key-id:fal-key-secret-77c2";
+
+fn png(tag: &str) -> Vec<u8> {
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend_from_slice(tag.as_bytes());
+    bytes
+}
+
+/// What a fake provider saw and holds.
+#[derive(Default)]
+struct Provider {
+    /// The base URL of the API and of the CDN that serves outputs (another origin).
+    api: String,
+    cdn: String,
+    /// Run id → (the request's input, polls so far).
+    runs: Mutex<HashMap<String, (Value, u32)>>,
+    authorizations: Mutex<Vec<Option<String>>>,
+    cdn_authorizations: Mutex<Vec<Option<String>>>,
+    cancels: Mutex<Vec<String>>,
+}
+
+type Shared = Arc<Provider>;
+
+fn authorization(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("authorization")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+impl Provider {
+    fn new_run(&self, headers: &HeaderMap, input: Value) -> String {
+        self.authorizations
+            .lock()
+            .unwrap()
+            .push(authorization(headers));
+        let mut runs = self.runs.lock().unwrap();
+        let id = format!("run{}", runs.len());
+        runs.insert(id.clone(), (input, 0));
+        id
+    }
+
+    /// One poll of `id`: its input and how many polls came before.
+    fn poll(&self, headers: &HeaderMap, id: &str) -> Option<(Value, u32)> {
+        self.authorizations
+            .lock()
+            .unwrap()
+            .push(authorization(headers));
+        let mut runs = self.runs.lock().unwrap();
+        let (input, polls) = runs.get_mut(id)?;
+        *polls += 1;
+        Some((input.clone(), *polls - 1))
+    }
+
+    fn prompt_of(&self, id: &str) -> String {
+        let runs = self.runs.lock().unwrap();
+        runs[id].0["prompt"].as_str().unwrap().to_owned()
+    }
+
+    /// The input of the first run.
+    fn first_input(&self) -> Value {
+        self.runs.lock().unwrap()["run0"].0.clone()
+    }
+}
+
+/// The CDN: `GET /{run}/{index}.png`, without a key.
+async fn cdn_file(
+    State(provider): State<Shared>,
+    headers: HeaderMap,
+    Path((run, file)): Path<(String, String)>,
+) -> Vec<u8> {
+    provider
+        .cdn_authorizations
+        .lock()
+        .unwrap()
+        .push(authorization(&headers));
+    png(&format!("{run}/{file}"))
+}
+
+/// Starts a provider's API (`api`) and its CDN; returns the shared state with both URLs.
+async fn start(api: impl FnOnce(Shared) -> Router) -> Shared {
+    let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut provider = Provider {
+        api: format!("http://{}", api_listener.local_addr().unwrap()),
+        ..Provider::default()
+    };
+    let cdn_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    provider.cdn = format!("http://{}", cdn_listener.local_addr().unwrap());
+    let provider = Arc::new(provider);
+    let cdn = Router::new()
+        .route("/{run}/{file}", get(cdn_file))
+        .with_state(Arc::clone(&provider));
+    tokio::spawn(async move { axum::serve(cdn_listener, cdn).await.unwrap() });
+    let router = api(Arc::clone(&provider));
+    tokio::spawn(async move { axum::serve(api_listener, router).await.unwrap() });
+    provider
+}
+
+// ---------------------------------------------------------------- Replicate
+
+fn prediction(provider: &Provider, id: &str, status: &str, output: Value, error: Value) -> Value {
+    json!({
+        "id": id,
+        "model": "black-forest-labs/flux-schnell",
+        "status": status,
+        "output": output,
+        "error": error,
+        "urls": {
+            "get": format!("{}/v1/predictions/{id}", provider.api),
+            "cancel": format!("{}/v1/predictions/{id}/cancel", provider.api),
+        },
+    })
+}
+
+async fn replicate_create(
+    State(provider): State<Shared>,
+    Path((owner, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    assert_eq!(format!("{owner}/{name}"), "black-forest-labs/flux-schnell");
+    let id = provider.new_run(&headers, body["input"].clone());
+    (
+        StatusCode::CREATED,
+        Json(prediction(
+            &provider,
+            &id,
+            "starting",
+            Value::Null,
+            Value::Null,
+        )),
+    )
+        .into_response()
+}
+
+async fn replicate_get(
+    State(provider): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if provider.cancels.lock().unwrap().contains(&id) {
+        return Json(prediction(
+            &provider,
+            &id,
+            "canceled",
+            Value::Null,
+            Value::Null,
+        ))
+        .into_response();
+    }
+    let Some((input, polls)) = provider.poll(&headers, &id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({"detail": "Not found."}))).into_response();
+    };
+    let prompt = input["prompt"].as_str().unwrap();
+    let body = if polls < 2 || prompt.contains("hang") {
+        prediction(&provider, &id, "processing", Value::Null, Value::Null)
+    } else if prompt.contains("refuse") {
+        prediction(
+            &provider,
+            &id,
+            "failed",
+            Value::Null,
+            json!("NSFW content detected. Try running it again, or try a different prompt."),
+        )
+    } else {
+        let n = input["num_outputs"].as_u64().unwrap();
+        let output: Vec<String> = (0..n)
+            .map(|i| format!("{}/{id}/{i}.png", provider.cdn))
+            .collect();
+        prediction(&provider, &id, "succeeded", json!(output), Value::Null)
+    };
+    Json(body).into_response()
+}
+
+async fn replicate_cancel(
+    State(provider): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    provider
+        .authorizations
+        .lock()
+        .unwrap()
+        .push(authorization(&headers));
+    provider.cancels.lock().unwrap().push(id.clone());
+    Json(prediction(
+        &provider,
+        &id,
+        "canceled",
+        Value::Null,
+        Value::Null,
+    ))
+    .into_response()
+}
+
+async fn replicate() -> Shared {
+    start(|provider| {
+        Router::new()
+            .route(
+                "/v1/models/{owner}/{name}/predictions",
+                post(replicate_create),
+            )
+            .route("/v1/predictions/{id}", get(replicate_get))
+            .route("/v1/predictions/{id}/cancel", post(replicate_cancel))
+            .with_state(provider)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------- fal
+
+fn fal_urls(provider: &Provider, id: &str) -> Value {
+    // As fal does for a model id with a sub-path: the request's URLs drop it.
+    let request = format!("{}/fal-ai/flux/requests/{id}", provider.api);
+    json!({
+        "request_id": id,
+        "response_url": request,
+        "status_url": format!("{request}/status"),
+        "cancel_url": format!("{request}/cancel"),
+    })
+}
+
+async fn fal_submit(
+    State(provider): State<Shared>,
+    Path((owner, app, path)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Json(input): Json<Value>,
+) -> Response {
+    assert_eq!(format!("{owner}/{app}/{path}"), "fal-ai/flux/schnell");
+    let id = provider.new_run(&headers, input);
+    let mut body = fal_urls(&provider, &id);
+    body["status"] = json!("IN_QUEUE");
+    body["queue_position"] = json!(0);
+    Json(body).into_response()
+}
+
+async fn fal_status(
+    State(provider): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some((input, polls)) = provider.poll(&headers, &id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"detail": "Request not found"})),
+        )
+            .into_response();
+    };
+    let status = match polls {
+        0 => "IN_QUEUE",
+        _ if input["prompt"].as_str().unwrap().contains("hang") => "IN_PROGRESS",
+        1 => "IN_PROGRESS",
+        _ => "COMPLETED",
+    };
+    let mut body = fal_urls(&provider, &id);
+    body["status"] = json!(status);
+    Json(body).into_response()
+}
+
+async fn fal_result(
+    State(provider): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    provider
+        .authorizations
+        .lock()
+        .unwrap()
+        .push(authorization(&headers));
+    let prompt = provider.prompt_of(&id);
+    if prompt.contains("refuse") {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"detail": [{"loc": ["body", "prompt"], "msg": "The prompt was flagged by the content checker", "type": "content_policy_violation"}]})),
+        )
+            .into_response();
+    }
+    let runs = provider.runs.lock().unwrap();
+    let n = runs[&id].0["num_images"].as_u64().unwrap();
+    let images: Vec<Value> = (0..n)
+        .map(|i| json!({"url": format!("{}/{id}/{i}.png", provider.cdn), "content_type": "image/png", "width": 512, "height": 512}))
+        .collect();
+    Json(json!({"images": images, "seed": 1, "has_nsfw_concepts": [false]})).into_response()
+}
+
+async fn fal_cancel(
+    State(provider): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    provider
+        .authorizations
+        .lock()
+        .unwrap()
+        .push(authorization(&headers));
+    provider.cancels.lock().unwrap().push(id);
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"status": "CANCELLATION_REQUESTED"})),
+    )
+        .into_response()
+}
+
+async fn fal() -> Shared {
+    start(|provider| {
+        Router::new()
+            .route("/{owner}/{app}/{path}", post(fal_submit))
+            .route("/fal-ai/flux/requests/{id}/status", get(fal_status))
+            .route("/fal-ai/flux/requests/{id}", get(fal_result))
+            .route("/fal-ai/flux/requests/{id}/cancel", put(fal_cancel))
+            .with_state(provider)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------- the scenario
+
+/// One model on `backend`, against `provider`; the three runs every provider must get right.
+async fn a_provider_makes_refuses_and_times_out(
+    backend: &str,
+    upstream_model: &str,
+    key: (&str, &str),
+    expected_authorization: &str,
+    provider: Shared,
+) {
+    let files = tempfile::tempdir().unwrap();
+    let models = files.path().join("models.toml");
+    std::fs::write(
+        &models,
+        format!(
+            "[models.m]\nbackend = \"{backend}\"\nurl = \"{}\"\nupstream_model = \"{upstream_model}\"\n\
+             api_key_env = \"{}\"\nprices = {{ \"512x512\" = 3 }}\ntimeout = \"2s\"\n\
+             input = {{ go_fast = true, num_inference_steps = 4 }}\n",
+            provider.api, key.0
+        ),
+    )
+    .unwrap();
+    let (_tmp, server) =
+        TestServer::start_with_env(&["--models", models.to_str().unwrap()], &[key]);
+    let acct = server.account(100).await;
+
+    // Made: two images, from the provider's CDN, served as the task's.
+    let (task, done) = server
+        .generate(
+            &acct.key,
+            json!({"prompt": "a lighthouse", "n": 2, "seed": 9}),
+        )
+        .await;
+    assert_eq!((&task["model"], &task["cost"]), (&json!("m"), &json!(6)));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    for i in 0..2 {
+        let bytes = server
+            .get(
+                &acct.key,
+                &format!("/v1/tasks/{}/images/{i}", task["id"].as_str().unwrap()),
+            )
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "image {i}");
+        assert!(bytes.ends_with(format!("/{i}.png").as_bytes()), "image {i}");
+    }
+    let input = provider.first_input();
+    assert_eq!(input["prompt"], "a lighthouse");
+    assert_eq!(input["seed"], 9);
+    assert_eq!(input["output_format"], "png");
+    assert_eq!(
+        (&input["go_fast"], &input["num_inference_steps"]),
+        (&json!(true), &json!(4))
+    );
+    assert_eq!(server.balance(&acct.key).await, 94);
+
+    // Refused by the provider: failed with its reason, refunded.
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "refuse this"}))
+        .await;
+    assert_eq!(
+        (&done["status"], &done["error"]["code"]),
+        (&json!("failed"), &json!("upstream_rejected")),
+        "{done}"
+    );
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("NSFW content detected")
+            || message.contains("flagged by the content checker"),
+        "{message}"
+    );
+    assert_eq!(server.balance(&acct.key).await, 94);
+
+    // Still running at the model's timeout: failed, refunded, and cancelled at the provider.
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "hang forever"}))
+        .await;
+    assert_eq!(done["error"]["code"], "generation_timeout", "{done}");
+    assert_eq!(server.balance(&acct.key).await, 94);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while provider.cancels.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the provider's run was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled = provider.cancels.lock().unwrap().clone();
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(provider.prompt_of(&cancelled[0]), "hang forever");
+
+    // The key went to the provider on every call, never to its CDN, and nowhere else.
+    let sent = provider.authorizations.lock().unwrap().clone();
+    assert!(!sent.is_empty());
+    assert!(
+        sent.iter()
+            .all(|a| a.as_deref() == Some(expected_authorization)),
+        "{sent:?}"
+    );
+    let cdn = provider.cdn_authorizations.lock().unwrap().clone();
+    assert_eq!(cdn, vec![None, None]);
+    let logs = server.logs();
+    assert!(!logs.contains(key.1), "the key is in the log");
+    assert!(!done.to_string().contains(key.1));
+}
+
+#[tokio::test]
+async fn replicate_predictions_are_created_polled_downloaded_and_cancelled() {
+    let provider = replicate().await;
+    a_provider_makes_refuses_and_times_out(
+        "replicate",
+        "black-forest-labs/flux-schnell",
+        ("REPLICATE_API_TOKEN", REPLICATE_KEY),
+        &format!("Bearer {REPLICATE_KEY}"),
+        Arc::clone(&provider),
+    )
+    .await;
+    let input = provider.first_input();
+    assert_eq!(
+        (&input["num_outputs"], &input["width"]),
+        (&json!(2), &json!(512))
+    );
+}
+
+#[tokio::test]
+async fn fal_requests_are_queued_polled_fetched_and_cancelled() {
+    let provider = fal().await;
+    a_provider_makes_refuses_and_times_out(
+        "fal",
+        "fal-ai/flux/schnell",
+        ("FAL_KEY", FAL_KEY),
+        &format!("Key {FAL_KEY}"),
+        Arc::clone(&provider),
+    )
+    .await;
+    let input = provider.first_input();
+    assert_eq!(input["num_images"], 2);
+    assert_eq!(input["image_size"], json!({"width": 512, "height": 512}));
+}
