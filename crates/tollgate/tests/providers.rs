@@ -181,7 +181,9 @@ async fn replicate_get(
             &id,
             "failed",
             Value::Null,
-            json!("NSFW content detected. Try running it again, or try a different prompt."),
+            json!(format!(
+                "{REFUSAL}. Try running it again, or try a different prompt."
+            )),
         )
     } else {
         let n = input["num_outputs"].as_u64().unwrap();
@@ -292,7 +294,7 @@ async fn fal_result(
     if prompt.contains("refuse") {
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({"detail": [{"loc": ["body", "prompt"], "msg": "The prompt was flagged by the content checker", "type": "content_policy_violation"}]})),
+            Json(json!({"detail": [{"loc": ["body", "prompt"], "msg": REFUSAL, "type": "content_policy_violation"}]})),
         )
             .into_response();
     }
@@ -334,30 +336,159 @@ async fn fal() -> Shared {
     .await
 }
 
+// ---------------------------------------------------------------- ComfyUI
+
+/// A workflow in ComfyUI's API format, with tollgate's placeholders.
+const WORKFLOW: &str = r#"{
+  "3": {"class_type": "KSampler", "inputs": {"seed": "{{seed}}", "steps": 4, "cfg": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+  "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-schnell.safetensors"}},
+  "5": {"class_type": "EmptyLatentImage", "inputs": {"width": "{{width}}", "height": "{{height}}", "batch_size": "{{n}}"}},
+  "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "{{prompt}}", "clip": ["4", 1]}},
+  "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+  "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "tollgate", "images": ["8", 0]}}
+}"#;
+
+async fn comfy_prompt(
+    State(provider): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let workflow = &body["prompt"];
+    // What the run was asked for, as the workflow's nodes carry it.
+    let seen = json!({
+        "prompt": workflow["6"]["inputs"]["text"],
+        "seed": workflow["3"]["inputs"]["seed"],
+        "width": workflow["5"]["inputs"]["width"],
+        "batch_size": workflow["5"]["inputs"]["batch_size"],
+        "client_id": body["client_id"],
+    });
+    let id = provider.new_run(&headers, seen);
+    Json(json!({"prompt_id": id, "number": 1, "node_errors": {}})).into_response()
+}
+
+async fn comfy_history(
+    State(provider): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some((input, polls)) = provider.poll(&headers, &id) else {
+        return Json(json!({})).into_response();
+    };
+    let prompt = input["prompt"].as_str().unwrap();
+    if polls < 1 || prompt.contains("hang") {
+        // Queued or running: not in the history yet.
+        return Json(json!({})).into_response();
+    }
+    let entry = if prompt.contains("refuse") {
+        json!({"prompt": [], "outputs": {}, "status": {"status_str": "error", "completed": false, "messages": [
+            ["execution_start", {"prompt_id": id}],
+            ["execution_error", {"prompt_id": id, "node_id": "3", "node_type": "KSampler", "exception_message": REFUSAL, "exception_type": "RuntimeError"}],
+        ]}})
+    } else {
+        let n = input["batch_size"].as_u64().unwrap();
+        let images: Vec<Value> = (0..n)
+            .map(|i| json!({"filename": format!("{i}.png"), "subfolder": id, "type": "output"}))
+            .collect();
+        json!({"prompt": [], "outputs": {"9": {"images": images}}, "status": {"status_str": "success", "completed": true, "messages": []}})
+    };
+    Json(json!({ id: entry })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct View {
+    filename: String,
+    subfolder: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+async fn comfy_view(
+    State(provider): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::Query(view): axum::extract::Query<View>,
+) -> Vec<u8> {
+    assert_eq!(view.kind, "output");
+    provider
+        .cdn_authorizations
+        .lock()
+        .unwrap()
+        .push(authorization(&headers));
+    png(&format!("{}/{}", view.subfolder, view.filename))
+}
+
+async fn comfy_queue(
+    State(provider): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> StatusCode {
+    provider
+        .authorizations
+        .lock()
+        .unwrap()
+        .push(authorization(&headers));
+    for id in body["delete"].as_array().into_iter().flatten() {
+        provider
+            .cancels
+            .lock()
+            .unwrap()
+            .push(id.as_str().unwrap().to_owned());
+    }
+    StatusCode::OK
+}
+
+async fn comfy_interrupt(State(provider): State<Shared>, headers: HeaderMap) -> StatusCode {
+    provider
+        .authorizations
+        .lock()
+        .unwrap()
+        .push(authorization(&headers));
+    StatusCode::OK
+}
+
+async fn comfyui() -> Shared {
+    start(|provider| {
+        Router::new()
+            .route("/prompt", post(comfy_prompt))
+            .route("/history/{id}", get(comfy_history))
+            .route("/view", get(comfy_view))
+            .route("/queue", post(comfy_queue))
+            .route("/interrupt", post(comfy_interrupt))
+            .with_state(provider)
+    })
+    .await
+}
+
 // ---------------------------------------------------------------- the scenario
 
-/// One model on `backend`, against `provider`; the three runs every provider must get right.
+/// One model on `backend` (its settings in `settings`, files it names in `files`), against
+/// `provider`; the three runs every provider must get right. `key`: the variable and the key,
+/// and the `Authorization` the provider must see on every call (`None`: no key at all).
 async fn a_provider_makes_refuses_and_times_out(
     backend: &str,
-    upstream_model: &str,
-    key: (&str, &str),
-    expected_authorization: &str,
+    settings: &str,
+    files: &[(&str, &str)],
+    key: Option<(&str, &str, &str)>,
     provider: Shared,
 ) {
-    let files = tempfile::tempdir().unwrap();
-    let models = files.path().join("models.toml");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let models = dir.path().join("models.toml");
+    let key_line = key.map_or(String::new(), |(var, _, _)| {
+        format!("api_key_env = \"{var}\"\n")
+    });
     std::fs::write(
         &models,
         format!(
-            "[models.m]\nbackend = \"{backend}\"\nurl = \"{}\"\nupstream_model = \"{upstream_model}\"\n\
-             api_key_env = \"{}\"\nprices = {{ \"512x512\" = 3 }}\ntimeout = \"2s\"\n\
-             input = {{ go_fast = true, num_inference_steps = 4 }}\n",
-            provider.api, key.0
+            "[models.m]\nbackend = \"{backend}\"\nurl = \"{}\"\n{settings}\n{key_line}\
+             prices = {{ \"512x512\" = 3 }}\ntimeout = \"2s\"\n",
+            provider.api
         ),
     )
     .unwrap();
-    let (_tmp, server) =
-        TestServer::start_with_env(&["--models", models.to_str().unwrap()], &[key]);
+    let env: Vec<(&str, &str)> = key.iter().map(|(var, secret, _)| (*var, *secret)).collect();
+    let (_tmp, server) = TestServer::start_with_env(&["--models", models.to_str().unwrap()], &env);
     let acct = server.account(100).await;
 
     // Made: two images, from the provider's CDN, served as the task's.
@@ -384,14 +515,7 @@ async fn a_provider_makes_refuses_and_times_out(
         assert!(bytes.starts_with(b"\x89PNG"), "image {i}");
         assert!(bytes.ends_with(format!("/{i}.png").as_bytes()), "image {i}");
     }
-    let input = provider.first_input();
-    assert_eq!(input["prompt"], "a lighthouse");
-    assert_eq!(input["seed"], 9);
-    assert_eq!(input["output_format"], "png");
-    assert_eq!(
-        (&input["go_fast"], &input["num_inference_steps"]),
-        (&json!(true), &json!(4))
-    );
+    assert_eq!(provider.first_input()["prompt"], "a lighthouse");
     assert_eq!(server.balance(&acct.key).await, 94);
 
     // Refused by the provider: failed with its reason, refunded.
@@ -404,11 +528,7 @@ async fn a_provider_makes_refuses_and_times_out(
         "{done}"
     );
     let message = done["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("NSFW content detected")
-            || message.contains("flagged by the content checker"),
-        "{message}"
-    );
+    assert!(message.contains(REFUSAL), "{message}");
     assert_eq!(server.balance(&acct.key).await, 94);
 
     // Still running at the model's timeout: failed, refunded, and cancelled at the provider.
@@ -432,26 +552,32 @@ async fn a_provider_makes_refuses_and_times_out(
     // The key went to the provider on every call, never to its CDN, and nowhere else.
     let sent = provider.authorizations.lock().unwrap().clone();
     assert!(!sent.is_empty());
-    assert!(
-        sent.iter()
-            .all(|a| a.as_deref() == Some(expected_authorization)),
-        "{sent:?}"
-    );
+    let expected = key.map(|(_, _, authorization)| authorization);
+    assert!(sent.iter().all(|a| a.as_deref() == expected), "{sent:?}");
     let cdn = provider.cdn_authorizations.lock().unwrap().clone();
     assert_eq!(cdn, vec![None, None]);
-    let logs = server.logs();
-    assert!(!logs.contains(key.1), "the key is in the log");
-    assert!(!done.to_string().contains(key.1));
+    if let Some((_, secret, _)) = key {
+        let logs = server.logs();
+        assert!(!logs.contains(secret), "the key is in the log");
+        assert!(!done.to_string().contains(secret));
+    }
 }
+
+/// What every fake provider says of a prompt with `refuse` in it.
+const REFUSAL: &str = "NSFW content detected";
 
 #[tokio::test]
 async fn replicate_predictions_are_created_polled_downloaded_and_cancelled() {
     let provider = replicate().await;
     a_provider_makes_refuses_and_times_out(
         "replicate",
-        "black-forest-labs/flux-schnell",
-        ("REPLICATE_API_TOKEN", REPLICATE_KEY),
-        &format!("Bearer {REPLICATE_KEY}"),
+        "upstream_model = \"black-forest-labs/flux-schnell\"\ninput = { go_fast = true, num_inference_steps = 4 }",
+        &[],
+        Some((
+            "REPLICATE_API_TOKEN",
+            REPLICATE_KEY,
+            &format!("Bearer {REPLICATE_KEY}"),
+        )),
         Arc::clone(&provider),
     )
     .await;
@@ -460,6 +586,14 @@ async fn replicate_predictions_are_created_polled_downloaded_and_cancelled() {
         (&input["num_outputs"], &input["width"]),
         (&json!(2), &json!(512))
     );
+    assert_eq!(
+        (&input["seed"], &input["output_format"]),
+        (&json!(9), &json!("png"))
+    );
+    assert_eq!(
+        (&input["go_fast"], &input["num_inference_steps"]),
+        (&json!(true), &json!(4))
+    );
 }
 
 #[tokio::test]
@@ -467,13 +601,38 @@ async fn fal_requests_are_queued_polled_fetched_and_cancelled() {
     let provider = fal().await;
     a_provider_makes_refuses_and_times_out(
         "fal",
-        "fal-ai/flux/schnell",
-        ("FAL_KEY", FAL_KEY),
-        &format!("Key {FAL_KEY}"),
+        "upstream_model = \"fal-ai/flux/schnell\"\ninput = { enable_safety_checker = false }",
+        &[],
+        Some(("FAL_KEY", FAL_KEY, &format!("Key {FAL_KEY}"))),
         Arc::clone(&provider),
     )
     .await;
     let input = provider.first_input();
     assert_eq!(input["num_images"], 2);
     assert_eq!(input["image_size"], json!({"width": 512, "height": 512}));
+    assert_eq!(
+        (&input["seed"], &input["output_format"]),
+        (&json!(9), &json!("png"))
+    );
+    assert_eq!(input["enable_safety_checker"], false);
+}
+
+#[tokio::test]
+async fn a_comfyui_workflow_is_filled_in_queued_read_from_the_history_and_cancelled() {
+    let provider = comfyui().await;
+    a_provider_makes_refuses_and_times_out(
+        "comfyui",
+        "workflow = \"flux.json\"",
+        &[("flux.json", WORKFLOW)],
+        None,
+        Arc::clone(&provider),
+    )
+    .await;
+    let input = provider.first_input();
+    assert_eq!((&input["seed"], &input["width"]), (&json!(9), &json!(512)));
+    assert_eq!(input["batch_size"], 2);
+    assert!(input["client_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("tollgate-task_"));
 }

@@ -59,6 +59,14 @@ pub enum BackendSpec {
     Replicate(QueueProvider),
     /// fal's queue API.
     Fal(QueueProvider),
+    /// A ComfyUI server and the workflow it runs.
+    ComfyUi {
+        url: String,
+        /// For a proxy in front of ComfyUI; ComfyUI itself has none. Redacted in `Debug`.
+        api_key: Option<Secret>,
+        /// The workflow in ComfyUI's API format, with `{{prompt}}` and the other placeholders.
+        workflow: serde_json::Value,
+    },
 }
 
 /// The settings of a provider with a queue API (Replicate, fal).
@@ -80,6 +88,7 @@ impl BackendSpec {
             BackendSpec::OpenAi { .. } => "openai",
             BackendSpec::Replicate(_) => "replicate",
             BackendSpec::Fal(_) => "fal",
+            BackendSpec::ComfyUi { .. } => "comfyui",
         }
     }
 }
@@ -119,7 +128,8 @@ impl Catalogue {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("--models {}: {e}", path.display()))?;
-                Catalogue::parse(&text, config, |name| std::env::var(name).ok())
+                let dir = path.parent().unwrap_or(std::path::Path::new("."));
+                Catalogue::parse(&text, dir, config, |name| std::env::var(name).ok())
                     .map_err(|e| format!("--models {}: {e}", path.display()))
             }
             None => Catalogue::single(config),
@@ -157,6 +167,7 @@ impl Catalogue {
                 None => "OpenAI-compatible".to_owned(),
             },
             BackendSpec::Replicate(p) | BackendSpec::Fal(p) => p.upstream_model.clone(),
+            BackendSpec::ComfyUi { .. } => "ComfyUI".to_owned(),
         };
         let model = ModelSpec {
             id: DEFAULT_MODEL.to_owned(),
@@ -177,9 +188,11 @@ impl Catalogue {
         }
     }
 
-    /// Reads a catalogue file. `env` looks up the variables that hold providers' keys.
+    /// Reads a catalogue file. `dir` is where its relative paths start (the file's directory);
+    /// `env` looks up the variables that hold providers' keys.
     pub fn parse(
         text: &str,
+        dir: &std::path::Path,
         config: &Config,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Catalogue, String> {
@@ -318,12 +331,47 @@ impl Catalogue {
                 }
                 RawBackend::Fal => BackendSpec::Fal(queue("fal", "https://queue.fal.run")?),
                 RawBackend::Comfyui => {
-                    return Err(at(
-                        &id,
-                        "the comfyui backend is not available in this version of tollgate \
-                         (builtin, openai, replicate and fal are)"
-                            .to_owned(),
-                    ))
+                    refuse(
+                        "comfyui",
+                        &[
+                            ("upstream_model", m.upstream_model.is_some()),
+                            ("input", m.input.is_some()),
+                        ],
+                    )?;
+                    let file = m.workflow.as_deref().ok_or_else(|| {
+                        at(
+                            &id,
+                            "the comfyui backend needs `workflow`, the path of a workflow in \
+                             ComfyUI's API format"
+                                .to_owned(),
+                        )
+                    })?;
+                    let path = dir.join(file);
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| at(&id, format!("`workflow` {}: {e}", path.display())))?;
+                    let workflow: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                        at(&id, format!("`workflow` {}: not JSON: {e}", path.display()))
+                    })?;
+                    if !workflow.is_object()
+                        || !super::backends::comfyui::has_prompt_placeholder(&workflow)
+                    {
+                        return Err(at(
+                            &id,
+                            format!(
+                                "`workflow` {}: a workflow in API format (an object of nodes) \
+                                 with a {{{{prompt}}}} placeholder",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    BackendSpec::ComfyUi {
+                        url: url("comfyui", None)?,
+                        api_key: match m.api_key_env {
+                            Some(_) => Some(key("comfyui")?),
+                            None => None,
+                        },
+                        workflow,
+                    }
                 }
             };
             let model = ModelSpec {
@@ -394,6 +442,7 @@ struct RawModel {
     concurrency: Option<usize>,
     timeout: Option<String>,
     input: Option<toml::Table>,
+    workflow: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -413,7 +462,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<Catalogue, String> {
         let config = Config::new(std::path::Path::new("/tmp"));
-        Catalogue::parse(text, &config, |name| {
+        Catalogue::parse(text, std::path::Path::new("/tmp"), &config, |name| {
             (name == "UPSTREAM_KEY").then(|| "sk-test".to_owned())
         })
     }
@@ -471,7 +520,8 @@ timeout = "5m"
             ("\n[models.a]\nbackend = \"openai\"\nurl = \"http://x\"\napi_key_env = \"MISSING\"\nprices = { \"256x256\" = 1 }\n", "line 2, [models.a]: `api_key_env`: the variable MISSING is not set"),
             ("[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\nmax_n = 9\n", "`max_n` must be 1–4"),
             ("default = \"b\"\n[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\n", "names no model"),
-            ("[models.a]\nbackend = \"comfyui\"\nprices = { \"256x256\" = 1 }\n", "not available"),
+            ("[models.a]\nbackend = \"comfyui\"\nurl = \"http://127.0.0.1:8188\"\nprices = { \"256x256\" = 1 }\n", "needs `workflow`"),
+            ("[models.a]\nbackend = \"comfyui\"\nurl = \"http://127.0.0.1:8188\"\nworkflow = \"no-such-workflow.json\"\nprices = { \"256x256\" = 1 }\n", "no-such-workflow.json"),
             ("[models.a]\nbackend = \"replicate\"\napi_key_env = \"UPSTREAM_KEY\"\nprices = { \"256x256\" = 1 }\n", "needs `upstream_model`"),
             ("[models.a]\nbackend = \"replicate\"\napi_key_env = \"UPSTREAM_KEY\"\nupstream_model = \"flux\"\nprices = { \"256x256\" = 1 }\n", "owner/name"),
             ("[models.a]\nbackend = \"builtin\"\nprices = { \"256x256\" = 1 }\ninput = { steps = 4 }\n", "takes no `input`"),

@@ -5,6 +5,8 @@
 //!   (`POST {url}/v1/images/generations`, `response_format: b64_json`).
 //! - [`replicate::Replicate`]: Replicate's predictions (create, poll, download, cancel).
 //! - [`fal::Fal`]: fal's queue (submit, status, result, download, cancel).
+//! - [`comfyui::ComfyUi`]: a ComfyUI server running a workflow file (`/prompt`, `/history`,
+//!   `/view`, and `/queue` + `/interrupt` to cancel).
 //!
 //! The providers' backends share [`upstream::Upstream`]: every call through the SDK's retry
 //! loop, the key sent to the provider's origin only, messages cleaned for the task.
@@ -15,6 +17,7 @@
 //! task: they never carry a credential or an upstream body beyond a short, cleaned message.
 
 pub mod builtin;
+pub mod comfyui;
 pub mod fal;
 pub mod openai;
 pub mod replicate;
@@ -134,6 +137,15 @@ pub fn for_model(spec: &BackendSpec) -> Result<Arc<dyn Backend>> {
             p.api_key.clone(),
             &p.upstream_model,
             p.input.clone(),
+        )?)),
+        BackendSpec::ComfyUi {
+            url,
+            api_key,
+            workflow,
+        } => Ok(Arc::new(comfyui::ComfyUi::new(
+            url,
+            api_key.clone(),
+            workflow.clone(),
         )?)),
     }
 }

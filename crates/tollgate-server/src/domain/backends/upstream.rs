@@ -38,8 +38,9 @@ pub struct Upstream {
     origin: reqwest::Url,
     /// `host:port`, the key of the retry loop's host pause.
     host: String,
-    /// `<scheme> <key>`, marked sensitive.
-    authorization: HeaderValue,
+    /// `<scheme> <key>`, marked sensitive; `None` for a provider without a key (a ComfyUI on
+    /// the operator's own network).
+    authorization: Option<HeaderValue>,
     /// The key itself, to scrub it from anything the provider echoes.
     api_key: Secret,
     http: reqwest::Client,
@@ -56,7 +57,8 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// A client of the provider at `base_url`, authenticating as `<scheme> <api_key>` (`Bearer`
-    /// for most, `Key` for fal). `policy` is the contract's, with the provider's overrides.
+    /// for most, `Key` for fal; no header for an empty key). `policy` is the contract's, with the
+    /// provider's overrides.
     pub fn new(base_url: &str, api_key: Secret, scheme: &str, policy: RetryPolicy) -> Result<Self> {
         let base = base_url.trim().trim_end_matches('/').to_owned();
         let origin = reqwest::Url::parse(&base)
@@ -71,9 +73,14 @@ impl Upstream {
             origin.host_str().unwrap_or_default(),
             origin.port_or_known_default().unwrap_or(0)
         );
-        let mut authorization = HeaderValue::from_str(&format!("{scheme} {}", api_key.expose()))
-            .map_err(|_| Error::internal("the provider's key is not a valid header value"))?;
-        authorization.set_sensitive(true);
+        let authorization = if api_key.expose().is_empty() {
+            None
+        } else {
+            let mut value = HeaderValue::from_str(&format!("{scheme} {}", api_key.expose()))
+                .map_err(|_| Error::internal("the provider's key is not a valid header value"))?;
+            value.set_sensitive(true);
+            Some(value)
+        };
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
@@ -142,8 +149,8 @@ impl Upstream {
             .retrier
             .run(call, |_attempt| {
                 let mut request = self.http.request(method.clone(), target.clone());
-                if authorized {
-                    request = request.header(AUTHORIZATION, self.authorization.clone());
+                if let Some(value) = self.authorization.as_ref().filter(|_| authorized) {
+                    request = request.header(AUTHORIZATION, value.clone());
                 }
                 if let Some(body) = &body {
                     request = request
