@@ -409,6 +409,45 @@ async fn failures_and_cancels_refund_exactly_once(store: Arc<dyn Store>) {
     assert_eq!(ledger_sum(store.as_ref(), &id).await, 10);
 }
 
+async fn a_running_task_is_cancelled_once_and_its_worker_loses_it(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 10).await;
+    let t = task(&id, 3);
+    store.create_task(&t, None).await.unwrap();
+    let claimed = store
+        .claim_next_task("builtin", now(), ms(60_000), "w")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, t.id);
+    assert!(matches!(
+        store.cancel_task(&id, &t.id, now()).await.unwrap(),
+        CancelOutcome::Canceled(c) if c.status == TaskStatus::Canceled
+    ));
+    assert!(matches!(
+        store.cancel_task(&id, &t.id, now()).await.unwrap(),
+        CancelOutcome::AlreadyCanceled(_)
+    ));
+    // Its worker finds out at its next renewal, and its result is not recorded.
+    assert!(!store.renew_lease(&t.id, "w", ms(60_000)).await.unwrap());
+    assert_eq!(
+        store
+            .finish_task(&t.id, "w", &TaskOutcome::Succeeded, now())
+            .await
+            .unwrap(),
+        FinishOutcome::Lost
+    );
+    assert_eq!(
+        store.get_task(&t.id).await.unwrap().unwrap().status,
+        TaskStatus::Canceled
+    );
+    let ledger = store.ledger(&id, 100, None).await.unwrap();
+    let refunds: Vec<_> = ledger.iter().filter(|e| e.kind == "refund").collect();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0].delta, 3);
+    assert_eq!(refunds[0].note.as_deref(), Some("canceled while it ran"));
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 10);
+}
+
 async fn the_ledger_pages_through_every_entry(store: Arc<dyn Store>) {
     let id = account(store.as_ref(), 5).await;
     let other = account(store.as_ref(), 7).await;
@@ -1251,6 +1290,7 @@ on_every_engine!(
     each_model_claims_only_its_own_tasks,
     an_expired_lease_moves_the_task_to_another_worker,
     failures_and_cancels_refund_exactly_once,
+    a_running_task_is_cancelled_once_and_its_worker_loses_it,
     adjustments_never_overdraw,
     the_ledger_pages_through_every_entry,
     a_released_task_is_queued_again_without_counting_the_run,

@@ -636,3 +636,75 @@ async fn a_comfyui_workflow_is_filled_in_queued_read_from_the_history_and_cancel
         .unwrap()
         .starts_with("tollgate-task_"));
 }
+
+#[tokio::test]
+async fn cancelling_a_running_task_stops_the_prediction_and_refunds_it() {
+    let provider = replicate().await;
+    let files = tempfile::tempdir().unwrap();
+    let models = files.path().join("models.toml");
+    std::fs::write(
+        &models,
+        format!(
+            "[models.m]\nbackend = \"replicate\"\nurl = \"{}\"\n\
+             upstream_model = \"black-forest-labs/flux-schnell\"\napi_key_env = \"REPLICATE_API_TOKEN\"\n\
+             prices = {{ \"512x512\" = 3 }}\n",
+            provider.api
+        ),
+    )
+    .unwrap();
+    let (_tmp, server) = TestServer::start_with_env(
+        &["--models", models.to_str().unwrap()],
+        &[("REPLICATE_API_TOKEN", REPLICATE_KEY)],
+    );
+    let acct = server.account(10).await;
+    let task = server
+        .create_task(&acct.key, json!({"prompt": "hang until cancelled"}))
+        .await;
+    let id = task["id"].as_str().unwrap();
+    server.wait_until_running(&acct.key, 1).await;
+    // The prediction exists at the provider before the cancel.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.runs.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no prediction was created");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let response = server
+        .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let canceled: Value = response.json().await.unwrap();
+    assert_eq!(canceled["status"], "canceled");
+    assert_eq!(server.balance(&acct.key).await, 10, "refunded in full");
+    // The worker stops the run at once and asks Replicate to cancel the prediction.
+    while provider.cancels.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the prediction was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        provider.cancels.lock().unwrap().clone(),
+        vec!["run0".to_owned()]
+    );
+    let logs = server.wait_for_log("a running task was cancelled").await;
+    assert!(logs.contains(id));
+    // It stays cancelled, refunded once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = server.get_json(&acct.key, &format!("/v1/tasks/{id}")).await;
+    assert_eq!(
+        (&now["status"], &now["images"]),
+        (&json!("canceled"), &json!([]))
+    );
+    let ledger = server.get_json(&acct.key, "/v1/account/ledger").await;
+    let kinds: Vec<&str> = ledger["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["refund", "charge", "grant"]);
+    assert_eq!(ledger["data"][0]["note"], "canceled while it ran");
+}

@@ -54,7 +54,13 @@ pub struct Runner {
     pub(in crate::domain) timeout: Duration,
     /// How this model's runs have gone (shared with the facade, which reports it).
     pub(in crate::domain) health: Arc<ModelHealth>,
+    /// The tasks this process runs, each with the wake-up the facade gives when it cancels one.
+    pub(in crate::domain) running: Running,
 }
+
+/// Tasks being run by this process's workers (every model's), by id: what a cancel notifies so
+/// that the run stops at once. A cancel on another instance is seen at the next lease renewal.
+pub type Running = Arc<dashmap::DashMap<String, Arc<Notify>>>;
 
 impl Runner {
     fn now(&self) -> OffsetDateTime {
@@ -195,10 +201,16 @@ async fn run(app: Arc<Runner>, mut stop: watch::Receiver<bool>) {
 async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
     let started = Instant::now();
     let lease = app.lease;
-    // Renew the lease at a third of its length while the work runs.
+    let canceled = Arc::new(Notify::new());
+    app.running.insert(task.id.clone(), Arc::clone(&canceled));
+    // Renew the lease at a third of its length while the work runs; end when the task was
+    // cancelled (told by this process's cancel, or found at a renewal).
     let renewing = async {
         loop {
-            tokio::time::sleep(lease / 3).await;
+            tokio::select! {
+                _ = tokio::time::sleep(lease / 3) => {}
+                _ = canceled.notified() => return,
+            }
             match app
                 .store
                 .renew_lease(&task.id, claim, app.now() + lease)
@@ -206,6 +218,11 @@ async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
             {
                 Ok(true) => {}
                 Ok(false) => {
+                    if let Ok(Some(now)) = app.store.get_task(&task.id).await {
+                        if now.status == TaskStatus::Canceled {
+                            return;
+                        }
+                    }
                     tracing::warn!(task_id = %task.id, "lost the lease of a running task");
                     std::future::pending::<()>().await;
                 }
@@ -219,11 +236,22 @@ async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
         tracing::warn!(task_id = %task.id, runs = task.runs, "a task interrupted {MAX_RUNS} times is failed and refunded, not run again");
         Err(TaskFailure::Interrupted)
     } else {
+        // A cancel drops the run: its backend's future with it, which asks a queue provider to
+        // stop (the backends' `CancelOnDrop`).
         tokio::select! {
             rendered = generate_and_store(app, &task) => rendered,
-            _ = renewing => Err(TaskFailure::Backend(BackendError::Internal("lease renewal loop ended".to_owned()))),
+            _ = renewing => Err(TaskFailure::Canceled),
         }
     };
+    app.running.remove(&task.id);
+    if matches!(rendered, Err(TaskFailure::Canceled)) {
+        // Cancelled and refunded by the cancel itself: nothing to record, and no image kept.
+        tracing::info!(task_id = %task.id, model = %app.model, "a running task was cancelled; its run is stopped");
+        if let Err(e) = app.images.delete_task(&task.id).await {
+            tracing::warn!(task_id = %task.id, error = %e, "could not delete the images of a cancelled task");
+        }
+        return;
+    }
     match &rendered {
         Ok(()) => {
             app.health.succeeded();
@@ -296,9 +324,17 @@ async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
                 app.webhooks_ready.notify_one();
             }
         }
-        Ok(FinishOutcome::Lost) => {
-            tracing::warn!(task_id = %task.id, "another worker took the task over; its result stands");
-        }
+        Ok(FinishOutcome::Lost) => match app.store.get_task(&task.id).await {
+            Ok(Some(now)) if now.status == TaskStatus::Canceled => {
+                // Cancelled between the end of the run and its record: the images go.
+                if let Err(e) = app.images.delete_task(&task.id).await {
+                    tracing::warn!(task_id = %task.id, error = %e, "could not delete the images of a cancelled task");
+                }
+            }
+            _ => {
+                tracing::warn!(task_id = %task.id, "another worker took the task over; its result stands");
+            }
+        },
         Ok(FinishOutcome::Purged) => {
             // Purged while it ran: its images must not outlive the tombstone.
             if let Err(e) = app.images.delete_task(&task.id).await {
@@ -320,6 +356,8 @@ enum TaskFailure {
     Interrupted,
     /// The images were made but could not be stored: a fault of the disk, which passes.
     Storage(Error),
+    /// The task was cancelled while it ran (and refunded by the cancel).
+    Canceled,
 }
 
 impl TaskFailure {
@@ -329,6 +367,10 @@ impl TaskFailure {
             TaskFailure::Storage(_) => (
                 "storage".to_owned(),
                 "The task's images could not be stored.".to_owned(),
+            ),
+            TaskFailure::Canceled => (
+                "canceled".to_owned(),
+                "The task was cancelled while it ran; its credits were refunded.".to_owned(),
             ),
             TaskFailure::Interrupted => (
                 "interrupted".to_owned(),
@@ -346,6 +388,7 @@ impl std::fmt::Display for TaskFailure {
             TaskFailure::Backend(e) => e.fmt(f),
             TaskFailure::Interrupted => write!(f, "interrupted {MAX_RUNS} times"),
             TaskFailure::Storage(e) => write!(f, "storing the images: {e}"),
+            TaskFailure::Canceled => f.write_str("cancelled while it ran"),
         }
     }
 }

@@ -314,7 +314,7 @@ impl From<Error> for ErrorReply {
             ),
             Error::NotCancelable { id, status } => ErrorReply::new(
                 code,
-                format!("The task `{id}` is {status}; only a queued task can be cancelled."),
+                format!("The task `{id}` is {status}; only a queued or running task can be cancelled."),
             ),
             Error::CsrfTokenInvalid => reply(
                 "This form is out of date or did not come from the dashboard. Reload the page and submit it again.",

@@ -384,7 +384,7 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         not_before: OffsetDateTime,
     ) -> Result<Option<Vec<TaskRecord>>>;
-    /// Cancels a queued task and refunds it, in one transaction.
+    /// Cancels a queued or running task and refunds its whole cost, in one transaction.
     async fn cancel_task(
         &self,
         account_id: &str,

@@ -623,9 +623,11 @@ impl<E: Engine> Store for SqlStore<E> {
         now: OffsetDateTime,
     ) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
+        // A running task too: its worker sees the change (its lease renewal, its finish, both
+        // guarded by `status = 'running'`) and stops the run; the provider is asked to stop.
         let canceled = q(concat!(
             "UPDATE tasks SET status = 'canceled', completed_at = $1 WHERE id = $2 AND account_id = $3 \
-             AND status = 'queued' RETURNING ",
+             AND status IN ('queued', 'running') RETURNING ",
             task_columns!()
         ))
         .bind(to_millis(now))
@@ -636,15 +638,12 @@ impl<E: Engine> Store for SqlStore<E> {
         if let Some(row) = canceled {
             let task = rows::task(&row)?;
             let cost = signed(task.cost)?;
-            refund(
-                &mut *tx,
-                account_id,
-                id,
-                cost,
-                "canceled before it ran",
-                now,
-            )
-            .await?;
+            let note = if task.started_at.is_some() {
+                "canceled while it ran"
+            } else {
+                "canceled before it ran"
+            };
+            refund(&mut *tx, account_id, id, cost, note, now).await?;
             enqueue_webhook(&mut *tx, id, now).await?;
             tx.commit().await?;
             return Ok(CancelOutcome::Canceled(task));

@@ -68,6 +68,8 @@ pub struct Tollgate {
     models: BTreeMap<String, ServedModel>,
     /// The model of a create that names none.
     default_model: String,
+    /// The tasks this process's workers run, for a cancel to stop them at once.
+    running: worker::Running,
     /// Wakes the webhook sender when a finished task has a delivery waiting.
     webhooks_ready: Arc<Notify>,
     /// Free space under the data directory, checked before writes that grow the data.
@@ -162,6 +164,7 @@ impl Tollgate {
             sign_in_limits: SignInLimiter::default(),
             models,
             default_model: builtin.default,
+            running: worker::Running::default(),
             webhooks_ready: Arc::new(Notify::new()),
         }
     }
@@ -218,6 +221,7 @@ impl Tollgate {
                     lease: self.config.task_lease,
                     timeout: model.spec.timeout,
                     health: Arc::clone(&model.health),
+                    running: Arc::clone(&self.running),
                 };
                 (runner, model.spec.workers)
             })

@@ -172,7 +172,9 @@ impl Tollgate {
         })
     }
 
-    /// Cancels a queued task and refunds it; a cancelled task stays cancelled (no second refund).
+    /// Cancels a queued or running task and refunds its whole cost; a running one's run is
+    /// stopped (its provider asked to stop). A cancelled task stays cancelled (no second refund);
+    /// a finished one cannot be cancelled.
     pub async fn cancel_task(&self, caller: &Caller, id: &str) -> Result<Task> {
         self.live_task(caller, id).await?;
         match self
@@ -181,6 +183,9 @@ impl Tollgate {
             .await?
         {
             CancelOutcome::Canceled(record) => {
+                if let Some(run) = self.running.get(id) {
+                    run.notify_one();
+                }
                 self.metrics.credits_refunded.inc_by(record.cost);
                 self.metrics.task_finished(TaskStatus::Canceled.as_str());
                 if record.webhook_url.is_some() {
