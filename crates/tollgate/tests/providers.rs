@@ -50,11 +50,16 @@ fn authorization(headers: &HeaderMap) -> Option<String> {
 }
 
 impl Provider {
-    fn new_run(&self, headers: &HeaderMap, input: Value) -> String {
+    /// Records the `Authorization` of a call to the API.
+    fn saw(&self, headers: &HeaderMap) {
         self.authorizations
             .lock()
             .unwrap()
             .push(authorization(headers));
+    }
+
+    fn new_run(&self, headers: &HeaderMap, input: Value) -> String {
+        self.saw(headers);
         let mut runs = self.runs.lock().unwrap();
         let id = format!("run{}", runs.len());
         runs.insert(id.clone(), (input, 0));
@@ -63,10 +68,7 @@ impl Provider {
 
     /// One poll of `id`: its input and how many polls came before.
     fn poll(&self, headers: &HeaderMap, id: &str) -> Option<(Value, u32)> {
-        self.authorizations
-            .lock()
-            .unwrap()
-            .push(authorization(headers));
+        self.saw(headers);
         let mut runs = self.runs.lock().unwrap();
         let (input, polls) = runs.get_mut(id)?;
         *polls += 1;
@@ -200,11 +202,7 @@ async fn replicate_cancel(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    provider
-        .authorizations
-        .lock()
-        .unwrap()
-        .push(authorization(&headers));
+    provider.saw(&headers);
     provider.cancels.lock().unwrap().push(id.clone());
     Json(prediction(
         &provider,
@@ -285,11 +283,7 @@ async fn fal_result(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    provider
-        .authorizations
-        .lock()
-        .unwrap()
-        .push(authorization(&headers));
+    provider.saw(&headers);
     let prompt = provider.prompt_of(&id);
     if prompt.contains("refuse") {
         return (
@@ -311,11 +305,7 @@ async fn fal_cancel(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    provider
-        .authorizations
-        .lock()
-        .unwrap()
-        .push(authorization(&headers));
+    provider.saw(&headers);
     provider.cancels.lock().unwrap().push(id);
     (
         StatusCode::ACCEPTED,
@@ -421,11 +411,7 @@ async fn comfy_queue(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> StatusCode {
-    provider
-        .authorizations
-        .lock()
-        .unwrap()
-        .push(authorization(&headers));
+    provider.saw(&headers);
     for id in body["delete"].as_array().into_iter().flatten() {
         provider
             .cancels
@@ -437,11 +423,7 @@ async fn comfy_queue(
 }
 
 async fn comfy_interrupt(State(provider): State<Shared>, headers: HeaderMap) -> StatusCode {
-    provider
-        .authorizations
-        .lock()
-        .unwrap()
-        .push(authorization(&headers));
+    provider.saw(&headers);
     StatusCode::OK
 }
 

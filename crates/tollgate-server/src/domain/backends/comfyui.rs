@@ -16,7 +16,7 @@
 //! (`"seed": "{{seed}}"` → `"seed": 42`), so the workflow stays valid JSON for ComfyUI's inputs.
 //! A key is optional: ComfyUI has none of its own, but a proxy in front of it may want one.
 
-use super::upstream::{self, Upstream};
+use super::upstream::{self, CancelOnDrop, Upstream};
 use super::{Backend, BackendError};
 use crate::config::Secret;
 use crate::error::Result;
@@ -59,33 +59,6 @@ impl ComfyUi {
         ];
         fill(&self.workflow, &task.prompt, &numbers)
     }
-
-    /// Takes the prompt out of the queue and stops it if it runs: fire and forget.
-    fn cancel(&self, prompt_id: &str) {
-        let upstream = Arc::clone(&self.upstream);
-        let prompt_id = prompt_id.to_owned();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + std::time::Duration::from_secs(30);
-            for (path, body) in [
-                ("/queue", json!({"delete": [prompt_id]})),
-                ("/interrupt", json!({"prompt_id": prompt_id})),
-            ] {
-                let url = upstream.url(path);
-                if let Err(e) = upstream
-                    .call(
-                        Method::POST,
-                        &url,
-                        Some(&body),
-                        "POST comfyui cancel",
-                        deadline,
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not cancel a ComfyUI prompt");
-                }
-            }
-        });
-    }
 }
 
 /// Whether the workflow has a `{{prompt}}` to put the task's prompt in.
@@ -123,20 +96,6 @@ fn fill(value: &Value, prompt: &str, numbers: &[(&str, i64); 4]) -> Value {
     }
 }
 
-/// Cancels the prompt when dropped armed: the run ended without taking its result.
-struct CancelOnDrop<'a> {
-    backend: &'a ComfyUi,
-    prompt_id: Option<String>,
-}
-
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.prompt_id.take() {
-            self.backend.cancel(&id);
-        }
-    }
-}
-
 fn rejected(reason: impl Into<String>) -> BackendError {
     BackendError::Rejected {
         reason: reason.into(),
@@ -160,24 +119,34 @@ impl Backend for ComfyUi {
         });
         let queued = self
             .upstream
-            .call(
-                Method::POST,
+            .post(
                 &self.upstream.url("/prompt"),
-                Some(&body),
+                &body,
                 "POST comfyui /prompt",
                 deadline,
             )
             .await?;
-        let queued: Value = serde_json::from_slice(&queued)
-            .map_err(|_| rejected("its answer to /prompt was not JSON"))?;
+        let queued: Value = upstream::json(&queued, "JSON, to /prompt")?;
         let prompt_id = queued["prompt_id"]
             .as_str()
             .ok_or_else(|| rejected("its answer to /prompt had no prompt_id"))?
             .to_owned();
-        let mut cancel = CancelOnDrop {
-            backend: self,
-            prompt_id: Some(prompt_id.clone()),
-        };
+        // Out of the queue if it waits there, stopped if it runs.
+        let mut cancel = CancelOnDrop::new(
+            &self.upstream,
+            vec![
+                (
+                    Method::POST,
+                    self.upstream.url("/queue"),
+                    Some(json!({"delete": [prompt_id]})),
+                ),
+                (
+                    Method::POST,
+                    self.upstream.url("/interrupt"),
+                    Some(json!({"prompt_id": prompt_id})),
+                ),
+            ],
+        );
         let history_url = self.upstream.url(&format!("/history/{prompt_id}"));
         let mut polls = 0;
         let entry = loop {
@@ -204,7 +173,7 @@ impl Backend for ComfyUi {
             upstream::poll_pause(polls, deadline).await;
             polls += 1;
         };
-        cancel.prompt_id = None;
+        cancel.disarm();
         if entry["status"]["status_str"].as_str() == Some("error") {
             let why = entry["status"]["messages"]
                 .as_array()

@@ -11,7 +11,7 @@
 //! The input sent is `prompt`, `num_images` (n), `seed`, `image_size` `{width, height}` and
 //! `output_format` `png`, then the model's `input` table from the catalogue on top.
 
-use super::upstream::{self, Upstream};
+use super::upstream::{self, CancelOnDrop, Upstream};
 use super::{Backend, BackendError};
 use crate::config::Secret;
 use crate::error::Result;
@@ -107,26 +107,6 @@ impl Fal {
     }
 }
 
-/// Cancels the request when dropped armed: the run ended without taking its result.
-struct CancelOnDrop {
-    upstream: Arc<Upstream>,
-    url: Option<String>,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(url) = self.url.take() {
-            self.upstream.fire_and_forget(Method::PUT, url);
-        }
-    }
-}
-
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, BackendError> {
-    serde_json::from_slice(body).map_err(|_| BackendError::Rejected {
-        reason: format!("its answer was not {what}"),
-    })
-}
-
 #[async_trait]
 impl Backend for Fal {
     fn name(&self) -> &'static str {
@@ -140,38 +120,28 @@ impl Backend for Fal {
     ) -> Result<Vec<Vec<u8>>, BackendError> {
         let body = self
             .upstream
-            .call(
-                Method::POST,
+            .post(
                 &self.submit,
-                Some(&self.request_body(task)),
+                &self.request_body(task),
                 "POST fal queue submit",
                 deadline,
             )
             .await?;
-        let submitted: Submitted = parse(&body, "a queued request")?;
+        let submitted: Submitted = upstream::json(&body, "a queued request")?;
         let (status_url, response_url, cancel_url) = self.urls(&submitted);
-        let mut cancel = CancelOnDrop {
-            upstream: Arc::clone(&self.upstream),
-            url: Some(cancel_url),
-        };
+        let mut cancel = CancelOnDrop::new(&self.upstream, vec![(Method::PUT, cancel_url, None)]);
         let mut polls = 0;
         loop {
             let body = self
                 .upstream
-                .call(
-                    Method::GET,
-                    &status_url,
-                    None,
-                    "GET fal queue status",
-                    deadline,
-                )
+                .get(&status_url, "GET fal queue status", deadline)
                 .await?;
-            let status: Status = parse(&body, "a request status")?;
+            let status: Status = upstream::json(&body, "a request status")?;
             match status.status.as_str() {
                 "IN_QUEUE" | "IN_PROGRESS" => {}
                 "COMPLETED" => break,
                 other => {
-                    cancel.url = None;
+                    cancel.disarm();
                     return Err(BackendError::Rejected {
                         reason: format!("the request ended as `{}`", self.upstream.clean(other)),
                     });
@@ -183,19 +153,13 @@ impl Backend for Fal {
             upstream::poll_pause(polls, deadline).await;
             polls += 1;
         }
-        cancel.url = None;
+        cancel.disarm();
         // A run that failed answers here with its error (a 4xx/5xx and a `detail`).
         let body = self
             .upstream
-            .call(
-                Method::GET,
-                &response_url,
-                None,
-                "GET fal queue result",
-                deadline,
-            )
+            .get(&response_url, "GET fal queue result", deadline)
             .await?;
-        let output: Output = parse(&body, "the result of an image model (no `images`)")?;
+        let output: Output = upstream::json(&body, "the result of an image model (no `images`)")?;
         upstream::exactly(task.n, output.images.len())?;
         let urls: Vec<String> = output.images.into_iter().map(|i| i.url).collect();
         self.upstream.download_pngs(&urls, deadline).await

@@ -10,7 +10,6 @@ use crate::error::Result;
 use crate::store::TaskRecord;
 use async_trait::async_trait;
 use base64::Engine;
-use http::Method;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tollgate_client::RetryPolicy;
@@ -75,10 +74,9 @@ impl Backend for OpenAiImages {
     ) -> Result<Vec<Vec<u8>>, BackendError> {
         let body = self
             .upstream
-            .call(
-                Method::POST,
+            .post(
                 &self.endpoint,
-                Some(&self.request_body(task)),
+                &self.request_body(task),
                 "POST upstream /v1/images/generations",
                 deadline,
             )

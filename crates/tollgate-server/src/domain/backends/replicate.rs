@@ -13,7 +13,7 @@
 //! catalogue on top (a model's own names win). Replicate's webhooks are not used: they need a
 //! public URL for this server, and polling loses nothing.
 
-use super::upstream::{self, Upstream};
+use super::upstream::{self, CancelOnDrop, Upstream};
 use super::{Backend, BackendError};
 use crate::config::Secret;
 use crate::error::{Error, Result};
@@ -105,26 +105,6 @@ impl Replicate {
     }
 }
 
-/// Cancels the prediction when dropped armed: the run ended without taking its result.
-struct CancelOnDrop {
-    upstream: Arc<Upstream>,
-    url: Option<String>,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(url) = self.url.take() {
-            self.upstream.fire_and_forget(Method::POST, url);
-        }
-    }
-}
-
-fn parse(body: &[u8]) -> Result<Prediction, BackendError> {
-    serde_json::from_slice(body).map_err(|_| BackendError::Rejected {
-        reason: "its answer was not a prediction".to_owned(),
-    })
-}
-
 #[async_trait]
 impl Backend for Replicate {
     fn name(&self) -> &'static str {
@@ -138,26 +118,20 @@ impl Backend for Replicate {
     ) -> Result<Vec<Vec<u8>>, BackendError> {
         let created = self
             .upstream
-            .call(
-                Method::POST,
+            .post(
                 &self.create,
-                Some(&self.request_body(task)),
+                &self.request_body(task),
                 "POST replicate predictions",
                 deadline,
             )
             .await?;
-        let mut prediction = parse(&created)?;
-        let get = prediction.urls.get.clone().unwrap_or_else(|| {
-            self.upstream
-                .url(&format!("/v1/predictions/{}", prediction.id))
-        });
-        let mut cancel = CancelOnDrop {
-            upstream: Arc::clone(&self.upstream),
-            url: Some(prediction.urls.cancel.clone().unwrap_or_else(|| {
-                self.upstream
-                    .url(&format!("/v1/predictions/{}/cancel", prediction.id))
-            })),
-        };
+        let mut prediction: Prediction = upstream::json(&created, "a prediction")?;
+        let id = prediction.id.clone();
+        let get = (prediction.urls.get.take())
+            .unwrap_or_else(|| self.upstream.url(&format!("/v1/predictions/{id}")));
+        let cancel_url = (prediction.urls.cancel.take())
+            .unwrap_or_else(|| self.upstream.url(&format!("/v1/predictions/{id}/cancel")));
+        let mut cancel = CancelOnDrop::new(&self.upstream, vec![(Method::POST, cancel_url, None)]);
         let mut polls = 0;
         while matches!(prediction.status.as_str(), "starting" | "processing") {
             if Instant::now() >= deadline {
@@ -167,17 +141,11 @@ impl Backend for Replicate {
             polls += 1;
             let body = self
                 .upstream
-                .call(
-                    Method::GET,
-                    &get,
-                    None,
-                    "GET replicate prediction",
-                    deadline,
-                )
+                .get(&get, "GET replicate prediction", deadline)
                 .await?;
-            prediction = parse(&body)?;
+            prediction = upstream::json(&body, "a prediction")?;
         }
-        cancel.url = None;
+        cancel.disarm();
         match prediction.status.as_str() {
             "succeeded" => {
                 let urls = output_urls(&prediction.output)?;

@@ -186,17 +186,26 @@ impl Upstream {
         }
     }
 
-    /// Asks, once and without waiting for it, for `url` (a cancel) to be called: for a task
-    /// that ends without its provider's work (a timeout, a shutdown), so that the provider
-    /// stops working (and billing) for nothing. Failures are logged only.
-    pub fn fire_and_forget(self: &Arc<Self>, method: Method, url: String) {
-        let upstream = Arc::clone(self);
-        tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            if let Err(e) = upstream.call(method, &url, None, "cancel", deadline).await {
-                tracing::warn!(error = %e, "could not cancel a provider's run");
-            }
-        });
+    /// `POST url` with a JSON body.
+    pub async fn post(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+        label: &'static str,
+        deadline: Instant,
+    ) -> Result<Bytes, BackendError> {
+        self.call(Method::POST, url, Some(body), label, deadline)
+            .await
+    }
+
+    /// `GET url`.
+    pub async fn get(
+        &self,
+        url: &str,
+        label: &'static str,
+        deadline: Instant,
+    ) -> Result<Bytes, BackendError> {
+        self.call(Method::GET, url, None, label, deadline).await
     }
 
     /// The provider's message from an error body, cleaned for a task.
@@ -267,13 +276,64 @@ impl Upstream {
     ) -> Result<Vec<Vec<u8>>, BackendError> {
         let mut images = Vec::with_capacity(urls.len());
         for (index, url) in urls.iter().enumerate() {
-            let bytes = self
-                .call(Method::GET, url, None, "GET provider output", deadline)
-                .await?;
+            let bytes = self.get(url, "GET provider output", deadline).await?;
             images.push(png(bytes.to_vec(), index)?);
         }
         Ok(images)
     }
+}
+
+/// A provider's run to stop when the task ends without its result (a timeout, a cancel of the
+/// task, a shutdown: each drops the backend's future, and so this guard): the calls that cancel
+/// it, made in order without waiting for them. [`CancelOnDrop::disarm`] once the run is over.
+pub struct CancelOnDrop {
+    upstream: Arc<Upstream>,
+    calls: Vec<(Method, String, Option<serde_json::Value>)>,
+}
+
+impl CancelOnDrop {
+    pub fn new(
+        upstream: &Arc<Upstream>,
+        calls: Vec<(Method, String, Option<serde_json::Value>)>,
+    ) -> Self {
+        CancelOnDrop {
+            upstream: Arc::clone(upstream),
+            calls,
+        }
+    }
+
+    /// The run is over: nothing to cancel.
+    pub fn disarm(&mut self) {
+        self.calls.clear();
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.calls.is_empty() {
+            return;
+        }
+        let upstream = Arc::clone(&self.upstream);
+        let calls = std::mem::take(&mut self.calls);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for (method, url, body) in calls {
+                if let Err(e) = upstream
+                    .call(method, &url, body.as_ref(), "cancel", deadline)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not cancel a provider's run");
+                }
+            }
+        });
+    }
+}
+
+/// A provider's JSON answer as `T`, or a refusal that says it was not `what`.
+pub fn json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, BackendError> {
+    serde_json::from_slice(body).map_err(|_| BackendError::Rejected {
+        reason: format!("its answer was not {what}"),
+    })
 }
 
 /// Waits before poll `attempt` (from 0) of a queued run: 250 ms, doubling to 2 s at most, and
