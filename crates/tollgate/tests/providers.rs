@@ -1,9 +1,11 @@
 //! The queue providers' backends against local servers that follow each provider's documented
-//! protocol over real HTTP: Replicate's predictions (create, poll, output URLs, cancel) and fal's
-//! queue (submit, status, result, cancel). Each: images made and served, the task's input and the
-//! catalogue's `input` sent, the key sent to the provider and not to the CDN that serves the
-//! outputs, a failed run refunded with the provider's reason, and a run past the model's timeout
-//! refunded and cancelled at the provider.
+//! protocol over real HTTP: Replicate's predictions (create, poll, output URLs, cancel), fal's
+//! queue (submit, status, result, cancel) and ComfyUI's (prompt, history, view, queue delete).
+//! Each: images made and served, the task's input and the catalogue's `input` sent, the key sent
+//! to the provider and not to the CDN that serves the outputs, a 503 and a 429 with `Retry-After`
+//! ridden out as the retry policy says, a failed run refunded with the provider's reason, an
+//! output that is not an image refused and refunded, and a run past the model's timeout refunded
+//! and cancelled at the provider.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -15,7 +17,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use common::TestServer;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,10 @@ struct Provider {
     authorizations: Mutex<Vec<Option<String>>>,
     cdn_authorizations: Mutex<Vec<Option<String>>>,
     cancels: Mutex<Vec<String>>,
+    /// Answers the next API calls get instead of the handler's: a status and its `Retry-After`.
+    faults: Mutex<VecDeque<(StatusCode, Option<u64>)>>,
+    /// Every API call: when it came and the fault it got (`None`: it reached the handler).
+    calls: Mutex<Vec<(Instant, Option<StatusCode>)>>,
 }
 
 type Shared = Arc<Provider>;
@@ -97,7 +103,43 @@ async fn cdn_file(
         .lock()
         .unwrap()
         .push(authorization(&headers));
-    png(&format!("{run}/{file}"))
+    image(&provider, &run, &format!("{run}/{file}"))
+}
+
+/// The bytes of an output of `run`: a PNG, or an HTML error page when its prompt asked for
+/// garbled output.
+fn image(provider: &Provider, run: &str, tag: &str) -> Vec<u8> {
+    if provider.prompt_of(run).contains("garbled") {
+        return b"<html><body>502 Bad Gateway</body></html>".to_vec();
+    }
+    png(tag)
+}
+
+/// Answers an API call with the next queued fault, if any, before it reaches the provider.
+async fn faults(
+    State(provider): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let fault = provider.faults.lock().unwrap().pop_front();
+    provider
+        .calls
+        .lock()
+        .unwrap()
+        .push((Instant::now(), fault.map(|(status, _)| status)));
+    match fault {
+        Some((status, retry_after)) => {
+            let mut response =
+                (status, Json(json!({"detail": "Service is overloaded"}))).into_response();
+            if let Some(seconds) = retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", seconds.to_string().parse().unwrap());
+            }
+            response
+        }
+        None => next.run(request).await,
+    }
 }
 
 /// Starts a provider's API (`api`) and its CDN; returns the shared state with both URLs.
@@ -114,7 +156,10 @@ async fn start(api: impl FnOnce(Shared) -> Router) -> Shared {
         .route("/{run}/{file}", get(cdn_file))
         .with_state(Arc::clone(&provider));
     tokio::spawn(async move { axum::serve(cdn_listener, cdn).await.unwrap() });
-    let router = api(Arc::clone(&provider));
+    let router = api(Arc::clone(&provider)).layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&provider),
+        faults,
+    ));
     tokio::spawn(async move { axum::serve(api_listener, router).await.unwrap() });
     provider
 }
@@ -403,7 +448,11 @@ async fn comfy_view(
         .lock()
         .unwrap()
         .push(authorization(&headers));
-    png(&format!("{}/{}", view.subfolder, view.filename))
+    image(
+        &provider,
+        &view.subfolder,
+        &format!("{}/{}", view.subfolder, view.filename),
+    )
 }
 
 async fn comfy_queue(
@@ -460,12 +509,20 @@ async fn a_provider_makes_refuses_and_times_out(
     let key_line = key.map_or(String::new(), |(var, _, _)| {
         format!("api_key_env = \"{var}\"\n")
     });
+    // `m` gives up after 2 s; `patient`, the same model, waits out the faults' retries.
+    let model = |name: &str, timeout: &str| {
+        format!(
+            "[models.{name}]\nbackend = \"{backend}\"\nurl = \"{}\"\n{settings}\n{key_line}\
+             prices = {{ \"512x512\" = 3 }}\ntimeout = \"{timeout}\"\n",
+            provider.api
+        )
+    };
     std::fs::write(
         &models,
         format!(
-            "[models.m]\nbackend = \"{backend}\"\nurl = \"{}\"\n{settings}\n{key_line}\
-             prices = {{ \"512x512\" = 3 }}\ntimeout = \"2s\"\n",
-            provider.api
+            "default = \"m\"\n{}\n{}",
+            model("m", "2s"),
+            model("patient", "30s")
         ),
     )
     .unwrap();
@@ -500,6 +557,47 @@ async fn a_provider_makes_refuses_and_times_out(
     assert_eq!(provider.first_input()["prompt"], "a lighthouse");
     assert_eq!(server.balance(&acct.key).await, 94);
 
+    // Overloaded: a 503, then a 429 with `Retry-After: 1`; the call is retried, the second
+    // time no sooner than the provider asked, and the task succeeds.
+    let before = provider.calls.lock().unwrap().len();
+    provider.faults.lock().unwrap().extend([
+        (StatusCode::SERVICE_UNAVAILABLE, None),
+        (StatusCode::TOO_MANY_REQUESTS, Some(1)),
+    ]);
+    let (_, done) = server
+        .generate(
+            &acct.key,
+            json!({"prompt": "a busy harbour", "model": "patient"}),
+        )
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let calls = provider.calls.lock().unwrap()[before..].to_vec();
+    let faulted: Vec<Option<StatusCode>> = calls.iter().take(3).map(|(_, f)| *f).collect();
+    assert_eq!(
+        faulted,
+        vec![
+            Some(StatusCode::SERVICE_UNAVAILABLE),
+            Some(StatusCode::TOO_MANY_REQUESTS),
+            None
+        ]
+    );
+    let waited = calls[2].0 - calls[1].0;
+    assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
+    assert_eq!(server.balance(&acct.key).await, 91);
+
+    // Garbled output (an error page where the image should be): failed, refunded.
+    let (_, done) = server
+        .generate(&acct.key, json!({"prompt": "garbled output"}))
+        .await;
+    assert_eq!(
+        (&done["status"], &done["error"]["code"]),
+        (&json!("failed"), &json!("upstream_rejected")),
+        "{done}"
+    );
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(message.contains("not a PNG"), "{message}");
+    assert_eq!(server.balance(&acct.key).await, 91);
+
     // Refused by the provider: failed with its reason, refunded.
     let (_, done) = server
         .generate(&acct.key, json!({"prompt": "refuse this"}))
@@ -511,14 +609,14 @@ async fn a_provider_makes_refuses_and_times_out(
     );
     let message = done["error"]["message"].as_str().unwrap();
     assert!(message.contains(REFUSAL), "{message}");
-    assert_eq!(server.balance(&acct.key).await, 94);
+    assert_eq!(server.balance(&acct.key).await, 91);
 
     // Still running at the model's timeout: failed, refunded, and cancelled at the provider.
     let (_, done) = server
         .generate(&acct.key, json!({"prompt": "hang forever"}))
         .await;
     assert_eq!(done["error"]["code"], "generation_timeout", "{done}");
-    assert_eq!(server.balance(&acct.key).await, 94);
+    assert_eq!(server.balance(&acct.key).await, 91);
     let deadline = Instant::now() + Duration::from_secs(5);
     while provider.cancels.lock().unwrap().is_empty() {
         assert!(
@@ -537,7 +635,7 @@ async fn a_provider_makes_refuses_and_times_out(
     let expected = key.map(|(_, _, authorization)| authorization);
     assert!(sent.iter().all(|a| a.as_deref() == expected), "{sent:?}");
     let cdn = provider.cdn_authorizations.lock().unwrap().clone();
-    assert_eq!(cdn, vec![None, None]);
+    assert_eq!(cdn, vec![None; 4], "two images, one, one garbled");
     if let Some((_, secret, _)) = key {
         let logs = server.logs();
         assert!(!logs.contains(secret), "the key is in the log");
