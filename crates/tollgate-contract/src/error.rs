@@ -167,6 +167,8 @@ error_codes! {
     RequestTimeout => ("request_timeout", 408, InvalidRequest, false, "The request body arrived too slowly and nothing was done; send the request again."),
     /// The request body is above 1 MiB.
     BodyTooLarge => ("body_too_large", 413, InvalidRequest, false, "Send a request body under 1 MiB."),
+    /// The body is sent as something other than JSON (`text/plain`, a form) (extension).
+    UnsupportedMediaType => ("unsupported_media_type", 415, InvalidRequest, false, "Send the body as JSON, with `Content-Type: application/json`."),
     /// Too many requests for the account's rate limit.
     RateLimitExceeded => ("rate_limit_exceeded", 429, RateLimit, true, SLOW_DOWN),
     /// Something broke on the server; the log has it under the request id.

@@ -34,7 +34,7 @@ Exit codes:
   0  success
   1  other failure: the task failed or was canceled, a conflict (409, e.g. a task that
      can no longer be canceled), a file could not be written
-  2  usage: invalid arguments, or a request the server rejected as invalid (400, 405, 413)
+  2  usage: invalid arguments, or a request the server rejected as invalid (400, 405, 413, 415)
   3  authentication: missing or invalid API key or admin token (401, 403)
   4  insufficient credits (402)
   5  not found (404) or gone (410: older than the server's retention)
@@ -342,7 +342,7 @@ fn exit_code(err: &tollgate_client::Error) -> u8 {
         ErrorKind::Paused => exit::RATE_LIMITED,
         ErrorKind::Transport(_) => exit::SERVER_OR_NETWORK,
         ErrorKind::Api(_) | ErrorKind::Decode(_) => match err.status().unwrap_or(0) {
-            400 | 405 | 413 | 422 => exit::USAGE,
+            400 | 405 | 413 | 415 | 422 => exit::USAGE,
             401 | 403 => exit::AUTH,
             402 => exit::CREDITS,
             404 | 410 => exit::NOT_FOUND_OR_GONE,
@@ -577,7 +577,7 @@ mod tests {
     fn every_contract_code_has_a_class() {
         // One class per status family; the statuses of the contract map as the help says.
         let expected = |c: ErrorCode| match c.status() {
-            400 | 405 | 413 => exit::USAGE,
+            400 | 405 | 413 | 415 => exit::USAGE,
             401 | 403 => exit::AUTH,
             402 => exit::CREDITS,
             404 | 410 => exit::NOT_FOUND_OR_GONE,

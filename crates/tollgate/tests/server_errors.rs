@@ -182,6 +182,94 @@ async fn row_402_insufficient_credits_creates_and_charges_nothing() {
 }
 
 #[tokio::test]
+async fn a_402_for_one_credit_says_credit() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let acct = server.account(0).await;
+    let response = server
+        .post(&acct.key, "/v1/images/generations")
+        .json(&json!({"prompt": "a castle", "size": "256x256"}))
+        .send()
+        .await
+        .unwrap();
+    let (_, e) = expect_error(response, 402, "billing_error", "insufficient_credits").await;
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("costs 1 credit ("), "{message}");
+}
+
+#[tokio::test]
+async fn row_415_a_body_sent_as_anything_but_json_is_refused_and_nothing_is_created() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let acct = server.account(10).await;
+    let body = r#"{"prompt": "a castle", "size": "256x256"}"#;
+    for content_type in [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        let response = server
+            .post(&acct.key, "/v1/images/generations")
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (_, e) = expect_error(
+            response,
+            415,
+            "invalid_request_error",
+            "unsupported_media_type",
+        )
+        .await;
+        assert_eq!(e["param"], "Content-Type");
+        let message = e["message"].as_str().unwrap();
+        let essence = content_type.split(';').next().unwrap();
+        assert!(message.contains(&format!("not `{essence}`")), "{message}");
+        assert!(message.contains("--json"), "{message}");
+    }
+    assert_eq!(server.balance(&acct.key).await, 10, "nothing charged");
+    // JSON with parameters, a `+json` type, and no Content-Type at all are read as JSON.
+    for content_type in [
+        Some("application/json; charset=utf-8"),
+        Some("Application/JSON"),
+        Some("application/vnd.api+json"),
+        None,
+    ] {
+        let mut request = server.post(&acct.key, "/v1/images/generations").body(body);
+        if let Some(value) = content_type {
+            request = request.header("content-type", value);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 202, "{content_type:?}");
+    }
+    assert_eq!(server.balance(&acct.key).await, 6);
+}
+
+#[tokio::test]
+async fn an_empty_voucher_code_is_an_invalid_value() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let acct = server.account(0).await;
+    for code in ["", "   "] {
+        let response = server
+            .post(&acct.key, "/v1/vouchers/redeem")
+            .json(&json!({ "code": code }))
+            .send()
+            .await
+            .unwrap();
+        let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+        assert_eq!(e["param"], "code");
+    }
+    // Absent is what `missing_field` is for.
+    let response = server
+        .post(&acct.key, "/v1/vouchers/redeem")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 400, "invalid_request_error", "missing_field").await;
+}
+
+#[tokio::test]
 async fn row_404_unknown_endpoint_and_resource_not_found() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;

@@ -87,9 +87,9 @@ impl Tollgate {
         let code = normalize_code(code);
         if code.is_empty() {
             return Err(Error::invalid(
-                ErrorCode::MissingField,
+                ErrorCode::InvalidValue,
                 "code",
-                "`code` is required: the voucher code, `tgv_…`.",
+                "`code` is empty: send the voucher code, `tgv_…`.",
             ));
         }
         if !code.starts_with(secrets::VOUCHER_CODE_PREFIX) || code.chars().count() > MAX_CODE_CHARS

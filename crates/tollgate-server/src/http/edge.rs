@@ -226,6 +226,10 @@ fn ensure_envelope(response: Response, method: &Method, path: &str) -> Response 
             )
         }
         StatusCode::PAYLOAD_TOO_LARGE => return body_too_large().into_response(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorReply::new(
+            ErrorCode::UnsupportedMediaType,
+            "The request body must be JSON sent as `Content-Type: application/json`.",
+        ),
         s if s.is_server_error() => return internal_error(),
         _ => ErrorReply::new(
             ErrorCode::InvalidValue,

@@ -80,15 +80,17 @@ pub fn voucher_refusal_message(refusal: VoucherRefusal) -> &'static str {
 pub struct Enveloped;
 
 /// An error as the client gets it: the envelope's code, message and `param`, and the headers
-/// that go with them (`Retry-After`, `WWW-Authenticate`, `Allow`, `Connection: close`).
+/// that go with them (`x-should-retry` always; `Retry-After` with `retry-after-ms`,
+/// `WWW-Authenticate`, `Allow`, `Connection: close` where they apply).
 /// `From<Error>` is the mapping, the only one; [`ErrorReply::into_response`] renders it.
 #[derive(Debug)]
 pub struct ErrorReply {
     code: ErrorCode,
     message: Cow<'static, str>,
     param: Option<Cow<'static, str>>,
-    /// `Retry-After`, in whole seconds.
-    retry_after: Option<u64>,
+    /// How long the client should wait: `Retry-After` in whole seconds rounded up, and
+    /// `retry-after-ms` in milliseconds rounded up, so that neither is shorter than the wait.
+    retry_after: Option<Duration>,
     www_authenticate: bool,
     allow: Option<HeaderValue>,
     /// `Connection: close`: the server is going away, or the connection is no longer usable.
@@ -134,7 +136,7 @@ impl ErrorReply {
     }
 
     fn retry_after(mut self, wait: Duration) -> ErrorReply {
-        self.retry_after = Some(retry_after::whole_seconds_ceil(wait));
+        self.retry_after = Some(wait);
         self
     }
 
@@ -193,8 +195,21 @@ impl ErrorReply {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(seconds) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        // The hint the OpenAI- and Stripe-style SDKs obey, from the table's "retryable" column.
+        headers.insert(
+            SHOULD_RETRY,
+            HeaderValue::from_static(if self.code.is_retryable() {
+                "true"
+            } else {
+                "false"
+            }),
+        );
+        if let Some(wait) = self.retry_after {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after::whole_seconds_ceil(wait)),
+            );
+            headers.insert(RETRY_AFTER_MS, HeaderValue::from(millis_ceil(wait)));
         }
         if self.www_authenticate {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -208,6 +223,15 @@ impl ErrorReply {
         response.extensions_mut().insert(Enveloped);
         response
     }
+}
+
+const SHOULD_RETRY: header::HeaderName = header::HeaderName::from_static("x-should-retry");
+const RETRY_AFTER_MS: header::HeaderName = header::HeaderName::from_static("retry-after-ms");
+
+/// `wait` in whole milliseconds, rounded up.
+fn millis_ceil(wait: Duration) -> u64 {
+    let millis = wait.as_millis() + u128::from(!wait.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
 /// `{before}{wait}{after}`, the wait as "1 second", "3 seconds" and rounded the same way as the
@@ -284,8 +308,9 @@ impl From<Error> for ErrorReply {
             } => ErrorReply::new(
                 code,
                 format!(
-                    "This request costs {cost} credits{} but the balance is {balance}. \
+                    "This request costs {cost} {}{} but the balance is {balance}. \
                      Top up credits in the Dashboard: {} (sign in with your API key).",
+                    if cost == 1 { "credit" } else { "credits" },
                     priced
                         .as_ref()
                         .map(|p| format!(" ({p})"))
@@ -376,6 +401,14 @@ pub fn internal_error() -> Response {
 mod tests {
     use super::*;
     use tollgate_contract::ErrorBody;
+
+    #[test]
+    fn retry_after_ms_is_never_shorter_than_the_wait() {
+        assert_eq!(millis_ceil(Duration::from_millis(1500)), 1500);
+        assert_eq!(millis_ceil(Duration::from_micros(1_500_001)), 1501);
+        assert_eq!(millis_ceil(Duration::from_nanos(1)), 1);
+        assert_eq!(millis_ceil(Duration::ZERO), 0);
+    }
 
     #[test]
     fn the_envelope_is_the_contracts_error_body() {

@@ -19,11 +19,49 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        json_content_type(req.headers())?;
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|rejection| body_read_error(&rejection))?;
         parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A body is read as JSON only when it says it is: `application/json` or another `…/…+json`
+/// type, or no `Content-Type` at all (the one lenience, for the clients that send none). Anything
+/// else (`text/plain`, curl's default `application/x-www-form-urlencoded`) is 415.
+pub fn json_content_type(headers: &HeaderMap) -> Result<(), Error> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let is_json = essence.as_deref().is_some_and(|mime| {
+        mime == "application/json"
+            || mime
+                .split_once('/')
+                .is_some_and(|(_, subtype)| subtype.ends_with("+json"))
+    });
+    if is_json {
+        return Ok(());
+    }
+    let sent: String = essence
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(80)
+        .collect();
+    Err(Error::InvalidRequest {
+        code: ErrorCode::UnsupportedMediaType,
+        message: format!(
+            "The request body must be JSON sent as `Content-Type: application/json`, not `{sent}`; \
+             with curl, use --json or -H 'Content-Type: application/json'."
+        ),
+        param: Some("Content-Type".to_owned()),
+    })
 }
 
 /// Why a request body could not be read, from the error of reading it (see [`body_fault`]);

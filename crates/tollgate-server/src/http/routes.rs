@@ -38,6 +38,7 @@ pub struct ListQuery {
     responses(
         (status = 202, description = "Accepted, charged and queued", body = Task),
         (status = 400, description = "Malformed or invalid request; `param` names the field", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 402, description = "The balance does not cover the cost; nothing created or charged", body = ErrorBody),
         (status = 409, description = "The first request with this Idempotency-Key is still running", body = ErrorBody),
@@ -327,6 +328,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<List<Model>> {
     responses(
         (status = 201, description = "Created; the API key is shown this once", body = CreatedAccount),
         (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
     ),
     security(("admin_token" = [])))]
@@ -370,6 +372,7 @@ pub async fn get_account(
     responses(
         (status = 200, description = "The updated account", body = Account),
         (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
     ),
@@ -418,6 +421,7 @@ pub async fn revoke_key(
     responses(
         (status = 200, description = "The account with its new balance", body = Account),
         (status = 400, description = "Invalid amount", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
     ),
@@ -434,6 +438,7 @@ pub async fn add_credits(
     responses(
         (status = 201, description = "A single-use voucher; the code is shown this once (extension)", body = CreatedVoucher),
         (status = 400, description = "Invalid credits, expiry or note", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
     ),
     security(("admin_token" = [])))]
@@ -473,6 +478,7 @@ pub async fn list_vouchers(
     responses(
         (status = 200, description = "Redeemed: the account with its new balance (extension)", body = Account),
         (status = 400, description = "Missing or malformed `code`", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "`voucher_not_found`: no voucher has this code", body = ErrorBody),
         (status = 409, description = "`voucher_already_redeemed`: each code works once", body = ErrorBody),

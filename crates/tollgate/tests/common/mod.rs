@@ -404,6 +404,32 @@ pub fn unique(prefix: &str) -> String {
 
 /// Checks a response is the contract's envelope with this status, type and code, and returns
 /// its headers and `error` object.
+/// The contract's retry hints on an error: `x-should-retry` as its table's "retryable" column
+/// says (429, every 5xx, and 409 `idempotency_key_in_use`), and `retry-after-ms` beside every
+/// `Retry-After`, within the second that `Retry-After` rounds up to.
+pub fn assert_retry_hints(headers: &reqwest::header::HeaderMap, status: u16, code: &str) {
+    let retryable = status == 429
+        || (500..600).contains(&status)
+        || (status == 409 && code == "idempotency_key_in_use");
+    let hint = headers.get("x-should-retry").map(|v| v.to_str().unwrap());
+    assert_eq!(
+        hint,
+        Some(if retryable { "true" } else { "false" }),
+        "{code}"
+    );
+    let seconds = headers
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    let millis = headers
+        .get("retry-after-ms")
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    match (seconds, millis) {
+        (None, None) => {}
+        (Some(s), Some(ms)) => assert!(ms <= s * 1000 && ms + 1000 > s * 1000, "{s} s, {ms} ms"),
+        other => panic!("Retry-After and retry-after-ms go together: {other:?}"),
+    }
+}
+
 pub async fn expect_error(
     response: reqwest::Response,
     status: u16,
@@ -430,6 +456,7 @@ pub async fn expect_error(
     let error = &body["error"];
     assert_eq!(error["type"], error_type, "{text}");
     assert_eq!(error["code"], code, "{text}");
+    assert_retry_hints(&headers, status, code);
     let message = error["message"].as_str().unwrap();
     assert!(
         message.len() > 10 && message.ends_with('.'),
