@@ -209,6 +209,7 @@ impl ClientBuilder {
             auth,
             retrier,
             default_deadline: self.deadline,
+            attempt_timeout: self.attempt_timeout,
         })
     }
 }
@@ -224,7 +225,14 @@ pub(crate) struct Core {
     auth: Option<HeaderValue>,
     retrier: Retrier,
     default_deadline: Option<Duration>,
+    /// How long one attempt may take (a long poll must end well inside it).
+    attempt_timeout: Option<Duration>,
 }
+
+/// How long [`Client::wait_for_task`] asks the server to hold each answer.
+const LONG_POLL: Duration = Duration::from_secs(25);
+/// What a long poll leaves of the attempt timeout and the deadline, for the answer to travel.
+const LONG_POLL_MARGIN: Duration = Duration::from_secs(5);
 
 /// Parameters of the list routes (`GET /v1/tasks`, `GET /admin/accounts`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -383,23 +391,48 @@ impl Client {
         self.get_json("/healthz").await
     }
 
-    /// Polls `GET /v1/tasks/{id}` every `poll_interval` until the task is succeeded, failed or
-    /// canceled, calling `on_update` with each state seen. Each poll is a call with its own
-    /// retries; wrap this in a timeout (or drop it) to stop waiting.
+    /// Waits until the task is succeeded, failed or canceled, calling `on_update` with each
+    /// state seen. Each ask is `GET /v1/tasks/{id}?wait=N`, which the server holds until the
+    /// task finishes (up to 25 s, less when the attempt timeout or the deadline is shorter), so
+    /// the end is seen at once with one request per 25 s. `poll_interval` is the least time
+    /// between two asks: against a server that answers at once (one without the long poll) this
+    /// is plain polling. Each ask is a call with its own retries; wrap this in a timeout (or drop
+    /// it) to stop waiting.
     pub async fn wait_for_task(
         &self,
         id: &str,
         poll_interval: Duration,
         mut on_update: impl FnMut(&Task),
     ) -> Result<Task> {
+        let path = format!("/v1/tasks/{}", segment(id, "task id")?);
+        let hold = self.long_poll();
         loop {
-            let task = self.get_task(id).await?;
+            let asked = Instant::now();
+            let task: Task = match hold {
+                Some(hold) => {
+                    self.get_json(&format!("{path}?wait={}", hold.as_secs()))
+                        .await?
+                }
+                None => self.get_json(&path).await?,
+            };
             on_update(&task);
             if task.status.is_terminal() {
                 return Ok(task);
             }
-            tokio::time::sleep(poll_interval).await;
+            tokio::time::sleep(poll_interval.saturating_sub(asked.elapsed())).await;
         }
+    }
+
+    /// How long each ask of [`Client::wait_for_task`] may be held; `None` when the limits of an
+    /// attempt leave too little for a long poll to be worth it.
+    fn long_poll(&self) -> Option<Duration> {
+        let bound = |limit: Option<Duration>| {
+            limit.map_or(LONG_POLL, |l| l.saturating_sub(LONG_POLL_MARGIN))
+        };
+        let hold = LONG_POLL
+            .min(bound(self.core.attempt_timeout))
+            .min(bound(self.deadline));
+        (hold >= Duration::from_secs(1)).then_some(hold)
     }
 
     pub(crate) async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {

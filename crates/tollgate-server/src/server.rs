@@ -117,6 +117,7 @@ impl Server {
         let drained = async move {
             shutdown.await;
             drain_state.draining.store(true, Ordering::Release);
+            drain_state.app.stop_waiting();
             tracing::info!("shutting down: new requests get 503; waiting for in-flight requests");
             let deadline = Instant::now() + grace;
             while drain_state.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {

@@ -203,7 +203,8 @@ pub struct GenerateArgs {
     /// Idempotency-Key of the request (default: a new UUID). Reuse one to retry by hand without a second charge.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
-    /// How often to ask for the task's state while waiting.
+    /// The least time between two asks for the task's state while waiting (each ask is held by
+    /// the server until the task finishes, up to 25 s).
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = tollgate_server::parse_duration)]
     poll_interval: Duration,
     #[command(flatten)]

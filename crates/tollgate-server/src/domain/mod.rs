@@ -18,5 +18,6 @@ pub mod service;
 pub mod sessions;
 pub mod usage;
 pub mod vouchers;
+pub mod waiting;
 pub mod webhooks;
 pub mod worker;

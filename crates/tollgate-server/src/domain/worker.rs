@@ -56,6 +56,8 @@ pub struct Runner {
     pub(in crate::domain) health: Arc<ModelHealth>,
     /// The tasks this process runs, each with the wake-up the facade gives when it cancels one.
     pub(in crate::domain) running: Running,
+    /// The long polls, woken when a task of this runner finishes.
+    pub(in crate::domain) waiters: Arc<crate::domain::waiting::TaskWaiters>,
 }
 
 /// Tasks being run by this process's workers (every model's), by id: what a cancel notifies so
@@ -319,6 +321,7 @@ async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
                 }
             };
             app.metrics.task_finished(status.as_str());
+            app.waiters.finished(&task.id);
             tracing::info!(task_id = %task.id, status = %status, ms = started.elapsed().as_millis() as u64, "task finished");
             if task.webhook_url.is_some() {
                 app.webhooks_ready.notify_one();

@@ -13,6 +13,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tollgate_contract::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest,
     CreateVoucherRequest, CreatedAccount, CreatedKey, CreatedVoucher, ErrorBody, ErrorCode, Health,
@@ -65,10 +66,46 @@ pub async fn create_generation(
     Ok(response)
 }
 
+/// Query of `GET /v1/tasks/{id}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Seconds (0–60, fractions allowed) to hold the answer while the task is queued or
+    /// running: it comes as soon as the task finishes, else at the end with its state then.
+    #[param(value_type = Option<f64>, minimum = 0, maximum = 60)]
+    wait: Option<String>,
+}
+
+/// The longest `?wait=` a client may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+fn parse_wait(wait: Option<&str>) -> AppResult<Option<Duration>> {
+    let Some(text) = wait else {
+        return Ok(None);
+    };
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && (0.0..=MAX_WAIT.as_secs_f64()).contains(s))
+        .map(|s| Some(Duration::from_secs_f64(s)))
+        .ok_or_else(|| {
+            Error::invalid(
+                ErrorCode::InvalidValue,
+                "wait",
+                format!(
+                    "`wait` must be a number of seconds from 0 to {}, not `{}`.",
+                    MAX_WAIT.as_secs(),
+                    text.chars().take(40).collect::<String>()
+                ),
+            )
+        })
+}
+
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
-    params(("id" = String, Path, description = "task_…")),
+    params(("id" = String, Path, description = "task_…"), WaitQuery),
     responses(
         (status = 200, description = "The task", body = Task),
+        (status = 400, description = "Bad `wait`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such task for this account", body = ErrorBody),
         (status = 410, description = "The task is older than the retention", body = ErrorBody),
@@ -79,8 +116,12 @@ pub async fn get_task(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    Query(query): Query<WaitQuery>,
 ) -> AppResult<Response> {
-    let task = state.app.get_task_shared(&caller, &id).await?;
+    let task = match parse_wait(query.wait.as_deref())? {
+        Some(wait) => state.app.wait_task(&caller, &id, wait).await?,
+        None => state.app.get_task_shared(&caller, &id).await?,
+    };
     let json = state.task_json.of(&task)?;
     Ok((
         [(

@@ -20,6 +20,7 @@ use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
 use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
 use crate::domain::sessions::SignInLimiter;
+use crate::domain::waiting::TaskWaiters;
 use crate::domain::{webhooks, worker};
 use crate::error::{Error, Result};
 use crate::images::ImageStore;
@@ -72,6 +73,8 @@ pub struct Tollgate {
     running: worker::Running,
     /// Wakes the webhook sender when a finished task has a delivery waiting.
     webhooks_ready: Arc<Notify>,
+    /// Wakes the long polls of a task when it finishes.
+    waiters: Arc<TaskWaiters>,
     /// Free space under the data directory, checked before writes that grow the data.
     pub(in crate::domain) disk: DiskSpace,
     /// Idempotency reservations, by (scope, key), that this process may have made and whose
@@ -147,6 +150,7 @@ impl Tollgate {
             .collect();
         let key_cache = (!store.is_shared()).then(KeyCache::default);
         let finished_tasks = (!store.is_shared()).then(FinishedTasks::default);
+        let waiters = Arc::new(TaskWaiters::new(store.is_shared()));
         let disk = DiskSpace::new(config.data_dir.clone(), config.min_free_disk);
         Tollgate {
             clock: Arc::new(SystemClock),
@@ -166,6 +170,7 @@ impl Tollgate {
             default_model: builtin.default,
             running: worker::Running::default(),
             webhooks_ready: Arc::new(Notify::new()),
+            waiters,
         }
     }
 
@@ -222,6 +227,7 @@ impl Tollgate {
                     timeout: model.spec.timeout,
                     health: Arc::clone(&model.health),
                     running: Arc::clone(&self.running),
+                    waiters: Arc::clone(&self.waiters),
                 };
                 (runner, model.spec.workers)
             })

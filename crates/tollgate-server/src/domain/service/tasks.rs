@@ -136,6 +136,36 @@ impl Tollgate {
         Ok(Arc::new(self.get_task(caller, id).await?))
     }
 
+    /// [`Tollgate::get_task_shared`] once the task is no longer queued or running, or after
+    /// `wait` with its state then: the long poll of `GET /v1/tasks/{id}?wait=N`. Shutdown ends
+    /// every wait at once.
+    pub async fn wait_task(&self, caller: &Caller, id: &str, wait: Duration) -> Result<Arc<Task>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut watch = self.waiters.watch(id);
+        let notify = watch.notify();
+        loop {
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let task = self.get_task_shared(caller, id).await?;
+            let now = tokio::time::Instant::now();
+            if task.status.is_terminal() || now >= deadline || watch.stopping() {
+                return Ok(task);
+            }
+            let next_look = deadline.min(now + self.waiters.recheck());
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep_until(next_look) => {}
+                () = watch.stopped() => {}
+            }
+        }
+    }
+
+    /// Ends every long poll with the state its task has (the server is shutting down).
+    pub fn stop_waiting(&self) {
+        self.waiters.stop();
+    }
+
     /// The caller's tasks, newest first, `limit` (1–100, default 20) after the task `after`.
     pub async fn list_tasks(
         &self,
@@ -188,6 +218,7 @@ impl Tollgate {
                 }
                 self.metrics.credits_refunded.inc_by(record.cost);
                 self.metrics.task_finished(TaskStatus::Canceled.as_str());
+                self.waiters.finished(id);
                 if record.webhook_url.is_some() {
                     self.webhooks_ready.notify_one();
                 }
