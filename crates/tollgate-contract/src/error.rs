@@ -158,6 +158,8 @@ error_codes! {
     VoucherAlreadyRedeemed => ("voucher_already_redeemed", 409, Conflict, false, CONFLICT),
     /// The resource is older than the retention.
     ResourceExpired => ("resource_expired", 410, Gone, false, "The resource has expired (older than the server's retention) and is permanently gone."),
+    /// A signed image link past its expiry; ask for the task again for a fresh one.
+    UrlExpired => ("url_expired", 410, Gone, false, "The link has expired; get the task again for a fresh link."),
     /// The voucher is past its expiry date (extension).
     VoucherExpired => ("voucher_expired", 410, Gone, false, "The resource is permanently gone."),
     /// The request body did not arrive within `--body-read-timeout`; nothing was done, and the

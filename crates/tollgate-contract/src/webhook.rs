@@ -61,7 +61,8 @@ fn mac(secret: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
     mac
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (signatures, digests).
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -71,7 +72,8 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+/// The bytes of a hex string (either case); `None` when it is not hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
     let pairs = text.as_bytes().chunks_exact(2);
     if !pairs.remainder().is_empty() {
         return None;

@@ -17,6 +17,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Tasks older than this answer 410 and are purged.
     pub retention: Duration,
+    /// How long a signed image link (`images[].url`) works, at least.
+    pub image_url_ttl: Duration,
+    /// The base URL clients reach this server at (`https://img.example.com`), for the links it
+    /// hands out; `None`: the `Host` of each request (and the listening address for webhooks).
+    pub public_url: Option<String>,
     /// Honour the `Tollgate-Simulate` headers.
     pub simulate_errors: bool,
     /// Credits per image by size.
@@ -162,6 +167,8 @@ impl Config {
         Config {
             data_dir: data_dir.into(),
             retention: Duration::from_secs(30 * 24 * 3600),
+            image_url_ttl: Duration::from_secs(3600),
+            public_url: None,
             simulate_errors: false,
             prices: Prices::default(),
             default_rate_limit: RateLimit {
@@ -233,6 +240,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .checked_mul(seconds_per_unit)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// `--public-url`: an http(s) URL with a host and nothing after the path, kept without its
+/// trailing slash.
+pub fn parse_public_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("must be an http:// or https:// URL with a host".to_owned());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or a fragment".to_owned());
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ pub enum Error {
         id: String,
         retention: Duration,
     },
+    /// A signed image link past its expiry (an authentic one: a forged link is `NotFound`).
+    #[error("image link expired")]
+    LinkExpired,
     /// The account's rate limit is spent; `retry_after` is the exact wait until the next admission.
     #[error("rate limited for {retry_after:?}")]
     RateLimited { retry_after: Duration },
@@ -120,6 +123,7 @@ impl Error {
             Error::InsufficientCredits { .. } => ErrorCode::InsufficientCredits,
             Error::NotFound { .. } => ErrorCode::ResourceNotFound,
             Error::Gone { .. } => ErrorCode::ResourceExpired,
+            Error::LinkExpired => ErrorCode::UrlExpired,
             Error::RateLimited { .. } => ErrorCode::RateLimitExceeded,
             Error::IdempotencyKeyReused => ErrorCode::IdempotencyKeyReused,
             Error::IdempotencyKeyInUse => ErrorCode::IdempotencyKeyInUse,

@@ -53,6 +53,7 @@ impl Server {
                 }
             },
         };
+        let link_key = store.image_link_key(&secrets::new_link_key()?).await?;
         let requeued = store.requeue_running().await?;
         if requeued > 0 {
             tracing::warn!(
@@ -71,7 +72,9 @@ impl Server {
             );
         }
         let app = Arc::new(
-            Tollgate::new(config, store, images, limits, admin_hash).with_models(catalogue)?,
+            Tollgate::new(config, store, images, limits, admin_hash)
+                .with_image_link_key(&link_key)
+                .with_models(catalogue)?,
         );
         Ok(Server {
             app,
@@ -108,7 +111,7 @@ impl Server {
             .flat_map(|(runner, count)| worker::spawn(Arc::new(runner), count, stop_rx.clone()))
             .collect();
         let purger = purge::spawn(Arc::clone(&self.app), stop_rx.clone());
-        let sender = webhooks::spawn(self.app.outbox(), stop_rx);
+        let sender = webhooks::spawn(self.app.outbox(listener.local_addr()?), stop_rx);
 
         let state = Arc::new(AppState::new(Arc::clone(&self.app)));
         let app = http::app(Arc::clone(&state));

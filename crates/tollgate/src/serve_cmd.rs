@@ -22,6 +22,14 @@ pub struct ServeArgs {
     /// How long tasks are kept; older ones answer 410 and their data is purged (30d, 12h, 2s…).
     #[arg(long, env = "TOLLGATE_RETENTION", default_value = "30d", value_parser = parse_duration)]
     retention: Duration,
+    /// How long a task's image links (`images[].url`, usable without the API key) work, at least.
+    #[arg(long, env = "TOLLGATE_IMAGE_URL_TTL", default_value = "1h", value_parser = parse_duration)]
+    image_url_ttl: Duration,
+    /// The base URL clients reach this server at, e.g. `https://img.example.com` behind a proxy:
+    /// image links start with it (default: the `Host` each request was sent to, and the
+    /// listening address in webhook bodies).
+    #[arg(long, env = "TOLLGATE_PUBLIC_URL", value_name = "URL", value_parser = tollgate_server::config::parse_public_url)]
+    public_url: Option<String>,
     /// Let requests ask for a failure with `Tollgate-Simulate: 429|500|503|panic`
     /// (and a delay with `Tollgate-Simulate-Delay-Ms`), to test clients against a real server.
     #[arg(long, env = "TOLLGATE_SIMULATE_ERRORS")]
@@ -173,6 +181,8 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
 async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::new(&args.data_dir);
     config.retention = args.retention;
+    config.image_url_ttl = args.image_url_ttl;
+    config.public_url = args.public_url;
     config.simulate_errors = args.simulate_errors;
     config.workers = args.workers;
     config.prices = args.prices;

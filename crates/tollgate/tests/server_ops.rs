@@ -141,6 +141,7 @@ async fn openapi_documents_every_route_and_error_response() {
             "/v1/vouchers/redeem",
             &["200", "400", "401", "404", "409", "410", "429"],
         ),
+        ("get", "/v1/links/{task_id}/{file}", &["200", "404", "410"]),
         ("get", "/healthz", &["200", "503"]),
         ("get", "/readyz", &["200", "503"]),
         ("get", "/metrics", &["200"]),

@@ -34,8 +34,15 @@ async fn a_task_runs_to_real_deterministic_pngs() {
     let images = done["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
     let url = images[0]["url"].as_str().unwrap();
-    assert_eq!(url, format!("/v1/tasks/{id}/images/0"));
-    let response = server.get(&acct.key, url).send().await.unwrap();
+    assert!(
+        url.starts_with(&server.url(&format!("/v1/links/{id}/0.png?expires="))),
+        "{url}"
+    );
+    let response = server
+        .get(&acct.key, &format!("/v1/tasks/{id}/images/0"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers().get("content-type").unwrap(), "image/png");
     let first = response.bytes().await.unwrap();

@@ -17,7 +17,7 @@
 use crate::store::{KeyAuth, TaskRecord};
 use dashmap::{DashMap, DashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use tollgate_contract::Task;
 
 /// How many unknown key hashes are remembered before the set starts over: random keys from a
@@ -126,9 +126,28 @@ pub struct FinishedTasks {
 pub struct FinishedTask {
     pub record: TaskRecord,
     /// The task as the API shows it, for a task without a webhook (whose delivery state still
-    /// changes): polling clients ask for the same view again and again, and get this one `Arc`
-    /// (the HTTP layer keeps its JSON beside it).
-    pub view: OnceLock<Arc<Task>>,
+    /// changes), with the link expiry it was made for: polling clients ask for the same view
+    /// again and again, and get this one `Arc` until the links' window moves on (the HTTP layer
+    /// keeps its JSON beside it).
+    view: Mutex<Option<(i64, Arc<Task>)>>,
+}
+
+impl FinishedTask {
+    /// The view for the link expiry `window`: the kept one, or a new one made by `make`.
+    pub fn view(&self, window: i64, make: impl FnOnce() -> Task) -> Arc<Task> {
+        let mut kept = self
+            .view
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &*kept {
+            Some((at, view)) if *at == window => Arc::clone(view),
+            _ => {
+                let view = Arc::new(make());
+                *kept = Some((window, Arc::clone(&view)));
+                view
+            }
+        }
+    }
 }
 
 impl FinishedTasks {
@@ -144,7 +163,7 @@ impl FinishedTasks {
             }
             let entry = FinishedTask {
                 record: task.clone(),
-                view: OnceLock::new(),
+                view: Mutex::new(None),
             };
             self.tasks.insert(task.id.clone(), Arc::new(entry));
         }

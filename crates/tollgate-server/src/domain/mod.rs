@@ -10,6 +10,7 @@ pub mod catalogue;
 pub mod clock;
 pub mod generator;
 pub mod idempotency;
+pub mod links;
 pub mod pricing;
 pub mod purge;
 pub mod ratelimit;

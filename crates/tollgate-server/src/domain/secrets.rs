@@ -60,6 +60,11 @@ pub fn new_webhook_secret() -> Result<String> {
     ))
 }
 
+/// A new key for signing image links: 256 random bits in hex.
+pub fn new_link_key() -> Result<String> {
+    Ok(hex(&random_bytes::<32>()?))
+}
+
 /// A new dashboard session token (the cookie's value): 192 random bits in hex.
 pub fn new_session_token() -> Result<String> {
     Ok(hex(&random_bytes::<24>()?))

@@ -197,6 +197,10 @@ pub struct Outbox {
     pub(in crate::domain) allow_private: bool,
     /// How long tasks are kept: the `expires_at` of the task a delivery carries.
     pub(in crate::domain) retention: Duration,
+    /// Signs the image links of the task a delivery carries.
+    pub(in crate::domain) links: Arc<crate::domain::links::ImageLinks>,
+    /// The base URL put before those links (`--public-url`, else the listening address).
+    pub(in crate::domain) link_base: String,
 }
 
 impl Outbox {
@@ -361,9 +365,10 @@ async fn attempt(
     let Some(secret) = secret_of(app.store.as_ref(), &delivery.account_id).await? else {
         return Ok(AttemptResult::failed("the account no longer exists"));
     };
-    // The task as `GET /v1/tasks/{id}` shows it, without the webhook's own bookkeeping, so every
-    // attempt sends the same body.
-    let view = crate::domain::service::task_view(&task, app.retention);
+    // The task as `GET /v1/tasks/{id}` shows it, without the webhook's own bookkeeping: every
+    // attempt sends the same task, with image links fresh at the attempt.
+    let mut view = crate::domain::service::task_view(&task, app.retention, &app.links, app.now());
+    crate::domain::links::absolute(&mut view, &app.link_base);
     let body = serde_json::to_vec(&view).map_err(Error::internal)?;
     let timestamp = app.now().unix_timestamp();
     let signature = webhook::sign(&secret, timestamp, &body);

@@ -105,13 +105,9 @@ where
     // Reference-counted, not copied.
     let uri = req.uri().clone();
     let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %uri.path());
-    // Only a charge can be refused for credits (the 402 whose message links to this server),
-    // and no `GET` charges: reads skip the header lookups.
-    let origin = if method == Method::GET || method == Method::HEAD {
-        Origin::default()
-    } else {
-        Origin::of(req.headers())
-    };
+    // Where the request was sent, for the links an answer carries back to this server (image
+    // links, the 402's top-up page): a reference-counted header, not a copy.
+    let origin = Origin::of(req.headers());
     let respond = async {
         match AssertUnwindSafe(admit(&state, inner, req))
             .catch_unwind()

@@ -52,11 +52,16 @@ impl Origin {
     }
 }
 
+/// `http(s)://host[:port]` of the request being served, when it named a plain host.
+pub fn request_base() -> Option<String> {
+    ORIGIN.try_with(Origin::base).ok().flatten()
+}
+
 /// The top-up page as a link: absolute when the request named its host, else the path.
 pub fn top_up_link() -> String {
-    match ORIGIN.try_with(Origin::base) {
-        Ok(Some(origin)) => format!("{origin}{TOP_UP_PATH}"),
-        _ => TOP_UP_PATH.to_owned(),
+    match request_base() {
+        Some(origin) => format!("{origin}{TOP_UP_PATH}"),
+        None => TOP_UP_PATH.to_owned(),
     }
 }
 
@@ -324,6 +329,9 @@ impl From<Error> for ErrorReply {
             Error::Gone { what, id, retention } => ErrorReply::new(
                 code,
                 format!("The {what} `{id}` has expired: it is kept for {} after creation.", human(retention)),
+            ),
+            Error::LinkExpired => reply(
+                "This image link has expired. Get the task again (`GET /v1/tasks/{id}`) for a fresh link.",
             ),
             Error::RateLimited { retry_after } => ErrorReply::new(
                 code,

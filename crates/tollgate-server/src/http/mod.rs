@@ -94,7 +94,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/account/webhook-secret",
             api(get(r::webhook_secret).post(r::rotate_webhook_secret)),
         )
-        .route("/v1/vouchers/redeem", api(post(r::redeem_voucher)));
+        .route("/v1/vouchers/redeem", api(post(r::redeem_voucher)))
+        // The signature is the credential: no API key, no account's rate limit.
+        .route("/v1/links/{task_id}/{file}", get(r::linked_image));
     let admin = Router::new()
         .route(
             "/admin/accounts",

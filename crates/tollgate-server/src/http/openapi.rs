@@ -8,7 +8,7 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(title = "tollgate", description = "Paid, asynchronous image generation. Every error is `{\"error\": {\"message\", \"type\", \"code\"}}`."),
     paths(
-        routes::create_generation, routes::get_task, routes::list_tasks, routes::cancel_task, routes::task_image,
+        routes::create_generation, routes::get_task, routes::list_tasks, routes::cancel_task, routes::task_image, routes::linked_image,
         routes::account, routes::models, routes::create_account, routes::list_accounts, routes::get_account, routes::update_account,
         routes::create_key, routes::list_keys, routes::revoke_key, routes::add_credits, routes::account_ledger,
         routes::admin_ledger, routes::create_voucher, routes::list_vouchers, routes::redeem_voucher,

@@ -3,7 +3,8 @@
 use super::error::Enveloped;
 use super::extract::JsonBody;
 use super::middleware::{IdempotencyReservation, IdempotencyStored};
-use super::AppState;
+use super::{wire, AppState};
+use crate::domain::links;
 use crate::domain::service::Caller;
 use crate::error::Error;
 use axum::extract::{Path, Query, State};
@@ -59,6 +60,7 @@ pub async fn create_generation(
         .as_ref()
         .map(|Extension(IdempotencyReservation(scope))| scope);
     let task = state.app.create_generation(&caller, request, scope).await?;
+    let task = wire::for_client(task, state.app.config());
     let mut response = (StatusCode::ACCEPTED, Json(task)).into_response();
     if scope.is_some() {
         response.extensions_mut().insert(IdempotencyStored);
@@ -122,7 +124,9 @@ pub async fn get_task(
         Some(wait) => state.app.wait_task(&caller, &id, wait).await?,
         None => state.app.get_task_shared(&caller, &id).await?,
     };
-    let json = state.task_json.of(&task)?;
+    let json = state
+        .task_json
+        .of(&task, &wire::link_base(state.app.config()))?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -147,12 +151,15 @@ pub async fn list_tasks(
     Query(query): Query<ListQuery>,
 ) -> AppResult<Json<List<Task>>> {
     let limit = parse_limit(query.limit.as_deref())?;
-    Ok(Json(
-        state
-            .app
-            .list_tasks(&caller, limit, query.after.as_deref())
-            .await?,
-    ))
+    let mut list = state
+        .app
+        .list_tasks(&caller, limit, query.after.as_deref())
+        .await?;
+    let base = wire::link_base(state.app.config());
+    for task in &mut list.data {
+        links::absolute(task, &base);
+    }
+    Ok(Json(list))
 }
 
 fn parse_limit(limit: Option<&str>) -> AppResult<Option<u32>> {
@@ -303,7 +310,67 @@ pub async fn cancel_task(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> AppResult<Json<Task>> {
-    Ok(Json(state.app.cancel_task(&caller, &id).await?))
+    let task = state.app.cancel_task(&caller, &id).await?;
+    Ok(Json(wire::for_client(task, state.app.config())))
+}
+
+/// Query of a signed image link.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LinkQuery {
+    /// When the link stops working, in Unix seconds.
+    expires: Option<String>,
+    /// The link's signature (hex).
+    signature: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/links/{task_id}/{file}", tag = "tasks",
+    params(
+        ("task_id" = String, Path, description = "task_…"),
+        ("file" = String, Path, description = "`{index}.png`"),
+        LinkQuery,
+    ),
+    responses(
+        (status = 200, description = "PNG bytes, cacheable until the link expires", content_type = "image/png", body = Vec<u8>),
+        (status = 404, description = "Not a link this server made (forged or altered), or no such image", body = ErrorBody),
+        (status = 410, description = "The link expired (`url_expired`), or the task is older than the retention", body = ErrorBody),
+    ))]
+/// An image by its signed link, as `images[].url` gives it: no API key.
+pub async fn linked_image(
+    State(state): State<Arc<AppState>>,
+    Path((task_id, file)): Path<(String, String)>,
+    Query(query): Query<LinkQuery>,
+) -> AppResult<Response> {
+    let (png, left) = state
+        .app
+        .linked_image(
+            &task_id,
+            &file,
+            query.expires.as_deref().unwrap_or_default(),
+            query.signature.as_deref().unwrap_or_default(),
+        )
+        .await?;
+    // The bytes behind a link never change: a browser or CDN may keep them while it is valid.
+    let cache = format!("public, max-age={left}, immutable");
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_str(&cache).map_err(Error::internal)?,
+            ),
+            (
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        png,
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/images/{index}", tag = "tasks",

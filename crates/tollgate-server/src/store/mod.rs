@@ -336,6 +336,9 @@ pub trait Store: Send + Sync + 'static {
     // --- operator token ---
     async fn admin_token_hash(&self) -> Result<Option<String>>;
     async fn set_admin_token_hash(&self, hash: &str) -> Result<()>;
+    /// The key image links are signed with: `candidate` when none was kept yet, else the one
+    /// kept first (so every instance sharing the store signs and checks with the same key).
+    async fn image_link_key(&self, candidate: &str) -> Result<String>;
 
     // --- accounts and keys ---
     /// Creates the account, its first key and (when credits > 0) a `grant` ledger entry.

@@ -345,6 +345,23 @@ impl<E: Engine> Store for SqlStore<E> {
         Ok(())
     }
 
+    async fn image_link_key(&self, candidate: &str) -> Result<String> {
+        self.write(
+            q(
+                "INSERT INTO settings (name, value) VALUES ('image_link_key', $1) \
+               ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(candidate),
+        )
+        .await?;
+        self.read_row(q(
+            "SELECT value FROM settings WHERE name = 'image_link_key'",
+        ))
+        .await?
+        .ok_or_else(|| Error::internal("the image link key was not kept"))?
+        .text("value")
+    }
+
     async fn create_account(&self, account: &NewAccount, key: &KeyRecord) -> Result<AccountRecord> {
         let credits = signed(account.credits)?;
         let (rpm, burst) = rate_limit_args(account.rate_limit);

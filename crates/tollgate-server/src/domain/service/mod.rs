@@ -17,6 +17,7 @@ use crate::domain::caches::{Cached, FinishedTasks, KeyCache};
 use crate::domain::catalogue::{Catalogue, ModelSpec};
 use crate::domain::clock::{Clock, SystemClock};
 use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
+use crate::domain::links::{ImageLinks, LinkRefusal};
 use crate::domain::ratelimit::{Admission, Limiter};
 use crate::domain::secrets;
 use crate::domain::sessions::SignInLimiter;
@@ -75,6 +76,8 @@ pub struct Tollgate {
     webhooks_ready: Arc<Notify>,
     /// Wakes the long polls of a task when it finishes.
     waiters: Arc<TaskWaiters>,
+    /// Signs the image links of task views and checks them when they are fetched.
+    links: Arc<ImageLinks>,
     /// Free space under the data directory, checked before writes that grow the data.
     pub(in crate::domain) disk: DiskSpace,
     /// Idempotency reservations, by (scope, key), that this process may have made and whose
@@ -151,6 +154,11 @@ impl Tollgate {
         let key_cache = (!store.is_shared()).then(KeyCache::default);
         let finished_tasks = (!store.is_shared()).then(FinishedTasks::default);
         let waiters = Arc::new(TaskWaiters::new(store.is_shared()));
+        // A key of this process alone until `with_image_link_key` gives the deployment's.
+        let links = Arc::new(ImageLinks::new(
+            &rand::random::<[u8; 32]>(),
+            config.image_url_ttl,
+        ));
         let disk = DiskSpace::new(config.data_dir.clone(), config.min_free_disk);
         Tollgate {
             clock: Arc::new(SystemClock),
@@ -171,7 +179,14 @@ impl Tollgate {
             running: worker::Running::default(),
             webhooks_ready: Arc::new(Notify::new()),
             waiters,
+            links,
         }
+    }
+
+    /// Signs image links with `key`, the one every instance of the deployment shares.
+    pub fn with_image_link_key(mut self, key: &str) -> Self {
+        self.links = Arc::new(ImageLinks::new(key.as_bytes(), self.config.image_url_ttl));
+        self
     }
 
     /// With another clock (tests move a `ManualClock` instead of sleeping).
@@ -269,7 +284,9 @@ impl Tollgate {
     }
 
     /// The webhook sender's handle: the outbox, not the facade.
-    pub fn outbox(&self) -> webhooks::Outbox {
+    /// The webhook sender's handle; `listening`: the address this server took, for the image
+    /// links of deliveries when no `--public-url` is set.
+    pub fn outbox(&self, listening: std::net::SocketAddr) -> webhooks::Outbox {
         webhooks::Outbox {
             store: Arc::clone(&self.store),
             clock: Arc::clone(&self.clock),
@@ -278,6 +295,12 @@ impl Tollgate {
             attempts: self.config.webhook_attempts,
             allow_private: self.config.allow_private_webhooks,
             retention: self.config.retention,
+            links: Arc::clone(&self.links),
+            link_base: self
+                .config
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{listening}")),
         }
     }
 

@@ -128,9 +128,9 @@ impl Tollgate {
             let record = &entry.record;
             if record.webhook_url.is_none() {
                 self.check_live(caller, id, record)?;
-                return Ok(Arc::clone(
-                    entry.view.get_or_init(|| Arc::new(self.task_view(record))),
-                ));
+                // The view's links are the same for a window of the link expiry.
+                let window = self.links.expires(self.now());
+                return Ok(entry.view(window, || self.task_view(record)));
             }
         }
         Ok(Arc::new(self.get_task(caller, id).await?))
@@ -253,19 +253,65 @@ impl Tollgate {
             .ok_or_else(not_found)
     }
 
-    pub(super) async fn live_task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
-        let cached = self.finished_tasks.as_ref().and_then(|cache| cache.get(id));
-        let found = match cached {
-            Some(entry) => Some(entry.record.clone()),
-            None => {
-                let found = self.store.get_task(id).await?;
-                if let (Some(cache), Some(record)) = (&self.finished_tasks, &found) {
-                    cache.remember(record);
-                }
-                found
-            }
+    /// The PNG bytes behind a signed image link (`/v1/links/{task}/{index}.png?expires=…&
+    /// signature=…`), and the seconds the link has left. No API key: the signature is the
+    /// credential. A forged or altered link is 404, an authentic one past its expiry 410
+    /// `url_expired`, and the task's own 410 holds past the retention.
+    pub async fn linked_image(
+        &self,
+        task_id: &str,
+        file: &str,
+        expires: &str,
+        signature: &str,
+    ) -> Result<(Vec<u8>, u64)> {
+        let not_found = || Error::NotFound {
+            what: "image link",
+            id: shorten(&format!("{task_id}/{file}")),
         };
-        let record = found.ok_or_else(|| Error::NotFound {
+        let index: u8 = file
+            .strip_suffix(".png")
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(not_found)?;
+        let left = self
+            .links
+            .check(task_id, index, expires, signature, self.now())
+            .map_err(|refusal| match refusal {
+                LinkRefusal::Forged => not_found(),
+                LinkRefusal::Expired => Error::LinkExpired,
+            })?;
+        let record = self.find_task(task_id).await?.ok_or_else(not_found)?;
+        if record.purged || self.now() >= self.expires_at(&record) {
+            return Err(Error::Gone {
+                what: "task",
+                id: record.id,
+                retention: self.config.retention,
+            });
+        }
+        if record.status != TaskStatus::Succeeded || index >= record.n {
+            return Err(not_found());
+        }
+        let png = self
+            .images
+            .get(&record.id, index)
+            .await?
+            .ok_or_else(not_found)?;
+        Ok((png, left))
+    }
+
+    /// A task by id, from the finished tasks kept in memory when it is one of them.
+    async fn find_task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        if let Some(entry) = self.finished_tasks.as_ref().and_then(|cache| cache.get(id)) {
+            return Ok(Some(entry.record.clone()));
+        }
+        let found = self.store.get_task(id).await?;
+        if let (Some(cache), Some(record)) = (&self.finished_tasks, &found) {
+            cache.remember(record);
+        }
+        Ok(found)
+    }
+
+    pub(super) async fn live_task(&self, caller: &Caller, id: &str) -> Result<TaskRecord> {
+        let record = self.find_task(id).await?.ok_or_else(|| Error::NotFound {
             what: "task",
             id: shorten(id),
         })?;
@@ -359,18 +405,24 @@ impl Tollgate {
     }
 
     pub(super) fn task_view_plain(&self, record: &TaskRecord) -> Task {
-        task_view(record, self.config.retention)
+        task_view(record, self.config.retention, &self.links, self.now())
     }
 
     // ---------------------------------------------------------------- accounts
 }
 
-/// The task as the API shows it, without its webhook's delivery state.
-pub(crate) fn task_view(record: &TaskRecord, retention: Duration) -> Task {
+/// The task as the API shows it, without its webhook's delivery state; its image links signed
+/// at `now`, as paths (the HTTP layer and the webhook sender put the base URL before them).
+pub(crate) fn task_view(
+    record: &TaskRecord,
+    retention: Duration,
+    links: &ImageLinks,
+    now: OffsetDateTime,
+) -> Task {
     let images = if record.status == TaskStatus::Succeeded {
         (0..record.n)
             .map(|i| ImageRef {
-                url: format!("/v1/tasks/{}/images/{i}", record.id),
+                url: links.path(&record.id, i, now),
             })
             .collect()
     } else {
