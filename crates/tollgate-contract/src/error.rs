@@ -171,12 +171,22 @@ error_codes! {
     BodyTooLarge => ("body_too_large", 413, InvalidRequest, false, "Send a request body under 1 MiB."),
     /// The body is sent as something other than JSON (`text/plain`, a form) (extension).
     UnsupportedMediaType => ("unsupported_media_type", 415, InvalidRequest, false, "Send the body as JSON, with `Content-Type: application/json`."),
+    /// The provider refused to make the images (a content policy, say); the task was refunded.
+    /// Only the OpenAI-compatible route, which waits for its task, answers with it (extension).
+    GenerationRejected => ("generation_rejected", 400, InvalidRequest, false, "Change the prompt or the model; the credits were refunded."),
     /// Too many requests for the account's rate limit.
     RateLimitExceeded => ("rate_limit_exceeded", 429, RateLimit, true, SLOW_DOWN),
     /// Something broke on the server; the log has it under the request id.
     InternalError => ("internal_error", 500, Server, true, SERVER),
+    /// The images could not be made (the provider failed or timed out); the task was refunded,
+    /// so a retry is charged once. The OpenAI-compatible route only (extension).
+    GenerationFailed => ("generation_failed", 502, Server, true, SERVER),
     /// Overload or shutdown.
     ServiceUnavailable => ("service_unavailable", 503, Server, true, SERVER),
+    /// The OpenAI-compatible route stopped waiting for its task (`--sync-timeout`). Not
+    /// retryable: the task goes on, and a retry would make and charge a second one; the message
+    /// names the task to fetch instead.
+    Timeout => ("timeout", 504, Server, false, "The task goes on: fetch it by the id in the message rather than retrying."),
 }
 
 impl fmt::Display for ErrorCode {
@@ -187,10 +197,13 @@ impl fmt::Display for ErrorCode {
 
 /// Whether a response with this status and (optional) code may be retried unchanged.
 ///
-/// The contract's rule: 429, every 5xx, and 409 `idempotency_key_in_use`; nothing else.
+/// The contract's rule: 429, every 5xx, and 409 `idempotency_key_in_use`; nothing else. The one
+/// exception is the 504 `timeout` of the OpenAI-compatible route, whose task goes on: a retry
+/// would make (and charge) a second one.
 pub fn is_retryable(status: u16, code: Option<&str>) -> bool {
     match status {
         429 => true,
+        504 if code == Some(ErrorCode::Timeout.as_str()) => false,
         500..=599 => true,
         409 => code == Some(ErrorCode::IdempotencyKeyInUse.as_str()),
         _ => false,
@@ -278,5 +291,6 @@ mod tests {
         for s in [429, 500, 502, 503, 504] {
             assert!(is_retryable(s, None), "{s}");
         }
+        assert!(!is_retryable(504, Some("timeout")));
     }
 }

@@ -19,6 +19,8 @@ pub struct Config {
     pub retention: Duration,
     /// How long a signed image link (`images[].url`) works, at least.
     pub image_url_ttl: Duration,
+    /// How long `POST /openai/v1/images/generations` waits for its task before a 504.
+    pub sync_timeout: Duration,
     /// The base URL clients reach this server at (`https://img.example.com`), for the links it
     /// hands out; `None`: the `Host` of each request (and the listening address for webhooks).
     pub public_url: Option<String>,
@@ -168,6 +170,7 @@ impl Config {
             data_dir: data_dir.into(),
             retention: Duration::from_secs(30 * 24 * 3600),
             image_url_ttl: Duration::from_secs(3600),
+            sync_timeout: Duration::from_secs(120),
             public_url: None,
             simulate_errors: false,
             prices: Prices::default(),

@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// How long a task's image links (`images[].url`, usable without the API key) work, at least.
     #[arg(long, env = "TOLLGATE_IMAGE_URL_TTL", default_value = "1h", value_parser = parse_duration)]
     image_url_ttl: Duration,
+    /// How long `POST /openai/v1/images/generations` waits for its images before answering
+    /// 504 with the task's id (the task goes on; it is not charged again).
+    #[arg(long, env = "TOLLGATE_SYNC_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    sync_timeout: Duration,
     /// The base URL clients reach this server at, e.g. `https://img.example.com` behind a proxy:
     /// image links start with it (default: the `Host` each request was sent to, and the
     /// listening address in webhook bodies).
@@ -182,6 +186,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::new(&args.data_dir);
     config.retention = args.retention;
     config.image_url_ttl = args.image_url_ttl;
+    config.sync_timeout = args.sync_timeout;
     config.public_url = args.public_url;
     config.simulate_errors = args.simulate_errors;
     config.workers = args.workers;

@@ -8,6 +8,7 @@ pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod middleware;
+pub mod openai;
 pub mod openapi;
 pub mod routes;
 pub mod serve;
@@ -96,7 +97,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/vouchers/redeem", api(post(r::redeem_voucher)))
         // The signature is the credential: no API key, no account's rate limit.
-        .route("/v1/links/{task_id}/{file}", get(r::linked_image));
+        .route("/v1/links/{task_id}/{file}", get(r::linked_image))
+        // OpenAI's API has no Idempotency-Key: no idempotency layer (see openai.rs).
+        .route(
+            "/openai/v1/images/generations",
+            api_get(post(openai::create_image)),
+        )
+        .route("/openai/v1/models", api_get(get(openai::list_models)))
+        .route("/openai/v1/models/{id}", api_get(get(openai::get_model)));
     let admin = Router::new()
         .route(
             "/admin/accounts",

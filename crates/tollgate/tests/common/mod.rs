@@ -405,11 +405,12 @@ pub fn unique(prefix: &str) -> String {
 /// Checks a response is the contract's envelope with this status, type and code, and returns
 /// its headers and `error` object.
 /// The contract's retry hints on an error: `x-should-retry` as its table's "retryable" column
-/// says (429, every 5xx, and 409 `idempotency_key_in_use`), and `retry-after-ms` beside every
+/// says (429, every 5xx but the OpenAI route's 504 `timeout`, and 409 `idempotency_key_in_use`),
+/// and `retry-after-ms` beside every
 /// `Retry-After`, within the second that `Retry-After` rounds up to.
 pub fn assert_retry_hints(headers: &reqwest::header::HeaderMap, status: u16, code: &str) {
     let retryable = status == 429
-        || (500..600).contains(&status)
+        || ((500..600).contains(&status) && !(status == 504 && code == "timeout"))
         || (status == 409 && code == "idempotency_key_in_use");
     let hint = headers.get("x-should-retry").map(|v| v.to_str().unwrap());
     assert_eq!(
