@@ -106,9 +106,9 @@ async fn a_link_works_without_the_key_and_any_change_to_it_is_404() {
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
 }
 
-#[tokio::test]
-async fn an_expired_link_is_410_and_the_task_gives_a_fresh_one() {
-    let (_tmp, server) = TestServer::start(&["--image-url-ttl", "1s"]);
+/// A server started with `args`, an account's key, and one succeeded task of one image.
+async fn one_image(args: &[&str]) -> (tempfile::TempDir, TestServer, String, Value) {
+    let (tmp, server) = TestServer::start(args);
     let acct = server.account(10).await;
     let (_, done) = server
         .generate(
@@ -116,6 +116,13 @@ async fn an_expired_link_is_410_and_the_task_gives_a_fresh_one() {
             json!({"prompt": "a lighthouse", "size": "256x256"}),
         )
         .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    (tmp, server, acct.key, done)
+}
+
+#[tokio::test]
+async fn an_expired_link_is_410_and_the_task_gives_a_fresh_one() {
+    let (_tmp, server, key, done) = one_image(&["--image-url-ttl", "1s"]).await;
     let old = link(&done, 0);
     assert_eq!(browser_fetch(&old).await.status(), 200);
     // At least the ttl, at most a window (1 s here) more.
@@ -125,10 +132,7 @@ async fn an_expired_link_is_410_and_the_task_gives_a_fresh_one() {
     assert!(e["message"].as_str().unwrap().contains("fresh link"), "{e}");
 
     let again = server
-        .get_json(
-            &acct.key,
-            &format!("/v1/tasks/{}", done["id"].as_str().unwrap()),
-        )
+        .get_json(&key, &format!("/v1/tasks/{}", done["id"].as_str().unwrap()))
         .await;
     let fresh = link(&again, 0);
     assert_ne!(fresh, old);
@@ -137,14 +141,8 @@ async fn an_expired_link_is_410_and_the_task_gives_a_fresh_one() {
 
 #[tokio::test]
 async fn a_link_to_a_task_past_the_retention_is_410_resource_expired() {
-    let (_tmp, server) = TestServer::start(&["--retention", "2s", "--image-url-ttl", "1h"]);
-    let acct = server.account(10).await;
-    let (_, done) = server
-        .generate(
-            &acct.key,
-            json!({"prompt": "a lighthouse", "size": "256x256"}),
-        )
-        .await;
+    let (_tmp, _server, _key, done) =
+        one_image(&["--retention", "2s", "--image-url-ttl", "1h"]).await;
     let url = link(&done, 0);
     assert_eq!(browser_fetch(&url).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(2200)).await;
