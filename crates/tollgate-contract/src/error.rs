@@ -156,6 +156,9 @@ error_codes! {
     TaskNotCancelable => ("task_not_cancelable", 409, Conflict, false, CONFLICT),
     /// The voucher was redeemed already; each code works once (extension).
     VoucherAlreadyRedeemed => ("voucher_already_redeemed", 409, Conflict, false, CONFLICT),
+    /// A grant or correction the balance cannot take: it would go below zero or above the
+    /// largest balance. The request is well formed; the account's balance is what refuses it (extension).
+    BalanceOutOfRange => ("balance_out_of_range", 409, Conflict, false, "Check the account's balance and send an amount it can take."),
     /// The resource is older than the retention.
     ResourceExpired => ("resource_expired", 410, Gone, false, "The resource has expired (older than the server's retention) and is permanently gone."),
     /// A signed image link past its expiry; ask for the task again for a fresh one.

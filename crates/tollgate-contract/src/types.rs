@@ -57,6 +57,18 @@ impl FromStr for ImageSize {
     }
 }
 
+/// The largest balance an account may hold, and the largest grant or correction: 2^53 − 1, so
+/// that every balance is exact as a JavaScript number (browsers, the TypeScript SDK).
+pub const MAX_CREDITS: u64 = (1 << 53) - 1;
+
+/// The JSON Schema `pattern` of a text: no NUL (`\u0000`), which PostgreSQL cannot store.
+pub const TEXT_PATTERN: &str = "^[^\\u0000]*$";
+
+/// The JSON Schema `pattern` of a text that must not be blank: no NUL, and at least one
+/// character that is not whitespace, whitespace being exactly what Rust's `str::trim` removes
+/// (Unicode `White_Space`), spelled out so that every regex engine (ECMA-262, Python's) agrees.
+pub const NOT_BLANK_PATTERN: &str = "^[^\\u0000]*[^\\u0000\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000][^\\u0000]*$";
+
 /// `POST /v1/images/generations`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

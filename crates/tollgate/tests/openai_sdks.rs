@@ -14,11 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("TOLLGATE_TEST_PYTHON").map(PathBuf::from);
-    if python.is_none() {
-        skip("the OpenAI Python SDK tests: TOLLGATE_TEST_PYTHON is not set (scripts/test sets it)");
-    }
-    python
+    common::test_python("the OpenAI Python SDK tests")
 }
 
 fn node_modules() -> Option<PathBuf> {

@@ -135,7 +135,8 @@ async fn operator_grants_and_corrections_are_ledger_entries_and_never_overdraw()
     let response = server
         .admin(reqwest::Method::POST, &path, Some(json!({"amount": -60})))
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    // Well formed, but the balance cannot take it.
+    let (_, e) = expect_error(response, 409, "conflict_error", "balance_out_of_range").await;
     assert_eq!(e["param"], "amount");
     let response = server
         .admin(
@@ -218,4 +219,44 @@ async fn the_ledger_pages_with_after_on_both_routes() {
         .unwrap();
     let (_, error) = expect_error(bad, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(error["param"], "after");
+}
+
+#[tokio::test]
+async fn balances_stay_within_what_a_javascript_number_holds_exactly() {
+    let (_tmp, server) = TestServer::start(&[]);
+    const MAX: u64 = (1 << 53) - 1;
+    let response = server
+        .admin(
+            reqwest::Method::POST,
+            "/admin/accounts",
+            Some(json!({"name": "big", "credits": MAX + 1})),
+        )
+        .await;
+    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    assert_eq!(e["param"], "credits");
+    let acct = server.account(MAX - 5).await;
+    let path = format!("/admin/accounts/{}/credits", acct.id);
+    let response = server
+        .admin(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"amount": i64::MAX})),
+        )
+        .await;
+    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    assert_eq!(e["param"], "amount");
+    // Within the bound for an amount, but not for this balance: the account refuses it.
+    let response = server
+        .admin(reqwest::Method::POST, &path, Some(json!({"amount": 6})))
+        .await;
+    let (_, e) = expect_error(response, 409, "conflict_error", "balance_out_of_range").await;
+    assert!(
+        e["message"].as_str().unwrap().contains("largest balance"),
+        "{e}"
+    );
+    let response = server
+        .admin(reqwest::Method::POST, &path, Some(json!({"amount": 5})))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(server.balance(&acct.key).await, MAX);
 }

@@ -270,6 +270,83 @@ async fn an_empty_voucher_code_is_an_invalid_value() {
 }
 
 #[tokio::test]
+async fn a_whole_number_written_as_a_float_is_that_number_and_a_fraction_is_refused() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let acct = server.account(100).await;
+    // JSON Schema's `integer` takes 2.0, and so do we: Python and JavaScript clients write it.
+    let task = server
+        .create_task(
+            &acct.key,
+            json!({"prompt": "a float", "n": 2.0, "size": "256x256", "seed": 7.0}),
+        )
+        .await;
+    assert_eq!(
+        (
+            task["n"].clone(),
+            task["seed"].clone(),
+            task["cost"].clone()
+        ),
+        (json!(2), json!(7), json!(2))
+    );
+    let response = server
+        .post(&acct.key, "/v1/images/generations")
+        .json(&json!({"prompt": "a fraction", "n": 1.5}))
+        .send()
+        .await
+        .unwrap();
+    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    assert_eq!(e["param"], "n");
+    assert_eq!(server.balance(&acct.key).await, 98);
+}
+
+#[tokio::test]
+async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
+    let (_tmp, server) = TestServer::start(&[]);
+    let acct = server.account(100).await;
+    let response = server
+        .post(&acct.key, "/v1/images/generations")
+        .json(&json!({"prompt": "before\u{0}after"}))
+        .send()
+        .await
+        .unwrap();
+    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    assert_eq!(e["param"], "prompt");
+    assert!(e["message"].as_str().unwrap().contains("NUL"), "{e}");
+    for (path, body, param) in [
+        (
+            "/admin/accounts".to_owned(),
+            json!({"name": "a\u{0}"}),
+            "name",
+        ),
+        (
+            format!("/admin/accounts/{}", acct.id),
+            json!({"name": "b\u{0}"}),
+            "name",
+        ),
+        (
+            format!("/admin/accounts/{}/credits", acct.id),
+            json!({"amount": 1, "note": "\u{0}"}),
+            "note",
+        ),
+        (
+            "/admin/vouchers".to_owned(),
+            json!({"credits": 1, "note": "\u{0}"}),
+            "note",
+        ),
+    ] {
+        let method = if param == "name" && path.contains("acct_") {
+            reqwest::Method::PATCH
+        } else {
+            reqwest::Method::POST
+        };
+        let response = server.admin(method, &path, Some(body)).await;
+        let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+        assert_eq!(e["param"], param, "{path}");
+    }
+    assert_eq!(server.balance(&acct.key).await, 100);
+}
+
+#[tokio::test]
 async fn row_404_unknown_endpoint_and_resource_not_found() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;

@@ -144,7 +144,8 @@ async fn listing_is_newest_first_with_a_cursor() {
         .send()
         .await
         .unwrap();
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    // A well-formed cursor naming nothing: the task it names is not found.
+    let (_, e) = expect_error(response, 404, "not_found_error", "resource_not_found").await;
     assert_eq!(e["param"], "after");
 }
 
@@ -178,7 +179,7 @@ async fn another_accounts_task_is_404_never_403() {
         .send()
         .await
         .unwrap();
-    expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    expect_error(response, 404, "not_found_error", "resource_not_found").await;
     // Alice still sees it.
     assert_eq!(
         server.status(&alice.key, &format!("/v1/tasks/{id}")).await,

@@ -273,8 +273,10 @@ async fn private_and_malformed_webhook_urls_are_refused_and_nothing_is_charged()
         ("http://[fd00::1]/hook", "public addresses only"),
         ("http://0.0.0.0/hook", "public addresses only"),
         ("http://2130706433/hook", "public addresses only"),
-        ("ftp://example.com/hook", "http or https"),
-        ("not a url", "absolute"),
+        ("ftp://example.com/hook", "http:// or https://"),
+        ("HTTP://example.com/hook", "http:// or https://"),
+        ("not a url", "http:// or https://"),
+        ("http://", "absolute"),
         ("https://user:pw@example.com/hook", "user name"),
         (long.as_str(), "2048"),
     ] {

@@ -13,7 +13,7 @@ use tollgate_contract::{Account, CreateVoucherRequest, CreatedVoucher, ErrorCode
 
 /// The most a single voucher may be worth (a typo guard, not a business rule).
 pub const MAX_VOUCHER_CREDITS: u64 = 1_000_000_000;
-const MAX_NOTE_CHARS: usize = 500;
+pub const MAX_NOTE_CHARS: usize = 500;
 /// Codes are `tgv_` and 32 hex digits; anything much longer is not a code.
 const MAX_CODE_CHARS: usize = 64;
 
@@ -48,11 +48,9 @@ impl Tollgate {
                 "`expires_at` must be in the future.",
             ));
         }
-        let note = request
+        // The bound applies to what was sent, as the published schema says, not to its trim.
+        if request
             .note
-            .map(|n| n.trim().to_owned())
-            .filter(|n| !n.is_empty());
-        if note
             .as_ref()
             .is_some_and(|n| n.chars().count() > MAX_NOTE_CHARS)
         {
@@ -62,6 +60,13 @@ impl Tollgate {
                 format!("`note` must be at most {MAX_NOTE_CHARS} characters."),
             ));
         }
+        if let Some(note) = &request.note {
+            super::service::refuse_nul("note", note)?;
+        }
+        let note = request
+            .note
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty());
         let code = secrets::new_voucher_code()?;
         let record = VoucherRecord {
             id: secrets::new_id("vch")?,

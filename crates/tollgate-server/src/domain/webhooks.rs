@@ -35,6 +35,8 @@ use tollgate_contract::{headers, webhook, ErrorCode};
 
 /// The longest `webhook_url` accepted.
 pub const MAX_URL_CHARS: usize = 2048;
+/// The JSON Schema `pattern` of a webhook URL: what [`check_url`] takes before it parses.
+pub const URL_PATTERN: &str = "^https?://[^\\u0000]*$";
 /// Deliveries claimed per round.
 const BATCH: u32 = 16;
 /// How often an idle sender looks for due deliveries without a wake-up.
@@ -131,11 +133,14 @@ pub async fn check_url(raw: &str, allow_private: bool) -> std::result::Result<Ta
             "must be at most {MAX_URL_CHARS} characters"
         )));
     }
-    let url = Url::parse(raw.trim())
-        .map_err(|_| refuse("must be an absolute http:// or https:// URL"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(refuse("must use http or https"));
+    // Spelled exactly so (the schema's `pattern`): `Url::parse` would also take `HTTP:host`.
+    if raw.contains('\0') {
+        return Err(refuse("contains a NUL character"));
     }
+    if !(raw.starts_with("http://") || raw.starts_with("https://")) {
+        return Err(refuse("must start with http:// or https://"));
+    }
+    let url = Url::parse(raw).map_err(|_| refuse("must be an absolute http:// or https:// URL"))?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(refuse(
             "must not contain a user name or password; authenticate deliveries with their signature",
@@ -493,11 +498,14 @@ mod tests {
             let Refusal(why) = refused(url).await;
             assert!(why.contains("public addresses only"), "{url}: {why}");
         }
-        assert!(refused("ftp://example.com/")
-            .await
-            .0
-            .contains("http or https"));
-        assert!(refused("/relative").await.0.contains("absolute"));
+        for url in ["ftp://example.com/", "/relative", " https://example.com/"] {
+            assert!(
+                refused(url).await.0.contains("http:// or https://"),
+                "{url}"
+            );
+        }
+        assert!(refused("http://[::1/").await.0.contains("absolute"));
+        assert!(refused("https://example.com/\0").await.0.contains("NUL"));
         assert!(refused("https://user:pw@example.com/")
             .await
             .0

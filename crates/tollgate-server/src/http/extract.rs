@@ -126,64 +126,103 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         });
     }
     let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let text = strip_position(&inner.to_string());
-        if inner.classify() != serde_json::error::Category::Data {
-            return Error::InvalidRequest {
-                code: ErrorCode::InvalidJson,
-                message: format!("The request body is not valid JSON: {text}."),
-                param: None,
-            };
+    let err = match serde_path_to_error::deserialize(deserializer) {
+        Ok(parsed) => return Ok(parsed),
+        Err(err) => err,
+    };
+    // Refused data may be a whole number written as a float; a bad request pays for the retry.
+    if err.inner().classify() == serde_json::error::Category::Data {
+        if let Some(parsed) = with_integral_floats(bytes) {
+            return Ok(parsed);
         }
-        let join = |field: &str| {
-            if path == "." {
-                field.to_owned()
-            } else {
-                format!("{path}.{field}")
-            }
+    }
+    Err(describe(err))
+}
+
+/// The envelope of a body serde refused: which field, and what is wrong with it.
+fn describe(err: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    let text = strip_position(&inner.to_string());
+    if inner.classify() != serde_json::error::Category::Data {
+        return Error::InvalidRequest {
+            code: ErrorCode::InvalidJson,
+            message: format!("The request body is not valid JSON: {text}."),
+            param: None,
         };
-        // serde_json says that it is a data error (`classify`), and serde_path_to_error where;
-        // which data error is only in the text: serde_json formats serde's `missing_field` and
-        // `unknown_field` into its message (serde's own default wording, the same in every
-        // version) and keeps no kind of its own.
-        if let Some(field) = quoted(&text, "missing field `") {
-            let param = join(field);
-            return Error::InvalidRequest {
-                code: ErrorCode::MissingField,
-                message: format!("`{param}` is required."),
-                param: Some(param),
-            };
-        }
-        if let Some(field) = quoted(&text, "unknown field `") {
-            // Here the path already ends with the unknown field itself.
-            let param = if path == "." {
-                field.to_owned()
-            } else {
-                path.clone()
-            };
-            return Error::InvalidRequest {
-                code: ErrorCode::UnknownField,
-                message: format!("`{param}` is not a field of this request ({text})."),
-                param: Some(param),
-            };
-        }
+    }
+    let join = |field: &str| {
         if path == "." {
-            return Error::InvalidRequest {
-                code: ErrorCode::InvalidValue,
-                message: format!(
-                    "The request body must be a JSON object of the documented shape ({text})."
-                ),
-                param: None,
-            };
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
         }
-        Error::InvalidRequest {
+    };
+    // serde_json says that it is a data error (`classify`), and serde_path_to_error where;
+    // which data error is only in the text: serde_json formats serde's `missing_field` and
+    // `unknown_field` into its message (serde's own default wording, the same in every
+    // version) and keeps no kind of its own.
+    if let Some(field) = quoted(&text, "missing field `") {
+        let param = join(field);
+        return Error::InvalidRequest {
+            code: ErrorCode::MissingField,
+            message: format!("`{param}` is required."),
+            param: Some(param),
+        };
+    }
+    if let Some(field) = quoted(&text, "unknown field `") {
+        // Here the path already ends with the unknown field itself.
+        let param = if path == "." {
+            field.to_owned()
+        } else {
+            path.clone()
+        };
+        return Error::InvalidRequest {
+            code: ErrorCode::UnknownField,
+            message: format!("`{param}` is not a field of this request ({text})."),
+            param: Some(param),
+        };
+    }
+    if path == "." {
+        return Error::InvalidRequest {
             code: ErrorCode::InvalidValue,
-            message: format!("`{path}` has the wrong type or value: {text}."),
-            param: Some(path),
+            message: format!(
+                "The request body must be a JSON object of the documented shape ({text})."
+            ),
+            param: None,
+        };
+    }
+    Error::InvalidRequest {
+        code: ErrorCode::InvalidValue,
+        message: format!("`{path}` has the wrong type or value: {text}."),
+        param: Some(path),
+    }
+}
+
+/// JSON Schema counts `2.0` as the integer 2, and so do clients that write every number as a
+/// float (Python's `2.0`, JavaScript arithmetic): the body again, with every float that is
+/// exactly an integer (up to 2^53, where floats stop being exact) read as that integer.
+/// Only tried after serde refused a float, so the common body is parsed once.
+fn with_integral_floats<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    fn integral(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Number(n) if n.is_f64() => {
+                if let Some(f) = n.as_f64() {
+                    let exact = f.fract() == 0.0 && f.abs() <= (1u64 << 53) as f64;
+                    if exact {
+                        // In range and whole: the conversion is exact.
+                        *value = serde_json::Value::from(f as i64);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(integral),
+            serde_json::Value::Object(fields) => fields.values_mut().for_each(integral),
+            _ => {}
         }
-    })
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    integral(&mut value);
+    serde_json::from_value(value).ok()
 }
 
 /// serde_json appends " at line 1 column 9": useful to a parser, noise in a message.

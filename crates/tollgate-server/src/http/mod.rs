@@ -31,15 +31,20 @@ pub struct AppState {
     pub in_flight: AtomicUsize,
     /// The JSON of finished tasks, as polling clients read it again and again.
     pub task_json: wire::TaskJson,
+    /// `/openapi.json`, made once: it depends on the catalogue, which does not change.
+    pub openapi: bytes::Bytes,
 }
 
 impl AppState {
     pub fn new(app: Arc<Tollgate>) -> Self {
         AppState {
-            app,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             task_json: wire::TaskJson::default(),
+            openapi: serde_json::to_vec(&openapi::document(&app))
+                .unwrap_or_default()
+                .into(),
+            app,
         }
     }
 }

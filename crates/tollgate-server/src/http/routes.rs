@@ -29,6 +29,7 @@ type AppResult<T> = Result<T, Error>;
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// 1–100, default 20.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// The id of the last task of the previous page.
     after: Option<String>,
@@ -36,7 +37,10 @@ pub struct ListQuery {
 
 #[utoipa::path(post, path = "/v1/images/generations", tag = "tasks",
     request_body = CreateGenerationRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII; a retry with the same key and body replays the first answer")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+        // Printable ASCII, not starting or ending with a space (HTTP trims those off a header).
+        pattern = "^[!-~]([ -~]*[!-~])?$",
+        description = "1–255 printable ASCII; a retry with the same key and body replays the first answer")),
     responses(
         (status = 202, description = "Accepted, charged and queued", body = Task),
         (status = 400, description = "Malformed or invalid request; `param` names the field", body = ErrorBody),
@@ -140,8 +144,9 @@ pub async fn get_task(
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
     responses(
         (status = 200, description = "The account's tasks, newest first", body = List<Task>),
-        (status = 400, description = "Bad `limit` or `after`", body = ErrorBody),
+        (status = 400, description = "Bad `limit`", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "`after` names no task of this account", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
     security(("api_key" = [])))]
@@ -181,6 +186,7 @@ fn parse_limit(limit: Option<&str>) -> AppResult<Option<u32>> {
 #[into_params(parameter_in = Query)]
 pub struct LimitQuery {
     /// 1–100, default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
 }
 
@@ -189,8 +195,10 @@ pub struct LimitQuery {
 #[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
     /// 1–100, default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// The `id` of the last entry of the previous page: the entries older than it.
+    #[param(value_type = Option<i64>)]
     after: Option<String>,
 }
 
@@ -532,6 +540,7 @@ pub async fn revoke_key(
         (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
+        (status = 409, description = "The balance would go below zero or above the largest balance", body = ErrorBody),
     ),
     security(("admin_token" = [])))]
 pub async fn add_credits(
@@ -657,8 +666,15 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> AppResult<Response> 
 
 #[utoipa::path(get, path = "/openapi.json", tag = "ops",
     responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
-pub async fn openapi() -> Response {
-    let mut response = Json(super::openapi::document()).into_response();
+pub async fn openapi(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        state.openapi.clone(),
+    )
+        .into_response();
     response.extensions_mut().insert(Enveloped);
     response
 }

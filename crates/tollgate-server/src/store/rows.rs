@@ -315,10 +315,17 @@ pub(crate) fn daily_spend(row: &impl Columns) -> Result<DailySpend> {
 }
 
 /// The 400 of an adjustment that would take a balance below zero.
-pub(crate) fn would_overdraw(amount: i64, current: i64) -> Error {
+/// The 409 of a grant or correction the balance cannot take: below zero, or above
+/// [`tollgate_contract::MAX_CREDITS`].
+pub(crate) fn out_of_range(amount: i64, current: i64) -> Error {
+    let (limit, side) = if amount < 0 {
+        (0, "below zero")
+    } else {
+        (tollgate_contract::MAX_CREDITS, "above the largest balance")
+    };
     Error::invalid(
-        tollgate_contract::ErrorCode::InvalidValue,
+        tollgate_contract::ErrorCode::BalanceOutOfRange,
         "amount",
-        format!("An adjustment of {amount} would take the balance of {current} below zero."),
+        format!("An adjustment of {amount} would take the balance of {current} {side} ({limit})."),
     )
 }

@@ -9,7 +9,7 @@
 use super::engine::{placeholders, q, value_rows, Conn, ConnOf, Engine, Pooled, Stmt, Tx};
 use super::rows::{
     self, account_columns, attempt_columns, delivery_columns, key_columns, ledger_columns,
-    session_columns, signed, task_columns, voucher_columns, would_overdraw, Columns,
+    out_of_range, session_columns, signed, task_columns, voucher_columns, Columns,
 };
 use super::*;
 use crate::error::Error;
@@ -470,11 +470,13 @@ impl<E: Engine> Store for SqlStore<E> {
     ) -> Result<Option<AccountRecord>> {
         let mut tx = self.begin().await?;
         let row = q(concat!(
-            "UPDATE accounts SET credits = credits + $1 WHERE id = $2 AND credits + $1 >= 0 RETURNING ",
+            "UPDATE accounts SET credits = credits + $1 \
+             WHERE id = $2 AND credits + $1 >= 0 AND credits + $1 <= $3 RETURNING ",
             account_columns!()
         ))
         .bind(amount)
         .bind(id)
+        .bind(signed(tollgate_contract::MAX_CREDITS)?)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
@@ -485,7 +487,7 @@ impl<E: Engine> Store for SqlStore<E> {
             tx.rollback().await?;
             return match current {
                 None => Ok(None),
-                Some(row) => Err(would_overdraw(amount, row.int("credits")?)),
+                Some(row) => Err(out_of_range(amount, row.int("credits")?)),
             };
         };
         let account = rows::account(&row)?;

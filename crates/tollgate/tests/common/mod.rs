@@ -31,6 +31,18 @@ pub fn skip(what: &str) {
     }
 }
 
+/// The Python of `target/test-tools` (`TOLLGATE_TEST_PYTHON`, set by `scripts/test`), with the
+/// packages the tests drive the server with (openai, schemathesis); `None` after a [`skip`].
+pub fn test_python(what: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("TOLLGATE_TEST_PYTHON").map(PathBuf::from);
+    if python.is_none() {
+        skip(&format!(
+            "{what}: TOLLGATE_TEST_PYTHON is not set (scripts/test sets it)"
+        ));
+    }
+    python
+}
+
 /// A running `tollgate serve`.
 pub struct TestServer {
     child: Child,

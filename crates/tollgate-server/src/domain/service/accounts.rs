@@ -31,7 +31,7 @@ impl Tollgate {
                 format!("`name` must be 1 to {MAX_NAME_CHARS} characters and not blank."),
             ));
         }
-        Ok(())
+        refuse_nul("name", name)
     }
 
     pub(super) fn validate_rate_limit(limit: Option<RateLimit>) -> Result<()> {
@@ -71,11 +71,11 @@ impl Tollgate {
     pub async fn create_account(&self, request: CreateAccountRequest) -> Result<CreatedAccount> {
         Self::validate_name(&request.name)?;
         Self::validate_rate_limit(request.rate_limit)?;
-        if i64::try_from(request.credits).is_err() {
+        if request.credits > MAX_CREDITS {
             return Err(Error::invalid(
                 ErrorCode::InvalidValue,
                 "credits",
-                "`credits` is too large.",
+                format!("`credits` must be at most {MAX_CREDITS}."),
             ));
         }
         let account = NewAccount {
@@ -240,23 +240,26 @@ impl Tollgate {
         account_id: &str,
         request: AddCreditsRequest,
     ) -> Result<Account> {
-        if request.amount == 0 {
+        if request.amount == 0 || request.amount.unsigned_abs() > MAX_CREDITS {
             return Err(Error::invalid(
                 ErrorCode::InvalidValue,
                 "amount",
-                "`amount` must not be zero.",
+                format!("`amount` must not be zero, and at most {MAX_CREDITS} either way."),
             ));
         }
         if request
             .note
             .as_ref()
-            .is_some_and(|n| n.chars().count() > 500)
+            .is_some_and(|n| n.chars().count() > MAX_CREDIT_NOTE_CHARS)
         {
             return Err(Error::invalid(
                 ErrorCode::InvalidValue,
                 "note",
-                "`note` must be at most 500 characters.",
+                format!("`note` must be at most {MAX_CREDIT_NOTE_CHARS} characters."),
             ));
+        }
+        if let Some(note) = &request.note {
+            refuse_nul("note", note)?;
         }
         self.disk.ensure_headroom()?;
         let record = self

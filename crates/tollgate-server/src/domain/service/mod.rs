@@ -39,6 +39,7 @@ use tollgate_contract::{
     Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest, CreatedAccount,
     CreatedKey, ErrorCode, ImageRef, KeyInfo, LedgerEntry, List, Model, RateLimit, Task, TaskError,
     TaskStatus, TaskWebhook, UpdateAccountRequest, WebhookAttempt, WebhookSecret, WebhookState,
+    MAX_CREDITS,
 };
 
 /// Who is calling, once their API key checked out.
@@ -118,9 +119,12 @@ impl ServedModel {
 /// Readiness is probed at most this often; callers in between get the last answer.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-const MAX_PROMPT_CHARS: usize = 4000;
-const MAX_NAME_CHARS: usize = 200;
-const MAX_LIST_LIMIT: u32 = 100;
+/// The bounds of what clients send; `/openapi.json` publishes each of them (`http::openapi`).
+pub const MAX_PROMPT_CHARS: usize = 4000;
+pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_LIST_LIMIT: u32 = 100;
+/// The longest `note` of a grant or correction.
+pub const MAX_CREDIT_NOTE_CHARS: usize = 500;
 /// Expired tasks purged per step (images, then tombstones).
 const PURGE_BATCH: u32 = 200;
 
@@ -317,6 +321,19 @@ fn no_account(id: &str) -> Error {
 }
 
 /// `a`, `b` and `c`.
+/// Text the store keeps may not hold NUL: PostgreSQL's `text` cannot, and both engines keep the
+/// same rules. Refused as the field's 400, like any other bad value.
+pub(crate) fn refuse_nul(param: &str, text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(Error::invalid(
+            ErrorCode::InvalidValue,
+            param,
+            format!("`{param}` contains a NUL character (\\u0000), which text here may not hold."),
+        ));
+    }
+    Ok(())
+}
+
 fn quoted_list(items: &[&str]) -> String {
     let quoted: Vec<String> = items.iter().map(|i| format!("`{i}`")).collect();
     match quoted.split_last() {

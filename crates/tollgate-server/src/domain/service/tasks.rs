@@ -19,6 +19,7 @@ impl Tollgate {
                 format!("`prompt` must be 1 to {MAX_PROMPT_CHARS} characters and not blank; it has {prompt_chars}."),
             ));
         }
+        refuse_nul("prompt", &request.prompt)?;
         let model = self.model(request.model.as_deref())?;
         let spec = &model.spec;
         let n = request.n.unwrap_or(1);
@@ -188,9 +189,10 @@ impl Tollgate {
             .await?
             .ok_or_else(|| {
                 Error::invalid(
-                    ErrorCode::InvalidValue,
+                    ErrorCode::ResourceNotFound,
                     "after",
-                    "`after` must be the id of one of your tasks.",
+                    "`after` names no task of this account (or one past the retention); \
+                     page with the `id` of a task the previous page listed.",
                 )
             })?;
         let has_more = records.len() > limit as usize;
