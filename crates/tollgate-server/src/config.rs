@@ -24,8 +24,12 @@ pub struct Config {
     /// The base URL clients reach this server at (`https://img.example.com`), for the links it
     /// hands out; `None`: the `Host` of each request (and the listening address for webhooks).
     pub public_url: Option<String>,
+    /// Where the images are kept: a directory, or an S3-compatible bucket.
+    pub image_store: ImageStoreConfig,
     /// Honour the `Tollgate-Simulate` headers.
     pub simulate_errors: bool,
+    /// Also send `X-RateLimit-Limit/-Remaining/-Reset` beside the IETF `RateLimit` headers.
+    pub legacy_ratelimit_headers: bool,
     /// Credits per image by size.
     pub prices: Prices,
     /// The limit of accounts that have none of their own.
@@ -172,7 +176,9 @@ impl Config {
             image_url_ttl: Duration::from_secs(3600),
             sync_timeout: Duration::from_secs(120),
             public_url: None,
+            image_store: ImageStoreConfig::default(),
             simulate_errors: false,
+            legacy_ratelimit_headers: false,
             prices: Prices::default(),
             default_rate_limit: RateLimit {
                 requests_per_minute: 600,
@@ -245,6 +251,54 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// `--image-store`: where the images are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ImageStoreConfig {
+    /// `<data dir>/images`.
+    #[default]
+    DataDir,
+    /// A directory of its own (a shared mount, say).
+    Directory(PathBuf),
+    /// `s3://bucket/prefix`: an S3-compatible bucket, reached with the standard AWS variables
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`…).
+    S3(S3Config),
+}
+
+/// An S3-compatible bucket for the images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Keys start with it (`images/` → `images/task_…/0.png`); empty: at the bucket's root.
+    pub prefix: String,
+    /// `--s3-endpoint`: another S3-compatible service (MinIO, R2, a local test server);
+    /// `None`: `AWS_ENDPOINT_URL`, else AWS itself.
+    pub endpoint: Option<String>,
+    /// One request's bound (its retries included) before the store counts as unreachable.
+    pub timeout: Duration,
+}
+
+impl ImageStoreConfig {
+    /// `s3://bucket[/prefix]`, or a directory.
+    pub fn parse(text: &str) -> Result<ImageStoreConfig, String> {
+        let Some(rest) = text.strip_prefix("s3://") else {
+            if text.contains("://") {
+                return Err("use s3://bucket/prefix or a directory".to_owned());
+            }
+            return Ok(ImageStoreConfig::Directory(PathBuf::from(text)));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err("s3:// needs a bucket: s3://bucket/prefix".to_owned());
+        }
+        Ok(ImageStoreConfig::S3(S3Config {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            endpoint: None,
+            timeout: Duration::from_secs(10),
+        }))
+    }
+}
+
 /// `--public-url`: an http(s) URL with a host and nothing after the path, kept without its
 /// trailing slash.
 pub fn parse_public_url(text: &str) -> Result<String, String> {
@@ -261,6 +315,27 @@ pub fn parse_public_url(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_stores() {
+        let s3 = |bucket: &str, prefix: &str| {
+            ImageStoreConfig::S3(S3Config {
+                bucket: bucket.into(),
+                prefix: prefix.into(),
+                endpoint: None,
+                timeout: Duration::from_secs(10),
+            })
+        };
+        assert_eq!(ImageStoreConfig::parse("s3://b"), Ok(s3("b", "")));
+        assert_eq!(ImageStoreConfig::parse("s3://b/"), Ok(s3("b", "")));
+        assert_eq!(ImageStoreConfig::parse("s3://b/a/c/"), Ok(s3("b", "a/c")));
+        assert!(ImageStoreConfig::parse("s3://").is_err());
+        assert!(ImageStoreConfig::parse("gs://b").is_err());
+        assert_eq!(
+            ImageStoreConfig::parse("/mnt/images"),
+            Ok(ImageStoreConfig::Directory("/mnt/images".into()))
+        );
+    }
 
     #[test]
     fn durations() {

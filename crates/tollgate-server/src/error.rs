@@ -174,10 +174,12 @@ pub enum StoreFault {
     Serialization,
     /// The database is out of another resource (memory, connections: SQLSTATE class 53).
     Resources,
+    /// The S3-compatible image store did not answer in time, or answered with an error.
+    ObjectStore,
 }
 
 impl StoreFault {
-    pub const ALL: [StoreFault; 8] = [
+    pub const ALL: [StoreFault; 9] = [
         StoreFault::DiskFull,
         StoreFault::LowDisk,
         StoreFault::Io,
@@ -186,6 +188,7 @@ impl StoreFault {
         StoreFault::PoolTimedOut,
         StoreFault::Serialization,
         StoreFault::Resources,
+        StoreFault::ObjectStore,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -198,6 +201,7 @@ impl StoreFault {
             StoreFault::PoolTimedOut => "pool_timed_out",
             StoreFault::Serialization => "serialization",
             StoreFault::Resources => "resources",
+            StoreFault::ObjectStore => "object_store",
         }
     }
 

@@ -1,6 +1,6 @@
 //! Assembles storage, the domain, the workers and the HTTP layer, and runs them until shutdown.
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, ImageStoreConfig, Secret};
 use crate::domain::catalogue::Catalogue;
 use crate::domain::ratelimit::{Limiter, RateLimits, RedisLimits};
 use crate::domain::service::Tollgate;
@@ -8,7 +8,7 @@ use crate::domain::{purge, secrets, webhooks, worker};
 use crate::error::Error;
 use crate::error::Result;
 use crate::http::{self, AppState};
-use crate::images::DiskImageStore;
+use crate::images::{DiskImageStore, ImageStore, S3ImageStore};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -33,8 +33,19 @@ impl Server {
     pub async fn open(config: Config, catalogue: Catalogue) -> Result<Server> {
         // First: the store's pool, Redis and every connection need descriptors.
         http::serve::raise_descriptor_limit();
+        // The free-space floor is measured here, whatever keeps the data (PostgreSQL, S3).
+        std::fs::create_dir_all(&config.data_dir)?;
         let store = open_store(&config).await?;
-        let images = Arc::new(DiskImageStore::new(config.data_dir.join("images"))?);
+        let images: Arc<dyn ImageStore> = match &config.image_store {
+            ImageStoreConfig::DataDir => {
+                Arc::new(DiskImageStore::new(config.data_dir.join("images"))?)
+            }
+            ImageStoreConfig::Directory(dir) => Arc::new(DiskImageStore::new(dir)?),
+            ImageStoreConfig::S3(s3) => {
+                tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, "images are kept in S3");
+                Arc::new(S3ImageStore::new(s3)?)
+            }
+        };
         let limits = match &config.redis_url {
             Some(url) => {
                 Limiter::Redis(RedisLimits::connect(url.expose(), config.redis_failure).await?)

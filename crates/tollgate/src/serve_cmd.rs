@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tollgate_contract::RateLimit;
-use tollgate_server::config::{BackendKind, ConnectionLimits, MinFreeDisk};
+use tollgate_server::config::{BackendKind, ConnectionLimits, ImageStoreConfig, MinFreeDisk};
 use tollgate_server::domain::catalogue::Catalogue;
 use tollgate_server::{parse_duration, Config, Prices, Secret, Server};
 
@@ -34,6 +34,24 @@ pub struct ServeArgs {
     /// listening address in webhook bodies).
     #[arg(long, env = "TOLLGATE_PUBLIC_URL", value_name = "URL", value_parser = tollgate_server::config::parse_public_url)]
     public_url: Option<String>,
+    /// Where the images are kept: `s3://bucket/prefix` for an S3-compatible bucket (credentials
+    /// and region from the standard AWS variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION, AWS_ENDPOINT_URL…), or a directory (default: `images` in --data-dir).
+    #[arg(long, env = "TOLLGATE_IMAGE_STORE", value_name = "URL", value_parser = ImageStoreConfig::parse)]
+    image_store: Option<ImageStoreConfig>,
+    /// The S3-compatible service to use instead of AWS (MinIO, R2, a local server), e.g.
+    /// `http://127.0.0.1:9000`; path-style requests, plain HTTP allowed for an http:// URL.
+    #[arg(long, env = "TOLLGATE_S3_ENDPOINT", value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// How long one request to the image store may take, its retries included, before it counts
+    /// as unreachable (503 with Retry-After; a worker puts its task back in the queue).
+    #[arg(long, env = "TOLLGATE_IMAGE_STORE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    image_store_timeout: Duration,
+    /// Also send GitHub-style `X-RateLimit-Limit`, `-Remaining` and `-Reset` (Unix seconds when
+    /// the burst is full again) beside the IETF `RateLimit-Policy`/`RateLimit`, for clients that
+    /// read only those.
+    #[arg(long, env = "TOLLGATE_LEGACY_RATELIMIT_HEADERS")]
+    legacy_ratelimit_headers: bool,
     /// Let requests ask for a failure with `Tollgate-Simulate: 429|500|503|panic`
     /// (and a delay with `Tollgate-Simulate-Delay-Ms`), to test clients against a real server.
     #[arg(long, env = "TOLLGATE_SIMULATE_ERRORS")]
@@ -188,7 +206,19 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.image_url_ttl = args.image_url_ttl;
     config.sync_timeout = args.sync_timeout;
     config.public_url = args.public_url;
+    config.image_store = match args.image_store.unwrap_or_default() {
+        ImageStoreConfig::S3(mut s3) => {
+            s3.endpoint = args.s3_endpoint;
+            s3.timeout = args.image_store_timeout;
+            ImageStoreConfig::S3(s3)
+        }
+        _ if args.s3_endpoint.is_some() => {
+            return Err("--s3-endpoint needs --image-store s3://bucket/prefix".into())
+        }
+        other => other,
+    };
     config.simulate_errors = args.simulate_errors;
+    config.legacy_ratelimit_headers = args.legacy_ratelimit_headers;
     config.workers = args.workers;
     config.prices = args.prices;
     config.default_rate_limit = RateLimit {

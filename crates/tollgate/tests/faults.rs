@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{expect_error, skip, unique, TestAccount, TestServer};
+use common::{expect_error, free_port, skip, unique, TestAccount, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -560,14 +560,6 @@ async fn postgres_backends_terminated_under_load_lose_nothing_and_give_no_500() 
     );
     drop(server);
     psql(&url, &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A Redis of this test's own (the machine's shared one is never stopped).

@@ -527,6 +527,45 @@ async fn row_429_exact_retry_after_and_ratelimit_headers() {
 }
 
 #[tokio::test]
+async fn legacy_x_ratelimit_headers_are_sent_only_when_asked_for_and_say_the_same() {
+    let (_tmp, plain) = TestServer::start(&[]);
+    let acct = plain.account_with_limit(10, 60, 3).await;
+    let response = plain.get(&acct.key, "/v1/account").send().await.unwrap();
+    assert!(response.headers().contains_key("ratelimit"));
+    assert!(!response.headers().contains_key("x-ratelimit-limit"));
+
+    let (_tmp, server) = TestServer::start(&["--legacy-ratelimit-headers"]);
+    let acct = server.account_with_limit(10, 60, 3).await;
+    let header = |r: &reqwest::Response, name: &str| -> i64 {
+        r.headers()[name].to_str().unwrap().parse().unwrap()
+    };
+    let mut remaining = Vec::new();
+    for _ in 0..4 {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let response = server.get(&acct.key, "/v1/account").send().await.unwrap();
+        assert!(response.headers()["ratelimit"]
+            .to_str()
+            .unwrap()
+            .contains(";r="));
+        assert_eq!(header(&response, "x-ratelimit-limit"), 3);
+        let reset = header(&response, "x-ratelimit-reset");
+        // One request a second refills: the bucket is full again within the burst's seconds.
+        assert!(
+            (before..=before + 4).contains(&reset),
+            "{reset} vs {before}"
+        );
+        remaining.push((
+            response.status().as_u16(),
+            header(&response, "x-ratelimit-remaining"),
+        ));
+    }
+    assert_eq!(remaining, [(200, 2), (200, 1), (200, 0), (429, 0)]);
+}
+
+#[tokio::test]
 async fn row_429_limits_are_set_by_the_operator_and_apply_at_once() {
     let (_tmp, server) = TestServer::start(&["--default-rpm", "60", "--default-burst", "2"]);
     let response = server

@@ -274,9 +274,10 @@ async fn run_task(app: &Runner, task: TaskRecord, claim: &str) {
     let outcome = match rendered {
         Ok(()) => TaskOutcome::Succeeded,
         Err(TaskFailure::Storage(e)) => {
-            // The images could not be stored (a full or failing disk): the task goes back to
-            // the queue, its charge standing, to run again once the disk takes writes. Not a
-            // failure of the task: it is neither failed nor refunded, and the run is not counted.
+            // The images could not be stored (a full or failing disk, a bucket that does not
+            // answer): the task goes back to the queue, its charge standing, to run again once
+            // the store takes writes. Not a failure of the task: it is neither failed nor
+            // refunded, and the run is not counted.
             tracing::warn!(task_id = %task.id, error = %e, "could not store a task's images; it goes back to the queue");
             if let Err(e) = app.images.delete_task(&task.id).await {
                 tracing::warn!(task_id = %task.id, error = %e, "could not delete the partial images of a task");

@@ -23,6 +23,9 @@ use tollgate_contract::{headers as h, retry_after, ErrorCode};
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static(h::RATELIMIT_POLICY);
 const RATELIMIT: HeaderName = HeaderName::from_static(h::RATELIMIT);
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// Marks a response whose idempotency record the handler wrote in its own transaction.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +107,9 @@ async fn admit(state: &AppState, mut req: Request, next: Next) -> Response {
         }
     };
     rate_limit_headers(response.headers_mut(), &admission);
+    if app.config().legacy_ratelimit_headers {
+        legacy_rate_limit_headers(response.headers_mut(), &admission, app.now());
+    }
     response
 }
 
@@ -140,6 +146,23 @@ fn rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
         value.push_str(b);
         value.push_str(itoa::Buffer::new().format(y));
         if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// `--legacy-ratelimit-headers`: the same numbers as GitHub's `X-RateLimit-*` say them, for
+/// clients that read only those: the burst, what is left, and the Unix time it is full again.
+fn legacy_rate_limit_headers(headers: &mut HeaderMap, admission: &Admission, now: OffsetDateTime) {
+    let until_full = retry_after::whole_seconds_ceil(admission.reset);
+    let full_at = now.unix_timestamp() + i64::try_from(until_full).unwrap_or(i64::MAX / 2);
+    let fields = [
+        (X_RATELIMIT_LIMIT, i64::from(admission.limit.burst)),
+        (X_RATELIMIT_REMAINING, i64::from(admission.remaining)),
+        (X_RATELIMIT_RESET, full_at),
+    ];
+    for (name, value) in fields {
+        if let Ok(value) = HeaderValue::try_from(itoa::Buffer::new().format(value)) {
             headers.insert(name, value);
         }
     }

@@ -43,6 +43,15 @@ pub fn test_python(what: &str) -> Option<PathBuf> {
     python
 }
 
+/// A port nothing listens on now, for a service a test starts itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A running `tollgate serve`.
 pub struct TestServer {
     child: Child,
