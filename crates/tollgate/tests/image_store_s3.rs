@@ -175,14 +175,7 @@ async fn two_instances_without_a_shared_disk_serve_each_others_images_from_one_b
     assert_eq!(fetched.status(), 200);
     assert_eq!(fetched.headers()["content-type"], "image/png");
     drop((a, b));
-    let _ = Command::new("psql")
-        .arg(&database)
-        .args([
-            "-q",
-            "-c",
-            &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
-        ])
-        .status();
+    common::drop_schema(&database, &schema);
 }
 
 #[tokio::test]

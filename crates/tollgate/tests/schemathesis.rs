@@ -88,12 +88,5 @@ async fn the_document_holds_on_postgres_and_redis() {
     ]);
     run(program, &server).await;
     drop(server);
-    let _ = Command::new("psql")
-        .arg(&database)
-        .args([
-            "-q",
-            "-c",
-            &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
-        ])
-        .status();
+    common::drop_schema(&database, &schema);
 }

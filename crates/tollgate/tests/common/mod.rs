@@ -43,6 +43,18 @@ pub fn test_python(what: &str) -> Option<PathBuf> {
     python
 }
 
+/// Drops a PostgreSQL schema a test made for itself (best effort: a leftover harms no other test).
+pub fn drop_schema(database: &str, schema: &str) {
+    let _ = Command::new("psql")
+        .arg(database)
+        .args([
+            "-q",
+            "-c",
+            &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+        ])
+        .status();
+}
+
 /// A port nothing listens on now, for a service a test starts itself.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
