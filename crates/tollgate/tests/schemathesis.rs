@@ -30,12 +30,17 @@ async fn run(program: PathBuf, server: &TestServer) {
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis");
     let seed = std::env::var("TOLLGATE_TEST_SCHEMATHESIS_SEED").unwrap_or_else(|_| SEED.into());
     let document = server.url("/openapi.json");
+    let scratch = tempfile::tempdir().unwrap();
+    let scratch_path = scratch.path().to_owned();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(program)
             .arg("--config-file")
             .arg(here.join("schemathesis.toml"))
             .args(["run", &document, "--checks", "all", "--max-examples", "40"])
             .args(["--workers", "2", "--seed", &seed, "--no-color"])
+            // Each run on its own: no example database or cache carried over from an earlier one.
+            .args(["--generation-database", ":memory:"])
+            .current_dir(&scratch_path)
             .env("TOLLGATE_ST_HOOKS", here.join("hooks.py"))
             .env("TOLLGATE_ST_API_KEY", &account.key)
             .env("TOLLGATE_ST_ADMIN_TOKEN", ADMIN_TOKEN)

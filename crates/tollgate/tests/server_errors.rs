@@ -343,6 +343,26 @@ async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
         let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
         assert_eq!(e["param"], param, "{path}");
     }
+    // In a URL (PostgreSQL refuses it in any comparison): no resource has it in its name.
+    for path in [
+        "/v1/tasks/task_%00",
+        "/v1/tasks/task_%00/images/0",
+        "/v1/tasks/task_%00/cancel",
+    ] {
+        let response = server.get(&acct.key, path).send().await.unwrap();
+        expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    }
+    let response = server
+        .admin(reqwest::Method::DELETE, "/admin/keys/key_%00", None)
+        .await;
+    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    let response = server
+        .get(&acct.key, "/v1/tasks?after=task_%00")
+        .send()
+        .await
+        .unwrap();
+    let (_, e) = expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    assert_eq!(e["param"], "after");
     assert_eq!(server.balance(&acct.key).await, 100);
 }
 

@@ -156,6 +156,9 @@ where
     state.in_flight.fetch_add(1, Ordering::AcqRel);
     // Decrements even if the request is cancelled, panics or is refused.
     let _in_flight = InFlight(state);
+    if let Some(refusal) = nul_in_path(req.uri()) {
+        return refusal.into_response();
+    }
     if app.config().simulate_errors {
         if let Some(value) = req.headers().get(SIMULATE) {
             return simulated_failure(value.as_bytes()).into_response();
@@ -233,6 +236,17 @@ fn ensure_envelope(response: Response, method: &Method, path: &str) -> Response 
         ),
     };
     reply.allow(allow).into_response()
+}
+
+/// A path with an encoded NUL (`%00`): no id the store keeps holds one, and PostgreSQL refuses
+/// one in any text it is asked to compare, so every route answers it here: nothing is named so.
+/// (A query's values are the routes' to read: numbers fail to parse, and `after` checks.)
+fn nul_in_path(uri: &http::Uri) -> Option<Error> {
+    uri.path().contains("%00").then(|| Error::InvalidRequest {
+        code: ErrorCode::ResourceNotFound,
+        message: "No resource has a NUL character (%00) in its name.".to_owned(),
+        param: None,
+    })
 }
 
 /// The failure `Tollgate-Simulate` asks for (only with `--simulate-errors`).

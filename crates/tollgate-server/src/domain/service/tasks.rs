@@ -182,19 +182,24 @@ impl Tollgate {
                 format!("`limit` must be 1 to {MAX_LIST_LIMIT}, not {limit}."),
             ));
         }
+        let no_such_task = || {
+            Error::invalid(
+                ErrorCode::ResourceNotFound,
+                "after",
+                "`after` names no task of this account (or one past the retention); \
+                 page with the `id` of a task the previous page listed.",
+            )
+        };
+        // No task id holds a NUL, and PostgreSQL refuses one in a comparison.
+        if after.is_some_and(|id| id.contains('\0')) {
+            return Err(no_such_task());
+        }
         let not_before = self.now() - self.config.retention;
         let mut records = self
             .store
             .list_tasks(&caller.account_id, limit + 1, after, not_before)
             .await?
-            .ok_or_else(|| {
-                Error::invalid(
-                    ErrorCode::ResourceNotFound,
-                    "after",
-                    "`after` names no task of this account (or one past the retention); \
-                     page with the `id` of a task the previous page listed.",
-                )
-            })?;
+            .ok_or_else(no_such_task)?;
         let has_more = records.len() > limit as usize;
         records.truncate(limit as usize);
         Ok(List {
