@@ -139,15 +139,14 @@ async fn two_instances_without_a_shared_disk_serve_each_others_images_from_one_b
     let (_b_dir, b) = TestServer::start_with_env(&b_args, &AWS_ENV);
     let acct = b.account(100).await;
     // Made on B, which runs no workers: A generates it and puts its images in the bucket.
-    let task = b
-        .create_task(
+    let (_, done) = b
+        .generate(
             &acct.key,
             json!({"prompt": "a shared bucket", "n": 2, "size": "256x256"}),
         )
         .await;
-    let id = task["id"].as_str().unwrap().to_owned();
-    let done = b.wait_task(&acct.key, &id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
+    let id = done["id"].as_str().unwrap().to_owned();
     let mut keys = moto.keys("shared", "deploy/images/").await;
     keys.sort();
     assert_eq!(
@@ -195,14 +194,11 @@ async fn a_bucket_that_stops_answering_is_a_503_and_both_recover_when_it_answers
         &AWS_ENV,
     );
     let acct = server.account(100).await;
-    let before = server
-        .create_task(&acct.key, json!({"prompt": "before", "size": "256x256"}))
+    let (_, before) = server
+        .generate(&acct.key, json!({"prompt": "before", "size": "256x256"}))
         .await;
+    assert_eq!(before["status"], "succeeded", "{before}");
     let before_id = before["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        server.wait_task(&acct.key, &before_id).await["status"],
-        "succeeded"
-    );
 
     moto.pause();
     let response = server
