@@ -108,6 +108,19 @@ impl AdminClient {
         decode(self.client.send(Method::POST, &path, None, None).await?)
     }
 
+    /// `POST /admin/accounts/{id}/keys` with a body: a new key with a spend limit.
+    pub async fn create_key_with(
+        &self,
+        account_id: &str,
+        request: &tollgate_contract::CreateKeyRequest,
+    ) -> Result<CreatedKey> {
+        let path = format!(
+            "/admin/accounts/{}/keys",
+            segment(account_id, "account id")?
+        );
+        self.client.post_json(&path, request, None).await
+    }
+
     /// `GET /admin/accounts/{id}/keys` (extension): the account's keys, without the secrets.
     pub async fn list_keys(&self, account_id: &str) -> Result<List<KeyInfo>> {
         self.client

@@ -483,6 +483,7 @@ async fn every_typed_method_calls_its_route() {
             &UpdateAccountRequest {
                 name: Some("acme2".into()),
                 rate_limit: None,
+                low_balance: None,
             },
         )
         .await
@@ -495,6 +496,7 @@ async fn every_typed_method_calls_its_route() {
             &AddCreditsRequest {
                 amount: 50,
                 note: Some("top-up".into()),
+                expires_at: None,
             },
         )
         .await

@@ -134,18 +134,24 @@ error_codes! {
     UnknownField => ("unknown_field", 400, InvalidRequest, false, BODY),
     /// The `Idempotency-Key` was used before with a different request.
     IdempotencyKeyReused => ("idempotency_key_reused", 400, InvalidRequest, false, "Use a new Idempotency-Key for a request that differs from the first one."),
+    /// A Stripe webhook whose `Stripe-Signature` is missing, wrong or older than 5 minutes.
+    InvalidSignature => ("invalid_signature", 400, InvalidRequest, false, "Sign the event with the endpoint's webhook secret and send it within 5 minutes."),
     /// No `Authorization: Bearer` header.
     MissingApiKey => ("missing_api_key", 401, Authentication, false, AUTH),
     /// The key (or admin token) is unknown or revoked.
     InvalidApiKey => ("invalid_api_key", 401, Authentication, false, AUTH),
     /// The balance does not cover the request's cost.
     InsufficientCredits => ("insufficient_credits", 402, Billing, false, "Add credits, then retry."),
+    /// The key's spend limit for the period would be passed; nothing was created or charged.
+    KeySpendLimitReached => ("key_spend_limit_reached", 402, Billing, false, "Wait for the key's spend period to reset, or ask the operator to raise its limit."),
     /// A dashboard form came without the token of the session that rendered it (extension).
     CsrfTokenInvalid => ("csrf_token_invalid", 403, InvalidRequest, false, "Check that the credential is allowed to do this."),
     /// No route at this path.
     UnknownEndpoint => ("unknown_endpoint", 404, NotFound, false, NOT_FOUND),
     /// No such resource for this account.
     ResourceNotFound => ("resource_not_found", 404, NotFound, false, NOT_FOUND),
+    /// This server sells no credit packs (Stripe is not configured), or not this one (extension).
+    BillingNotConfigured => ("billing_not_configured", 404, NotFound, false, "Ask the operator for credits; this server takes no payments."),
     /// No voucher has this code (extension).
     VoucherNotFound => ("voucher_not_found", 404, NotFound, false, NOT_FOUND),
     /// The route exists but not with this method.

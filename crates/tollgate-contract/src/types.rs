@@ -324,6 +324,145 @@ pub struct Account {
     pub credits: u64,
     /// The limit in force (the account's own, or the server's default).
     pub rate_limit: RateLimit,
+    /// Credits of `credits` that expire, soonest first (charges use these first).
+    #[serde(default)]
+    pub expiring: Vec<ExpiringCredits>,
+    /// The low-balance alert, when the operator set one (extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_balance: Option<LowBalance>,
+}
+
+/// Credits of the balance that lapse at `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExpiringCredits {
+    pub credits: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub expires_at: OffsetDateTime,
+}
+
+/// A low-balance alert: when a charge takes the balance from at or above `threshold` to below
+/// it, one signed `account.balance_low` event is POSTed to `notify_url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LowBalance {
+    /// At least 1.
+    pub threshold: u64,
+    /// `http(s)://…`, checked as task webhook URLs are.
+    pub notify_url: String,
+}
+
+/// How often a key's spend limit starts again: calendar periods in UTC (weeks start on
+/// Monday), or never (`total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum SpendPeriod {
+    Day,
+    Week,
+    Month,
+    Total,
+}
+
+impl SpendPeriod {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SpendPeriod::Day => "day",
+            SpendPeriod::Week => "week",
+            SpendPeriod::Month => "month",
+            SpendPeriod::Total => "total",
+        }
+    }
+}
+
+impl FromStr for SpendPeriod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "day" => SpendPeriod::Day,
+            "week" => SpendPeriod::Week,
+            "month" => SpendPeriod::Month,
+            "total" => SpendPeriod::Total,
+            other => return Err(format!("unknown spend period {other:?}")),
+        })
+    }
+}
+
+/// The most a key may spend per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SpendLimit {
+    /// At least 1.
+    pub credits: u64,
+    pub period: SpendPeriod,
+}
+
+/// `POST /admin/accounts/{id}/keys` (the body is optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<SpendLimit>,
+}
+
+/// `POST /v1/billing/checkout`: the credit pack to buy, by its credits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    pub pack: u64,
+}
+
+/// `201` answer of `POST /v1/billing/checkout`: where to send the buyer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CheckoutSession {
+    /// Stripe's Checkout URL.
+    pub url: String,
+    /// Stripe's session id (`cs_…`).
+    pub id: String,
+}
+
+/// A credit pack for sale (extension: `GET /v1/billing/packs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreditPack {
+    pub credits: u64,
+    /// In the currency's minor unit (cents).
+    pub amount: u64,
+    /// ISO 4217, lower case.
+    pub currency: String,
+}
+
+/// A purchase through Stripe Checkout and what refunds did to it (extension: the operator's
+/// `GET /admin/accounts/{id}/purchases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Purchase {
+    /// Stripe's Checkout Session id.
+    pub id: String,
+    pub account_id: String,
+    pub credits: u64,
+    pub amount: u64,
+    pub currency: String,
+    /// `open` (not paid yet) or `paid`.
+    pub status: String,
+    /// Money refunded so far, in the minor unit.
+    pub refunded_amount: u64,
+    /// Credits the refunds took back.
+    pub refunded_credits: u64,
+    /// Credits the refunds should have taken back but the balance no longer had.
+    pub shortfall: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub paid_at: Option<OffsetDateTime>,
 }
 
 /// `POST /admin/accounts`.
@@ -387,6 +526,14 @@ pub struct AddCreditsRequest {
     /// Kept on the ledger entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// When the granted credits lapse (a grant only); default: never.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// `PATCH /admin/accounts/{id}` (extension): change the account's rate limit or name.
@@ -398,6 +545,23 @@ pub struct UpdateAccountRequest {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// The low-balance alert; `null` turns it off.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<LowBalance>))]
+    pub low_balance: Option<Option<LowBalance>>,
+}
+
+/// A field that may be absent (outer `None`), `null` (`Some(None)`) or a value.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 /// One change of an account's balance (extension: `GET /v1/account/ledger`, `GET /admin/accounts/{id}/ledger`).
@@ -410,10 +574,13 @@ pub struct LedgerEntry {
     /// Credits added (positive) or taken (negative).
     pub delta: i64,
     pub balance_after: u64,
-    /// `grant`, `charge`, `refund`, `adjust` or `voucher`.
+    /// `grant`, `charge`, `refund`, `adjust`, `voucher`, `purchase`, `purchase_refund` or `expiry`.
     pub kind: String,
     pub task_id: Option<String>,
     pub note: Option<String>,
+    /// The Checkout Session of a `purchase` or `purchase_refund` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purchase_id: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: OffsetDateTime,
@@ -433,6 +600,23 @@ pub struct KeyInfo {
     #[serde(with = "time::serde::rfc3339::option")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub revoked_at: Option<OffsetDateTime>,
+    /// The key's spend limit, with what it spent in the current period and when that ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<KeySpend>,
+}
+
+/// A key's spend limit as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct KeySpend {
+    pub credits: u64,
+    pub period: SpendPeriod,
+    /// Spent in the current period.
+    pub spent: u64,
+    /// When the current period ends; `null` for `total`.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub resets_at: Option<OffsetDateTime>,
 }
 
 /// `POST /admin/vouchers` (extension): a single-use code worth `credits`, for an account holder

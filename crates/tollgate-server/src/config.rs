@@ -86,6 +86,92 @@ pub struct Config {
     pub min_free_disk: MinFreeDisk,
     /// The bounds on client connections (the contract's "Connections").
     pub connections: ConnectionLimits,
+    /// Credit packs sold through Stripe Checkout; `None`: no payments are taken.
+    pub billing: Option<BillingConfig>,
+}
+
+/// Stripe Checkout: the keys, where Stripe's API is, and what is for sale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingConfig {
+    /// `TOLLGATE_STRIPE_SECRET_KEY` (`sk_…`).
+    pub secret_key: Secret,
+    /// `TOLLGATE_STRIPE_WEBHOOK_SECRET` (`whsec_…`): what `Stripe-Signature` is checked with.
+    pub webhook_secret: Secret,
+    /// `--stripe-api-base`: `https://api.stripe.com`, or a local server in tests.
+    pub api_base: String,
+    /// `--credit-packs`.
+    pub packs: Vec<tollgate_contract::CreditPack>,
+}
+
+/// The default of `--credit-packs`.
+pub const DEFAULT_CREDIT_PACKS: &str = "500:5.00:usd,2000:18.00:usd";
+
+/// Currencies without a minor unit (Stripe's list): their prices are whole numbers.
+const ZERO_DECIMAL: &[&str] = &[
+    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
+    "xaf", "xof", "xpf",
+];
+
+/// Parses `credits:price:currency,…` (`500:5.00:usd`) into packs, the price in the currency's
+/// minor unit as Stripe takes it.
+pub fn parse_credit_packs(text: &str) -> Result<Vec<tollgate_contract::CreditPack>, String> {
+    let mut packs: Vec<tollgate_contract::CreditPack> = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = || format!("{item:?}: a pack is credits:price:currency, as 500:5.00:usd");
+        let mut parts = item.split(':');
+        let (Some(credits), Some(price), Some(currency), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let credits: u64 = credits.trim().parse().map_err(|_| bad())?;
+        let currency = currency.trim().to_ascii_lowercase();
+        if credits == 0 || credits > tollgate_contract::MAX_CREDITS {
+            return Err(format!(
+                "{item:?}: a pack holds 1 to {} credits",
+                tollgate_contract::MAX_CREDITS
+            ));
+        }
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(format!(
+                "{item:?}: the currency is a three-letter ISO code, as usd"
+            ));
+        }
+        let decimals = if ZERO_DECIMAL.contains(&currency.as_str()) {
+            0
+        } else {
+            2
+        };
+        let (whole, fraction) = price.trim().split_once('.').unwrap_or((price.trim(), ""));
+        if fraction.len() > decimals
+            || whole.is_empty()
+            || !whole
+                .bytes()
+                .chain(fraction.bytes())
+                .all(|b| b.is_ascii_digit())
+        {
+            return Err(format!(
+                "{item:?}: the price is a number with at most {decimals} decimals"
+            ));
+        }
+        let digits = format!("{whole}{fraction:0<decimals$}");
+        let amount: u64 = digits.parse().map_err(|_| bad())?;
+        if amount == 0 {
+            return Err(format!("{item:?}: the price must be above zero"));
+        }
+        if packs.iter().any(|p| p.credits == credits) {
+            return Err(format!("{item:?}: two packs of {credits} credits"));
+        }
+        packs.push(tollgate_contract::CreditPack {
+            credits,
+            amount,
+            currency,
+        });
+    }
+    if packs.is_empty() {
+        return Err("no credit packs".to_owned());
+    }
+    Ok(packs)
 }
 
 /// How long a client may take, and how many may be connected at once.
@@ -207,6 +293,7 @@ impl Config {
             webhook_timeout: Duration::from_secs(10),
             min_free_disk: MinFreeDisk::Auto,
             connections: ConnectionLimits::default(),
+            billing: None,
         }
     }
 
@@ -330,6 +417,27 @@ mod tests {
         assert_eq!(ImageStoreConfig::parse("s3://b/"), Ok(s3("b", "")));
         assert_eq!(ImageStoreConfig::parse("s3://b/a/c/"), Ok(s3("b", "a/c")));
         assert!(ImageStoreConfig::parse("s3://").is_err());
+        let packs = parse_credit_packs("500:5.00:usd, 2000:18:EUR,100:150:jpy").unwrap();
+        assert_eq!(
+            packs
+                .iter()
+                .map(|p| (p.credits, p.amount, p.currency.as_str()))
+                .collect::<Vec<_>>(),
+            [(500, 500, "usd"), (2000, 1800, "eur"), (100, 150, "jpy")]
+        );
+        for bad in [
+            "",
+            "500",
+            "500:5.001:usd",
+            "0:5:usd",
+            "5:0:usd",
+            "5:1.5:jpy",
+            "5:-1:usd",
+            "5:1:dollars",
+            "5:1:usd,5:2:usd",
+        ] {
+            assert!(parse_credit_packs(bad).is_err(), "{bad}");
+        }
         assert!(ImageStoreConfig::parse("gs://b").is_err());
         assert_eq!(
             ImageStoreConfig::parse("/mnt/images"),

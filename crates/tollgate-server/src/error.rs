@@ -32,6 +32,14 @@ pub enum Error {
         /// What was priced, for the message: `2 × 1024x1024 with `flux` at 3 credits each`.
         priced: Option<String>,
     },
+    /// The key's spend limit for its period would be passed; nothing was created or charged.
+    #[error("key spend limit reached: {spent} of {} credits", limit.credits)]
+    KeySpendLimitReached {
+        limit: tollgate_contract::SpendLimit,
+        spent: u64,
+        /// When the period ends; `None` for a `total` limit.
+        resets_at: Option<time::OffsetDateTime>,
+    },
     /// No such resource for the caller (another account's resource included).
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },
@@ -121,6 +129,7 @@ impl Error {
             Error::MissingCredential { .. } => ErrorCode::MissingApiKey,
             Error::InvalidCredential { .. } => ErrorCode::InvalidApiKey,
             Error::InsufficientCredits { .. } => ErrorCode::InsufficientCredits,
+            Error::KeySpendLimitReached { .. } => ErrorCode::KeySpendLimitReached,
             Error::NotFound { .. } => ErrorCode::ResourceNotFound,
             Error::Gone { .. } => ErrorCode::ResourceExpired,
             Error::LinkExpired => ErrorCode::UrlExpired,

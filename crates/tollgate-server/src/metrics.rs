@@ -39,6 +39,7 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub credits_charged: Counter,
     pub credits_refunded: Counter,
+    pub credits_purchased: Counter,
     pub queue_depth: Gauge,
     /// 1 while `/readyz` would answer 200, as of its last probe.
     pub ready: Gauge,
@@ -62,6 +63,7 @@ impl Default for Metrics {
         let rate_limited = Counter::default();
         let credits_charged = Counter::default();
         let credits_refunded = Counter::default();
+        let credits_purchased = Counter::default();
         let queue_depth = Gauge::default();
         let ready = Gauge::default();
         let task_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
@@ -92,6 +94,11 @@ impl Default for Metrics {
             "credits_refunded",
             "Credits refunded for failed or cancelled tasks",
             credits_refunded.clone(),
+        );
+        registry.register(
+            "credits_purchased",
+            "Credits bought through Stripe Checkout",
+            credits_purchased.clone(),
         );
         registry.register(
             "task_queue_depth",
@@ -142,6 +149,7 @@ impl Default for Metrics {
             rate_limited,
             credits_charged,
             credits_refunded,
+            credits_purchased,
             queue_depth,
             ready,
             task_duration,

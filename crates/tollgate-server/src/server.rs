@@ -122,6 +122,7 @@ impl Server {
             .flat_map(|(runner, count)| worker::spawn(Arc::new(runner), count, stop_rx.clone()))
             .collect();
         let purger = purge::spawn(Arc::clone(&self.app), stop_rx.clone());
+        let expiry = purge::spawn_credit_expiry(Arc::clone(&self.app), stop_rx.clone());
         let sender = webhooks::spawn(self.app.outbox(listener.local_addr()?), stop_rx);
 
         let state = Arc::new(AppState::new(Arc::clone(&self.app)));
@@ -145,6 +146,7 @@ impl Server {
             let _ = handle.await;
         }
         let _ = purger.await;
+        let _ = expiry.await;
         let _ = sender.await;
         tracing::info!("stopped");
         Ok(())

@@ -77,6 +77,7 @@ async fn account(store: &dyn Store, credits: u64) -> String {
         prefix: "tg_test".into(),
         created_at: now(),
         revoked_at: None,
+        spend_limit: None,
     };
     let new = NewAccount {
         id: id.clone(),
@@ -453,10 +454,13 @@ async fn the_ledger_pages_through_every_entry(store: Arc<dyn Store>) {
     let other = account(store.as_ref(), 7).await;
     for i in 0..9 {
         store
-            .add_credits(&id, 1, Some(&format!("top-up {i}")), now())
+            .add_credits(&id, 1, Some(&format!("top-up {i}")), None, now())
             .await
             .unwrap();
-        store.add_credits(&other, 1, None, now()).await.unwrap();
+        store
+            .add_credits(&other, 1, None, None, now())
+            .await
+            .unwrap();
     }
     let mut pages = Vec::new();
     let mut before = None;
@@ -516,7 +520,7 @@ async fn adjustments_never_overdraw(store: Arc<dyn Store>) {
     let id = account(store.as_ref(), 5).await;
     assert_eq!(
         store
-            .add_credits(&id, 10, Some("top-up"), now())
+            .add_credits(&id, 10, Some("top-up"), None, now())
             .await
             .unwrap()
             .unwrap()
@@ -524,12 +528,12 @@ async fn adjustments_never_overdraw(store: Arc<dyn Store>) {
         15
     );
     assert!(matches!(
-        store.add_credits(&id, -16, None, now()).await,
+        store.add_credits(&id, -16, None, None, now()).await,
         Err(Error::InvalidRequest { .. })
     ));
     assert_eq!(
         store
-            .add_credits(&id, -15, None, now())
+            .add_credits(&id, -15, None, None, now())
             .await
             .unwrap()
             .unwrap()
@@ -537,7 +541,7 @@ async fn adjustments_never_overdraw(store: Arc<dyn Store>) {
         0
     );
     assert!(store
-        .add_credits("acct_missing", 1, None, now())
+        .add_credits("acct_missing", 1, None, None, now())
         .await
         .unwrap()
         .is_none());
@@ -697,6 +701,7 @@ async fn revoked_keys_do_not_authenticate(store: Arc<dyn Store>) {
         prefix: "tg_x".into(),
         created_at: now(),
         revoked_at: None,
+        spend_limit: None,
     };
     assert!(store.create_key(&key).await.unwrap());
     assert_eq!(
@@ -823,6 +828,7 @@ async fn sessions_end_on_expiry_revocation_and_deletion(store: Arc<dyn Store>) {
         prefix: "tg_s".into(),
         created_at: now(),
         revoked_at: None,
+        spend_limit: None,
     };
     assert!(store.create_key(&key).await.unwrap());
     let session = |principal: SessionPrincipal, ttl_ms: i64| SessionRecord {
@@ -1176,6 +1182,7 @@ async fn webhook_secrets_are_made_once_and_rotated(store: Arc<dyn Store>) {
         prefix: "tg_w".into(),
         created_at: now(),
         revoked_at: None,
+        spend_limit: None,
     };
     let old_style = NewAccount {
         id: id.clone(),
@@ -1258,6 +1265,321 @@ async fn the_purge_drops_webhook_data(store: Arc<dyn Store>) {
         .unwrap();
 }
 
+// ------------------------------------------------------------------ money
+
+fn hours(h: i64) -> time::OffsetDateTime {
+    now() + time::Duration::hours(h)
+}
+
+async fn credits_expire_soonest_first_with_a_ledger_entry(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 5).await;
+    let (at1, at2) = (hours(1), hours(2));
+    store
+        .add_credits(&id, 3, None, Some(at1), now())
+        .await
+        .unwrap();
+    let account = store
+        .add_credits(&id, 10, None, Some(at2), now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(account.credits, 18);
+    assert_eq!(account.expiring, [(3, from_ms(at1)), (10, from_ms(at2))]);
+    // A charge takes the soonest-expiring credits first: all 3 of the first lot, 2 of the second.
+    store.create_task(&task(&id, 5), None).await.unwrap();
+    let account = store.get_account(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (account.credits, account.expiring.clone()),
+        (13, vec![(8, from_ms(at2))])
+    );
+    // The first lot is spent: nothing lapses at its expiry.
+    assert_eq!(store.expire_credits(at1, 100).await.unwrap(), 0);
+    // The rest of the second lapses at its own, with a ledger entry; the 5 that never expire stay.
+    assert_eq!(store.expire_credits(at2, 100).await.unwrap(), 1);
+    assert_eq!(store.expire_credits(at2, 100).await.unwrap(), 0);
+    let account = store.get_account(&id).await.unwrap().unwrap();
+    assert_eq!((account.credits, account.expiring.len()), (5, 0));
+    let ledger = store.ledger(&id, 100, None).await.unwrap();
+    let expiry: Vec<_> = ledger.iter().filter(|e| e.kind == "expiry").collect();
+    assert_eq!(expiry.len(), 1);
+    assert_eq!((expiry[0].delta, expiry[0].balance_after), (-8, 5));
+    assert_eq!(ledger_sum(store.as_ref(), &id).await, 5);
+
+    // A charge after the expiry, before any expiry round, cannot spend what lapsed.
+    let late = account_of(store.as_ref(), 0).await;
+    store
+        .add_credits(&late, 10, None, Some(at1), now())
+        .await
+        .unwrap();
+    let after = TaskRecord {
+        created_at: at1,
+        ..task(&late, 3)
+    };
+    assert!(matches!(
+        store.create_task(&after, None).await,
+        Err(Error::InsufficientCredits { balance: 0, .. })
+    ));
+    // (PostgreSQL rolls the refused create back, expiry and all; the expiry round settles it.)
+    store.expire_account_credits(&late, at1).await.unwrap();
+    let account = store.get_account(&late).await.unwrap().unwrap();
+    assert_eq!(account.credits, 0);
+    assert_eq!(ledger_sum(store.as_ref(), &late).await, 0);
+    // A correction takes from the lots too, so they never hold more than the balance.
+    let corrected = account_of(store.as_ref(), 2).await;
+    store
+        .add_credits(&corrected, 4, None, Some(at1), now())
+        .await
+        .unwrap();
+    store
+        .add_credits(&corrected, -5, None, None, now())
+        .await
+        .unwrap();
+    let account = store.get_account(&corrected).await.unwrap().unwrap();
+    assert_eq!((account.credits, account.expiring.clone()), (1, vec![]));
+}
+
+fn from_ms(t: time::OffsetDateTime) -> time::OffsetDateTime {
+    // What the store keeps: milliseconds.
+    t.replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap()
+}
+
+async fn account_of(store: &dyn Store, credits: u64) -> String {
+    account(store, credits).await
+}
+
+async fn key_spend_limits_hold_under_concurrency(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 1000).await;
+    let key_id = store.list_keys(&id).await.unwrap()[0].id.clone();
+    let cap = SpendCap {
+        limit: tollgate_contract::SpendLimit {
+            credits: 10,
+            period: tollgate_contract::SpendPeriod::Day,
+        },
+        period_start: hours(-1),
+        resets_at: Some(hours(23)),
+    };
+    let capped = |cost| TaskRecord {
+        key_id: Some(key_id.clone()),
+        spend: Some(cap),
+        ..task(&id, cost)
+    };
+    let results = join_all((0..60).map(|_| {
+        let store = Arc::clone(&store);
+        let t = capped(1);
+        async move { store.create_task(&t, None).await }
+    }))
+    .await;
+    let accepted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(accepted.len(), 10);
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| matches!(e, Error::KeySpendLimitReached { spent: 10, .. })));
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 990);
+    assert_eq!(
+        store.key_spent(&key_id, cap.period_start).await.unwrap(),
+        10
+    );
+    // A refund gives the spend back: one more fits.
+    let refunded = accepted[0].id.clone();
+    assert!(matches!(
+        store.cancel_task(&id, &refunded, now()).await.unwrap(),
+        CancelOutcome::Canceled(_)
+    ));
+    assert_eq!(store.key_spent(&key_id, cap.period_start).await.unwrap(), 9);
+    store.create_task(&capped(1), None).await.unwrap();
+    assert!(store.create_task(&capped(1), None).await.is_err());
+    // A refused balance leaves the spend as it was.
+    let poor = account(store.as_ref(), 0).await;
+    let poor_key = store.list_keys(&poor).await.unwrap()[0].id.clone();
+    let refused = TaskRecord {
+        key_id: Some(poor_key.clone()),
+        spend: Some(cap),
+        ..task(&poor, 1)
+    };
+    assert!(matches!(
+        store.create_task(&refused, None).await,
+        Err(Error::InsufficientCredits { .. })
+    ));
+    assert_eq!(
+        store.key_spent(&poor_key, cap.period_start).await.unwrap(),
+        0
+    );
+}
+
+async fn paid_sessions_credit_once_and_refunds_take_back(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 0).await;
+    let session = format!("cs_test_{:016x}", rand_u64());
+    store
+        .open_purchase(&PurchaseRecord {
+            session_id: session.clone(),
+            account_id: id.clone(),
+            credits: 500,
+            amount: 500,
+            currency: "usd".into(),
+            state: "open".into(),
+            payment_intent: None,
+            refunded_amount: 0,
+            refunded_credits: 0,
+            shortfall: 0,
+            created_at: now(),
+            paid_at: None,
+        })
+        .await
+        .unwrap();
+    let intent = format!("pi_{:016x}", rand_u64());
+    let paid = PaidSession {
+        session_id: session.clone(),
+        account_id: id.clone(),
+        // The event's own figure is ignored for a session this server opened.
+        credits: 999,
+        amount: 500,
+        currency: "usd".into(),
+        payment_intent: Some(intent.clone()),
+    };
+    let outcomes = join_all((0..20).map(|_| {
+        let store = Arc::clone(&store);
+        let paid = paid.clone();
+        async move { store.complete_purchase(&paid, now()).await.unwrap() }
+    }))
+    .await;
+    let credited = outcomes
+        .iter()
+        .filter(|o| matches!(o, PurchaseOutcome::Credited(_)))
+        .count();
+    assert_eq!(credited, 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| matches!(
+        o,
+        PurchaseOutcome::Credited(_) | PurchaseOutcome::AlreadyCredited
+    )));
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 500);
+    let ledger = store.ledger(&id, 100, None).await.unwrap();
+    let purchase: Vec<_> = ledger.iter().filter(|e| e.kind == "purchase").collect();
+    assert_eq!(purchase.len(), 1);
+    assert_eq!(purchase[0].purchase_id.as_deref(), Some(session.as_str()));
+
+    // Spend 300, then a refund of a fifth takes 100 back; the whole refund the other 400, of
+    // which the balance has only 100: 300 short.
+    store
+        .add_credits(&id, -300, None, None, now())
+        .await
+        .unwrap();
+    let first = store
+        .refund_purchase(&intent, 100, 500, now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.taken, first.shortfall), (100, 0));
+    assert!(store
+        .refund_purchase(&intent, 100, 500, now())
+        .await
+        .unwrap()
+        .is_none());
+    let full = store
+        .refund_purchase(&intent, 500, 500, now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((full.taken, full.shortfall), (100, 300));
+    assert!(store
+        .refund_purchase(&intent, 500, 500, now())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 0);
+    let record = &store.list_purchases(Some(&id), 10).await.unwrap()[0];
+    assert_eq!(
+        (
+            record.state.as_str(),
+            record.refunded_amount,
+            record.refunded_credits,
+            record.shortfall
+        ),
+        ("paid", 500, 200, 300)
+    );
+    assert_eq!(ledger_sum(store.as_ref(), &id).await, 0);
+    // A session nobody opened, for an account that exists, is recorded from the event.
+    let direct = PaidSession {
+        session_id: format!("cs_test_{:016x}", rand_u64()),
+        credits: 20,
+        payment_intent: None,
+        ..paid.clone()
+    };
+    assert!(matches!(
+        store.complete_purchase(&direct, now()).await.unwrap(),
+        PurchaseOutcome::Credited(_)
+    ));
+    let nobody = PaidSession {
+        session_id: format!("cs_test_{:016x}", rand_u64()),
+        account_id: "acct_missing".into(),
+        ..paid
+    };
+    assert_eq!(
+        store.complete_purchase(&nobody, now()).await.unwrap(),
+        PurchaseOutcome::NoAccount
+    );
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 20);
+}
+
+async fn a_low_balance_alert_is_queued_once_per_crossing(store: Arc<dyn Store>) {
+    let id = account(store.as_ref(), 8).await;
+    let alert = tollgate_contract::LowBalance {
+        threshold: 5,
+        notify_url: "https://hooks.example.com/low".into(),
+    };
+    store
+        .update_account(&id, None, None, Some(Some(&alert)))
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..6 {
+        store.create_task(&task(&id, 1), None).await.unwrap();
+    }
+    // 8 → 2: one crossing (5 → 4).
+    assert_eq!(store.account_events(&id, 10).await.unwrap().len(), 1);
+    store.add_credits(&id, 10, None, None, now()).await.unwrap();
+    // 12 → 4 in one charge: the second crossing.
+    store.create_task(&task(&id, 8), None).await.unwrap();
+    let events = store.account_events(&id, 10).await.unwrap();
+    assert_eq!(events.len(), 2);
+    let body: serde_json::Value = serde_json::from_str(&events[0].body).unwrap();
+    assert_eq!(body["type"], "account.balance_low");
+    assert_eq!(
+        (
+            body["data"]["credits"].as_i64(),
+            body["data"]["threshold"].as_i64()
+        ),
+        (Some(4), Some(5))
+    );
+    let claimed = store
+        .claim_account_events(now(), ms(30_000), "c", 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(store
+        .claim_account_events(now(), ms(30_000), "d", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .record_account_event_attempt(&claimed[0].id, "c", 1, None, DeliveryNext::Delivered, now())
+        .await
+        .unwrap());
+    assert!(!store
+        .record_account_event_attempt(&claimed[0].id, "c", 1, None, DeliveryNext::Delivered, now())
+        .await
+        .unwrap());
+    // Turned off: no more events.
+    store
+        .update_account(&id, None, None, Some(None))
+        .await
+        .unwrap();
+    store.add_credits(&id, 10, None, None, now()).await.unwrap();
+    store.create_task(&task(&id, 12), None).await.unwrap();
+    assert_eq!(store.account_events(&id, 10).await.unwrap().len(), 2);
+}
+
 macro_rules! on_every_engine {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -1305,6 +1627,10 @@ on_every_engine!(
     webhook_claims_are_exclusive_and_attempts_recorded,
     webhook_secrets_are_made_once_and_rotated,
     the_purge_drops_webhook_data,
+    credits_expire_soonest_first_with_a_ledger_entry,
+    key_spend_limits_hold_under_concurrency,
+    paid_sessions_credit_once_and_refunds_take_back,
+    a_low_balance_alert_is_queued_once_per_crossing,
 );
 
 /// A run that cannot happen here: fails when `CI` is set; otherwise says so and appends `what`

@@ -288,6 +288,17 @@ pub enum KeysCommand {
     Create {
         /// The account id (acct_…).
         account_id: String,
+        /// The most the key may spend per --spend-period, in credits.
+        #[arg(long, value_name = "CREDITS")]
+        spend_limit: Option<u64>,
+        /// day, week, month (calendar, UTC) or total.
+        #[arg(
+            long,
+            value_name = "PERIOD",
+            default_value = "day",
+            requires = "spend_limit"
+        )]
+        spend_period: String,
     },
     /// Revoke a key at once.
     Revoke {
@@ -308,6 +319,9 @@ pub enum CreditsCommand {
         /// Kept on the ledger entry.
         #[arg(long)]
         note: Option<String>,
+        /// When the granted credits lapse (RFC 3339, e.g. 2027-01-31T00:00:00Z).
+        #[arg(long, value_name = "TIME")]
+        expires_at: Option<String>,
     },
 }
 
@@ -434,8 +448,23 @@ async fn dispatch(cmd: ClientCommand) -> Result<(), Failure> {
                     AccountsCommand::Show { id } => print_json(&client.get_account(&id).await?),
                 },
                 AdminCommand::Keys { command } => match command {
-                    KeysCommand::Create { account_id } => {
-                        print_json(&client.create_key(&account_id).await?)
+                    KeysCommand::Create {
+                        account_id,
+                        spend_limit: None,
+                        ..
+                    } => print_json(&client.create_key(&account_id).await?),
+                    KeysCommand::Create {
+                        account_id,
+                        spend_limit: Some(credits),
+                        spend_period,
+                    } => {
+                        let period = spend_period
+                            .parse()
+                            .map_err(|e: String| Failure::new(exit::USAGE, e))?;
+                        let request = tollgate_contract::CreateKeyRequest {
+                            spend_limit: Some(tollgate_contract::SpendLimit { credits, period }),
+                        };
+                        print_json(&client.create_key_with(&account_id, &request).await?)
                     }
                     KeysCommand::Revoke { key_id } => {
                         client.revoke_key(&key_id).await?;
@@ -447,11 +476,24 @@ async fn dispatch(cmd: ClientCommand) -> Result<(), Failure> {
                         account_id,
                         amount,
                         note,
-                    } => print_json(
-                        &client
-                            .add_credits(&account_id, &AddCreditsRequest { amount, note })
-                            .await?,
-                    ),
+                        expires_at,
+                    } => {
+                        let expires_at = expires_at
+                            .map(|t| {
+                                time::OffsetDateTime::parse(
+                                    &t,
+                                    &time::format_description::well_known::Rfc3339,
+                                )
+                                .map_err(|_| Failure::new(exit::USAGE, "--expires-at takes an RFC 3339 time, e.g. 2027-01-31T00:00:00Z"))
+                            })
+                            .transpose()?;
+                        let request = AddCreditsRequest {
+                            amount,
+                            note,
+                            expires_at,
+                        };
+                        print_json(&client.add_credits(&account_id, &request).await?)
+                    }
                 },
             }
         }

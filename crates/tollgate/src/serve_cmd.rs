@@ -52,6 +52,18 @@ pub struct ServeArgs {
     /// read only those.
     #[arg(long, env = "TOLLGATE_LEGACY_RATELIMIT_HEADERS")]
     legacy_ratelimit_headers: bool,
+    /// The credit packs sold through Stripe Checkout, as `credits:price:currency,…`; sold only
+    /// when TOLLGATE_STRIPE_SECRET_KEY and TOLLGATE_STRIPE_WEBHOOK_SECRET are set.
+    #[arg(long, env = "TOLLGATE_CREDIT_PACKS", value_name = "PACKS", default_value = tollgate_server::config::DEFAULT_CREDIT_PACKS)]
+    credit_packs: String,
+    /// Where Stripe's API is (a local Stripe-protocol server in tests).
+    #[arg(
+        long,
+        env = "TOLLGATE_STRIPE_API_BASE",
+        value_name = "URL",
+        default_value = "https://api.stripe.com"
+    )]
+    stripe_api_base: String,
     /// Let requests ask for a failure with `Tollgate-Simulate: 429|500|503|panic`
     /// (and a delay with `Tollgate-Simulate-Delay-Ms`), to test clients against a real server.
     #[arg(long, env = "TOLLGATE_SIMULATE_ERRORS")]
@@ -261,6 +273,35 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             return Err(
                 "--backend openai needs TOLLGATE_UPSTREAM_API_KEY in the environment".into(),
             );
+        }
+    }
+    // Stripe's keys are not flags either.
+    let stripe_key = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|k| !k.is_empty())
+            .map(Secret::new)
+    };
+    match (
+        stripe_key("TOLLGATE_STRIPE_SECRET_KEY"),
+        stripe_key("TOLLGATE_STRIPE_WEBHOOK_SECRET"),
+    ) {
+        (Some(secret_key), Some(webhook_secret)) => {
+            config.billing = Some(tollgate_server::config::BillingConfig {
+                secret_key,
+                webhook_secret,
+                api_base: tollgate_server::config::parse_public_url(&args.stripe_api_base)
+                    .map_err(|e| format!("--stripe-api-base: {e}"))?,
+                packs: tollgate_server::config::parse_credit_packs(&args.credit_packs)
+                    .map_err(|e| format!("--credit-packs: {e}"))?,
+            });
+        }
+        (None, None) => {}
+        _ => {
+            return Err(
+                "Stripe needs both TOLLGATE_STRIPE_SECRET_KEY and TOLLGATE_STRIPE_WEBHOOK_SECRET"
+                    .into(),
+            )
         }
     }
     // Not a flag: a flag would show the token to everyone who can list processes.

@@ -189,6 +189,7 @@ mod tests {
             key_id: key.into(),
             account_id: account.into(),
             rate_limit: None,
+            spend_limit: None,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod secrets;
 pub mod service;
 pub mod sessions;
+pub mod stripe;
 pub mod usage;
 pub mod vouchers;
 pub mod waiting;

@@ -34,6 +34,28 @@ pub fn spawn(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) -> JoinHandle<
     })
 }
 
+/// How often credits past their expiry are taken from the balances.
+const EXPIRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs the credit expiry every second until `stop`: what lapsed leaves the balance with an
+/// `expiry` ledger entry. (Charges and balance reads settle an account's due credits themselves,
+/// so a late round never lets lapsed credits be spent or shown.)
+pub fn spawn_credit_expiry(app: Arc<Tollgate>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match app.expire_credits().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(accounts = n, "expired credits left the balances"),
+                Err(e) => tracing::warn!(error = %e, "credit expiry failed; it will run again"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(EXPIRY_EVERY) => {}
+                _ = stop.changed() => break,
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     //! A purge that fails half-way (here: the image store breaks after a few deletions, as a
@@ -115,6 +137,7 @@ mod tests {
             prefix: "tg_purge".into(),
             created_at: now(),
             revoked_at: None,
+            spend_limit: None,
         };
         store.create_account(&account, &key).await.unwrap();
         let root = dir.path().join("images");

@@ -229,6 +229,7 @@ impl Tollgate {
                 account_id: account_id.clone(),
                 key_id: key_id.clone(),
                 rate_limit: self.config.default_rate_limit,
+                spend_limit: None,
             }),
             Viewer::Operator => None,
         }

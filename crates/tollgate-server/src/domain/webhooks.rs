@@ -20,7 +20,9 @@
 use crate::domain::clock::Clock;
 use crate::domain::secrets;
 use crate::error::{Error, Result};
-use crate::store::{DeliveryNext, Store, WebhookAttemptRecord, WebhookDeliveryRecord};
+use crate::store::{
+    AccountEventRecord, DeliveryNext, Store, WebhookAttemptRecord, WebhookDeliveryRecord,
+};
 use futures_util::future::join_all;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use reqwest::Url;
@@ -180,10 +182,15 @@ pub async fn check_url(raw: &str, allow_private: bool) -> std::result::Result<Ta
 
 /// The 400 for a refused URL.
 pub fn invalid_url(refusal: Refusal) -> Error {
+    invalid_url_of("webhook_url", refusal)
+}
+
+/// The 400 of a refused URL in the field `param`.
+pub fn invalid_url_of(param: &str, refusal: Refusal) -> Error {
     Error::invalid(
         ErrorCode::InvalidValue,
-        "webhook_url",
-        format!("`webhook_url` {}.", refusal.0),
+        param,
+        format!("`{param}` {}.", refusal.0),
     )
 }
 
@@ -236,6 +243,16 @@ pub fn spawn(app: Outbox, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
                     continue;
                 }
             };
+            let events = app
+                .store
+                .claim_account_events(app.now(), app.now() + lease, &claim, BATCH)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "webhook sender could not read the account events");
+                    Vec::new()
+                });
+            let sent_events = !events.is_empty();
+            join_all(events.into_iter().map(|e| deliver_event(&app, e, &claim))).await;
             let claimed = app
                 .store
                 .claim_webhook_deliveries(app.now(), app.now() + lease, &claim, BATCH)
@@ -244,6 +261,7 @@ pub fn spawn(app: Outbox, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
                 Ok(batch) if !batch.is_empty() => {
                     join_all(batch.into_iter().map(|d| deliver(&app, d, &claim))).await;
                 }
+                Ok(_) if sent_events => {}
                 Ok(_) => {
                     tokio::select! {
                         _ = app.ready.notified() => {}
@@ -337,6 +355,48 @@ async fn deliver(app: &Outbox, delivery: WebhookDeliveryRecord, claim: &str) {
     }
 }
 
+/// Makes one attempt of a claimed account event (`account.balance_low`) and records it.
+async fn deliver_event(app: &Outbox, event: AccountEventRecord, claim: &str) {
+    let number = event.attempts + 1;
+    let result = match post_signed(
+        app,
+        &event.url,
+        &event.account_id,
+        &event.id,
+        number,
+        event.body.clone().into_bytes(),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(event_id = %event.id, error = %e, "event attempt failed inside the server");
+            AttemptResult::failed("the server could not send it")
+        }
+    };
+    let at = app.now();
+    let next = if result.delivered() {
+        DeliveryNext::Delivered
+    } else if number >= app.attempts {
+        DeliveryNext::GiveUp
+    } else {
+        DeliveryNext::RetryAt(at + retry_delay(number, result.retry_after))
+    };
+    let outcome = match (&result.status, &result.error) {
+        (Some(status), _) => Some(format!("HTTP {status}")),
+        (None, error) => error.clone(),
+    };
+    tracing::info!(event_id = %event.id, event_type = %event.event_type, attempt = number, outcome = ?outcome, next = ?next, "account event attempt");
+    let error = if result.delivered() { None } else { outcome };
+    if let Err(e) = app
+        .store
+        .record_account_event_attempt(&event.id, claim, number, error.as_deref(), next, at)
+        .await
+    {
+        tracing::error!(event_id = %event.id, error = %e, "could not record an event attempt");
+    }
+}
+
 /// The seed's wait before attempt `number + 1`: the receiver's `Retry-After` when it sent a
 /// reasonable one, else `min(1000·2^k, 30000)` ms; plus a jitter in `[0, 1000)` ms either way.
 fn retry_delay(number: u32, retry_after: Option<Duration>) -> Duration {
@@ -363,18 +423,39 @@ async fn attempt(
             "the task expired before its webhook could be delivered",
         ));
     }
-    let target = match check_url(&delivery.url, app.allow_private).await {
-        Ok(target) => target,
-        Err(Refusal(why)) => return Ok(AttemptResult::failed(format!("the URL {why}"))),
-    };
-    let Some(secret) = secret_of(app.store.as_ref(), &delivery.account_id).await? else {
-        return Ok(AttemptResult::failed("the account no longer exists"));
-    };
     // The task as `GET /v1/tasks/{id}` shows it, without the webhook's own bookkeeping: every
     // attempt sends the same task, with image links fresh at the attempt.
     let mut view = crate::domain::service::task_view(&task, app.retention, &app.links, app.now());
     crate::domain::links::absolute(&mut view, &app.link_base);
     let body = serde_json::to_vec(&view).map_err(Error::internal)?;
+    post_signed(
+        app,
+        &delivery.url,
+        &delivery.account_id,
+        &task.id,
+        number,
+        body,
+    )
+    .await
+}
+
+/// One signed POST of `body` to `url`, as the account's deliveries are made: the URL checked
+/// again and its addresses pinned, no redirects, `Tollgate-Signature` under the account's secret.
+async fn post_signed(
+    app: &Outbox,
+    url: &str,
+    account_id: &str,
+    id: &str,
+    number: u32,
+    body: Vec<u8>,
+) -> Result<AttemptResult> {
+    let target = match check_url(url, app.allow_private).await {
+        Ok(target) => target,
+        Err(Refusal(why)) => return Ok(AttemptResult::failed(format!("the URL {why}"))),
+    };
+    let Some(secret) = secret_of(app.store.as_ref(), account_id).await? else {
+        return Ok(AttemptResult::failed("the account no longer exists"));
+    };
     let timestamp = app.now().unix_timestamp();
     let signature = webhook::sign(&secret, timestamp, &body);
 
@@ -397,7 +478,7 @@ async fn attempt(
             concat!("tollgate-webhooks/", env!("CARGO_PKG_VERSION")),
         )
         .header(webhook::SIGNATURE_HEADER, signature)
-        .header(headers::WEBHOOK_ID, &task.id)
+        .header(headers::WEBHOOK_ID, id)
         .header(headers::WEBHOOK_ATTEMPT, number.to_string())
         .body(body)
         .send()

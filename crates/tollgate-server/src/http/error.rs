@@ -323,6 +323,29 @@ impl From<Error> for ErrorReply {
                     top_up_link()
                 ),
             ),
+            Error::KeySpendLimitReached {
+                limit,
+                spent,
+                resets_at,
+            } => ErrorReply::new(
+                code,
+                format!(
+                    "This API key may spend {} credits {}, and has spent {spent}; this request would pass that. {}",
+                    limit.credits,
+                    match limit.period {
+                        tollgate_contract::SpendPeriod::Day => "a day",
+                        tollgate_contract::SpendPeriod::Week => "a week",
+                        tollgate_contract::SpendPeriod::Month => "a month",
+                        tollgate_contract::SpendPeriod::Total => "in all",
+                    },
+                    match resets_at.and_then(|at| {
+                        at.format(&time::format_description::well_known::Rfc3339).ok()
+                    }) {
+                        Some(at) => format!("The limit resets at {at}."),
+                        None => "Ask the operator to raise the key's limit, or use another key.".to_owned(),
+                    }
+                ),
+            ),
             Error::NotFound { what, id } => {
                 ErrorReply::new(code, format!("No {what} with id `{id}` was found. Check the id."))
             }

@@ -27,6 +27,30 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// A JSON body that may be left out: an empty body (or `null`) is `T::default()` (`POST
+/// /admin/accounts/{id}/keys` with or without a spend limit).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| body_read_error(&rejection))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        json_content_type(&headers)?;
+        // `null` says "no body" in JSON.
+        if bytes.trim_ascii() == b"null" {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
 /// A body is read as JSON only when it says it is: `application/json` or another `…/…+json`
 /// type, or no `Content-Type` at all (the one lenience, for the clients that send none). Anything
 /// else (`text/plain`, curl's default `application/x-www-form-urlencoded`) is 415.

@@ -101,6 +101,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             api(get(r::webhook_secret).post(r::rotate_webhook_secret)),
         )
         .route("/v1/vouchers/redeem", api(post(r::redeem_voucher)))
+        .route("/v1/billing/packs", api_get(get(r::credit_packs)))
+        .route("/v1/billing/checkout", api(post(r::checkout)))
+        // Stripe's signature on the raw body is the credential: no key, no account's limit.
+        .route("/webhooks/stripe", post(r::stripe_webhook))
         // The signature is the credential: no API key, no account's rate limit.
         .route("/v1/links/{task_id}/{file}", get(r::linked_image))
         // OpenAI's API has no Idempotency-Key: no idempotency layer (see openai.rs).
@@ -125,6 +129,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/admin/accounts/{id}/credits", admin(post(r::add_credits)))
         .route("/admin/accounts/{id}/ledger", admin(get(r::admin_ledger)))
+        .route(
+            "/admin/accounts/{id}/purchases",
+            admin(get(r::list_purchases)),
+        )
         .route("/admin/keys/{key_id}", admin(delete(r::revoke_key)))
         .route(
             "/admin/vouchers",

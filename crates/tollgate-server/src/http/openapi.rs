@@ -17,6 +17,7 @@ use utoipa::{Modify, OpenApi};
         routes::create_key, routes::list_keys, routes::revoke_key, routes::add_credits, routes::account_ledger,
         routes::admin_ledger, routes::create_voucher, routes::list_vouchers, routes::redeem_voucher,
         routes::webhook_secret, routes::rotate_webhook_secret,
+        routes::credit_packs, routes::checkout, routes::stripe_webhook, routes::list_purchases,
         routes::healthz, routes::readyz, routes::metrics, routes::openapi,
     ),
     modifiers(&Security),
@@ -104,7 +105,41 @@ pub fn document(app: &Tollgate) -> serde_json::Value {
             "code",
             json!({"minLength": 1, "pattern": NOT_BLANK_PATTERN}),
         ),
+        (
+            "LowBalance",
+            "threshold",
+            json!({"minimum": 1, "maximum": MAX_CREDITS}),
+        ),
+        (
+            "LowBalance",
+            "notify_url",
+            json!({"maxLength": webhooks::MAX_URL_CHARS, "pattern": webhooks::URL_PATTERN}),
+        ),
+        (
+            "SpendLimit",
+            "credits",
+            json!({"minimum": 1, "maximum": MAX_CREDITS}),
+        ),
+        (
+            "CheckoutRequest",
+            "pack",
+            json!({"minimum": 1, "maximum": MAX_CREDITS}),
+        ),
     ];
+    // An expiry is for a grant: a correction (a negative amount) takes none.
+    if let Some(credits) = doc
+        .pointer_mut("/components/schemas/AddCreditsRequest")
+        .and_then(Value::as_object_mut)
+    {
+        credits.insert(
+            "if".into(),
+            json!({"properties": {"amount": {"maximum": -1}}, "required": ["amount"]}),
+        );
+        credits.insert(
+            "then".into(),
+            json!({"properties": {"expires_at": {"type": "null"}}}),
+        );
+    }
     for (schema, field, bound) in bounds {
         let property = doc
             .pointer_mut(&format!("/components/schemas/{schema}/properties/{field}"))

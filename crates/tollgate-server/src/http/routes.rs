@@ -1,7 +1,7 @@
 //! Handlers: each takes what the route names, calls one domain method, and shapes the answer.
 
 use super::error::Enveloped;
-use super::extract::JsonBody;
+use super::extract::{JsonBody, OptionalJsonBody};
 use super::middleware::{IdempotencyReservation, IdempotencyStored};
 use super::{wire, AppState};
 use crate::domain::links;
@@ -16,10 +16,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_contract::{
-    Account, AddCreditsRequest, CreateAccountRequest, CreateGenerationRequest,
-    CreateVoucherRequest, CreatedAccount, CreatedKey, CreatedVoucher, ErrorBody, ErrorCode, Health,
-    KeyInfo, LedgerEntry, List, Model, RedeemVoucherRequest, Task, UpdateAccountRequest, Voucher,
-    WebhookSecret,
+    Account, AddCreditsRequest, CheckoutRequest, CheckoutSession, CreateAccountRequest,
+    CreateGenerationRequest, CreateKeyRequest, CreateVoucherRequest, CreatedAccount, CreatedKey,
+    CreatedVoucher, CreditPack, ErrorBody, ErrorCode, Health, KeyInfo, LedgerEntry, List, Model,
+    Purchase, RedeemVoucherRequest, Task, UpdateAccountRequest, Voucher, WebhookSecret,
 };
 
 type AppResult<T> = Result<T, Error>;
@@ -502,9 +502,12 @@ pub async fn update_account(
 }
 
 #[utoipa::path(post, path = "/admin/accounts/{id}/keys", tag = "admin",
+    request_body(content = Option<CreateKeyRequest>, description = "Optional: the key's spend limit"),
     params(("id" = String, Path, description = "acct_…")),
     responses(
         (status = 201, description = "A new key, shown this once", body = CreatedKey),
+        (status = 400, description = "Invalid spend limit", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
     ),
@@ -512,8 +515,97 @@ pub async fn update_account(
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    OptionalJsonBody(request): OptionalJsonBody<CreateKeyRequest>,
 ) -> AppResult<(StatusCode, Json<CreatedKey>)> {
-    Ok((StatusCode::CREATED, Json(state.app.create_key(&id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(state.app.create_key(&id, request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/admin/accounts/{id}/purchases", tag = "admin",
+    params(("id" = String, Path, description = "acct_…")),
+    responses(
+        (status = 200, description = "The account's Stripe purchases, refunds and shortfalls, newest first (extension)", body = List<Purchase>),
+        (status = 401, description = "Missing or invalid admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn list_purchases(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> AppResult<Json<List<Purchase>>> {
+    Ok(Json(state.app.purchases(&id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/billing/packs", tag = "account",
+    responses(
+        (status = 200, description = "The credit packs for sale; empty when the server takes no payments (extension)", body = List<CreditPack>),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn credit_packs(State(state): State<Arc<AppState>>) -> Json<List<CreditPack>> {
+    Json(List {
+        object: "list".to_owned(),
+        data: state.app.credit_packs().to_vec(),
+        has_more: false,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/billing/checkout", tag = "account", request_body = CheckoutRequest,
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+        pattern = "^[!-~]([ -~]*[!-~])?$",
+        description = "A retry with the same key and body gets the same Checkout Session")),
+    responses(
+        (status = 201, description = "A Stripe Checkout Session: send the buyer to `url`", body = CheckoutSession),
+        (status = 400, description = "No such pack", body = ErrorBody),
+        (status = 415, description = "The body is not sent as JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "`billing_not_configured`: this server takes no payments", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Stripe cannot be reached; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn checkout(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    reservation: Option<Extension<IdempotencyReservation>>,
+    JsonBody(request): JsonBody<CheckoutRequest>,
+) -> AppResult<(StatusCode, Json<CheckoutSession>)> {
+    let return_to = format!(
+        "{}{}",
+        wire::link_base(state.app.config()),
+        super::error::TOP_UP_PATH
+    );
+    let key = reservation.as_ref().map(|Extension(r)| r.0.key.as_str());
+    let session = state
+        .app
+        .checkout(&caller, request, &return_to, key)
+        .await?;
+    Ok((StatusCode::CREATED, Json(session)))
+}
+
+#[utoipa::path(post, path = "/webhooks/stripe", tag = "billing",
+    request_body(content = String, description = "A Stripe event, exactly as Stripe signed it"),
+    // Optional in the document: without Stripe configured the route is 404 whatever is sent.
+    params(("Stripe-Signature" = Option<String>, Header, description = "t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">; required when Stripe is configured")),
+    responses(
+        (status = 200, description = "Received (a paid session is credited once, a refund taken back)"),
+        (status = 400, description = "`invalid_signature`: missing, wrong or older than 5 minutes; nothing was done", body = ErrorBody),
+        (status = 404, description = "`billing_not_configured`", body = ErrorBody),
+        (status = 503, description = "The store cannot record it now; Stripe delivers again", body = ErrorBody),
+    ))]
+pub async fn stripe_webhook(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> AppResult<Json<serde_json::Value>> {
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    state.app.stripe_event(signature, &body).await?;
+    Ok(Json(serde_json::json!({"received": true})))
 }
 
 #[utoipa::path(delete, path = "/admin/keys/{key_id}", tag = "admin",

@@ -20,6 +20,7 @@
 //!   delivery attempt is recorded only under the claim that made it.
 
 pub mod engine;
+pub mod money;
 pub mod postgres;
 pub mod rows;
 pub mod sql;
@@ -28,7 +29,7 @@ pub mod sqlite;
 use crate::error::Result;
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use tollgate_contract::{ImageSize, RateLimit, TaskStatus, WebhookState};
+use tollgate_contract::{ImageSize, LowBalance, RateLimit, SpendLimit, TaskStatus, WebhookState};
 
 /// An account row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,10 @@ pub struct AccountRecord {
     /// `None`: the server's default applies.
     pub rate_limit: Option<RateLimit>,
     pub created_at: OffsetDateTime,
+    /// The credits of `credits` that expire (what is left, when), soonest first. Filled by
+    /// `get_account` and `list_accounts`; empty where another statement returned the row.
+    pub expiring: Vec<(u64, OffsetDateTime)>,
+    pub low_balance: Option<LowBalance>,
 }
 
 /// A new account with its opening balance.
@@ -80,14 +85,25 @@ pub struct KeyRecord {
     pub prefix: String,
     pub created_at: OffsetDateTime,
     pub revoked_at: Option<OffsetDateTime>,
+    pub spend_limit: Option<SpendLimit>,
 }
 
-/// What a valid key authenticates: its account and the account's limit.
+/// What a valid key authenticates: its account, the account's limit and the key's spend limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyAuth {
     pub key_id: String,
     pub account_id: String,
     pub rate_limit: Option<RateLimit>,
+    pub spend_limit: Option<SpendLimit>,
+}
+
+/// The spend limit a charge counts against: the key's limit and the period it falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendCap {
+    pub limit: SpendLimit,
+    pub period_start: OffsetDateTime,
+    /// When the period ends (`None` for `total`), for the refusal's message.
+    pub resets_at: Option<OffsetDateTime>,
 }
 
 /// A task row; after the purge it is a tombstone (`purged`, prompt emptied).
@@ -115,6 +131,10 @@ pub struct TaskRecord {
     pub webhook_url: Option<String>,
     /// The catalogue's id of the model the task was sold as; its workers run it.
     pub model: String,
+    /// The key the task was created with.
+    pub key_id: Option<String>,
+    /// At creation only: the key's spend limit the charge counts against.
+    pub spend: Option<SpendCap>,
 }
 
 impl Default for TaskRecord {
@@ -137,6 +157,8 @@ impl Default for TaskRecord {
             runs: 0,
             webhook_url: None,
             model: crate::domain::catalogue::DEFAULT_MODEL.to_owned(),
+            key_id: None,
+            spend: None,
         }
     }
 }
@@ -216,6 +238,73 @@ pub enum DeliveryNext {
     GiveUp,
 }
 
+/// A paid Checkout Session, as Stripe's event tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaidSession {
+    pub session_id: String,
+    pub account_id: String,
+    /// The credits to add when no checkout of this server's made the session (its own record
+    /// of the pack wins otherwise).
+    pub credits: u64,
+    pub amount: u64,
+    pub currency: String,
+    pub payment_intent: Option<String>,
+}
+
+/// What crediting a paid session did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurchaseOutcome {
+    /// Credited now: the account with its new balance.
+    Credited(AccountRecord),
+    /// Credited before (a repeated or concurrent delivery): nothing changed.
+    AlreadyCredited,
+    /// No such account: nothing changed.
+    NoAccount,
+}
+
+/// What a refund took back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundOutcome {
+    pub session_id: String,
+    pub account_id: String,
+    /// Credits taken back now.
+    pub taken: u64,
+    /// Credits the balance no longer had.
+    pub shortfall: u64,
+}
+
+/// A purchase row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurchaseRecord {
+    pub session_id: String,
+    pub account_id: String,
+    pub credits: u64,
+    pub amount: u64,
+    pub currency: String,
+    /// `open` or `paid`.
+    pub state: String,
+    pub payment_intent: Option<String>,
+    pub refunded_amount: u64,
+    pub refunded_credits: u64,
+    pub shortfall: u64,
+    pub created_at: OffsetDateTime,
+    pub paid_at: Option<OffsetDateTime>,
+}
+
+/// An account event waiting in the outbox, claimed for an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountEventRecord {
+    pub id: String,
+    pub account_id: String,
+    pub event_type: String,
+    pub url: String,
+    pub body: String,
+    pub state: WebhookState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at: OffsetDateTime,
+}
+
 /// One change of balance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerEntry {
@@ -227,6 +316,7 @@ pub struct LedgerEntry {
     pub kind: String,
     pub task_id: Option<String>,
     pub note: Option<String>,
+    pub purchase_id: Option<String>,
     pub created_at: OffsetDateTime,
 }
 
@@ -351,14 +441,17 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         name: Option<&str>,
         rate_limit: Option<RateLimit>,
+        low_balance: Option<Option<&LowBalance>>,
     ) -> Result<Option<AccountRecord>>;
     /// Adds `amount` (may be negative, never below zero) with a ledger entry.
     /// `Ok(None)`: no such account; `Err(InvalidRequest)`: the balance would go negative.
+    /// A grant with `expires_at` is a lot that lapses then.
     async fn add_credits(
         &self,
         id: &str,
         amount: i64,
         note: Option<&str>,
+        expires_at: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<Option<AccountRecord>>;
     /// `false` when the account does not exist.
@@ -528,6 +621,59 @@ pub trait Store: Send + Sync + 'static {
     /// Credits spent from `since` on (charges minus refunds) per account id; accounts that
     /// spent nothing may be left out.
     async fn spend_by_account(&self, since: OffsetDateTime) -> Result<Vec<(String, i64)>>;
+
+    // --- money ---
+    /// What the key spent in the period that starts at `period_start`.
+    async fn key_spent(&self, key_id: &str, period_start: OffsetDateTime) -> Result<u64>;
+    /// Expires the account's lots that are due by `now`; the credits expired.
+    async fn expire_account_credits(&self, account_id: &str, now: OffsetDateTime) -> Result<u64>;
+    /// Expires the due lots of up to `limit` accounts; how many accounts had some.
+    async fn expire_credits(&self, now: OffsetDateTime, limit: u32) -> Result<u64>;
+    /// Records a Checkout Session made for an account (not paid yet).
+    async fn open_purchase(&self, purchase: &PurchaseRecord) -> Result<()>;
+    /// Credits a paid session, exactly once however often it is reported.
+    async fn complete_purchase(
+        &self,
+        paid: &PaidSession,
+        now: OffsetDateTime,
+    ) -> Result<PurchaseOutcome>;
+    /// Takes back the credits of a refund of the payment (`refunded` of `amount`, cumulative,
+    /// in the minor unit), as far as the balance allows. `None`: no paid purchase has this
+    /// payment, or this much was refunded already.
+    async fn refund_purchase(
+        &self,
+        payment_intent: &str,
+        refunded: u64,
+        amount: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<RefundOutcome>>;
+    /// The purchases of an account (or of all), newest first.
+    async fn list_purchases(
+        &self,
+        account_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<PurchaseRecord>>;
+    /// Claims due account events, as `claim_webhook_deliveries` claims deliveries.
+    async fn claim_account_events(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+        limit: u32,
+    ) -> Result<Vec<AccountEventRecord>>;
+    /// Records attempt `number` of a claimed event; false when the claim lapsed.
+    async fn record_account_event_attempt(
+        &self,
+        id: &str,
+        claim: &str,
+        number: u32,
+        error: Option<&str>,
+        next: DeliveryNext,
+        at: OffsetDateTime,
+    ) -> Result<bool>;
+    /// The account's events, newest first.
+    async fn account_events(&self, account_id: &str, limit: u32)
+        -> Result<Vec<AccountEventRecord>>;
 }
 
 /// Unix milliseconds, the storage form of time.

@@ -38,6 +38,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "models",
         include_str!("../../migrations/postgres/0004_models.sql"),
     ),
+    (
+        5,
+        "money",
+        include_str!("../../migrations/postgres/0005_money.sql"),
+    ),
 ];
 
 /// PostgreSQL-backed storage.

@@ -42,23 +42,34 @@ columns_for!(sqlx::postgres::PgRow);
 // The columns each mapper reads, as macros so that statements are `concat!`ed at compile time.
 macro_rules! account_columns {
     () => {
-        "id, name, credits, rpm, burst, created_at"
+        "id, name, credits, rpm, burst, created_at, low_balance_threshold, low_balance_url"
     };
 }
 macro_rules! key_columns {
     () => {
-        "id, account_id, key_hash, prefix, created_at, revoked_at"
+        "id, account_id, key_hash, prefix, created_at, revoked_at, spend_limit, spend_period"
     };
 }
 macro_rules! task_columns {
     () => {
         "id, account_id, status, prompt, n, size, seed, cost, created_at, started_at, \
-         completed_at, error_code, error_message, purged, runs, webhook_url, model"
+         completed_at, error_code, error_message, purged, runs, webhook_url, model, key_id"
+    };
+}
+macro_rules! purchase_columns {
+    () => {
+        "session_id, account_id, credits, amount, currency, state, payment_intent, \
+         refunded_amount, refunded_credits, shortfall, created_at, paid_at"
+    };
+}
+macro_rules! account_event_columns {
+    () => {
+        "id, account_id, type, url, body, state, attempts, last_error, created_at"
     };
 }
 macro_rules! ledger_columns {
     () => {
-        "id, account_id, delta, balance_after, kind, task_id, note, created_at"
+        "id, account_id, delta, balance_after, kind, task_id, note, purchase_id, created_at"
     };
 }
 macro_rules! delivery_columns {
@@ -82,8 +93,8 @@ macro_rules! session_columns {
     };
 }
 pub(crate) use {
-    account_columns, attempt_columns, delivery_columns, key_columns, ledger_columns,
-    session_columns, task_columns, voucher_columns,
+    account_columns, account_event_columns, attempt_columns, delivery_columns, key_columns,
+    ledger_columns, purchase_columns, session_columns, task_columns, voucher_columns,
 };
 
 pub(crate) fn unsigned(row: &impl Columns, col: &str) -> Result<u64> {
@@ -115,6 +126,61 @@ pub(crate) fn account(row: &impl Columns) -> Result<AccountRecord> {
         credits: unsigned(row, "credits")?,
         rate_limit: rate_limit_of(row)?,
         created_at: from_millis(row.int("created_at")?),
+        expiring: Vec::new(),
+        low_balance: match (
+            row.opt_int("low_balance_threshold")?,
+            row.opt_text("low_balance_url")?,
+        ) {
+            (Some(threshold), Some(notify_url)) => Some(LowBalance {
+                threshold: u64::try_from(threshold).map_err(Error::internal)?,
+                notify_url,
+            }),
+            _ => None,
+        },
+    })
+}
+
+/// A key's spend limit from its columns.
+pub(crate) fn spend_limit_of(row: &impl Columns) -> Result<Option<SpendLimit>> {
+    Ok(
+        match (row.opt_int("spend_limit")?, row.opt_text("spend_period")?) {
+            (Some(credits), Some(period)) => Some(SpendLimit {
+                credits: u64::try_from(credits).map_err(Error::internal)?,
+                period: period.parse().map_err(Error::internal)?,
+            }),
+            _ => None,
+        },
+    )
+}
+
+pub(crate) fn purchase(row: &impl Columns) -> Result<PurchaseRecord> {
+    Ok(PurchaseRecord {
+        session_id: row.text("session_id")?,
+        account_id: row.text("account_id")?,
+        credits: unsigned(row, "credits")?,
+        amount: unsigned(row, "amount")?,
+        currency: row.text("currency")?,
+        state: row.text("state")?,
+        payment_intent: row.opt_text("payment_intent")?,
+        refunded_amount: unsigned(row, "refunded_amount")?,
+        refunded_credits: unsigned(row, "refunded_credits")?,
+        shortfall: unsigned(row, "shortfall")?,
+        created_at: from_millis(row.int("created_at")?),
+        paid_at: opt_time(row, "paid_at")?,
+    })
+}
+
+pub(crate) fn account_event(row: &impl Columns) -> Result<AccountEventRecord> {
+    Ok(AccountEventRecord {
+        id: row.text("id")?,
+        account_id: row.text("account_id")?,
+        event_type: row.text("type")?,
+        url: row.text("url")?,
+        body: row.text("body")?,
+        state: webhook_state(&row.text("state")?)?,
+        attempts: u32::try_from(row.int("attempts")?).map_err(Error::internal)?,
+        last_error: row.opt_text("last_error")?,
+        created_at: from_millis(row.int("created_at")?),
     })
 }
 
@@ -126,6 +192,7 @@ pub(crate) fn key(row: &impl Columns) -> Result<KeyRecord> {
         prefix: row.text("prefix")?,
         created_at: from_millis(row.int("created_at")?),
         revoked_at: opt_time(row, "revoked_at")?,
+        spend_limit: spend_limit_of(row)?,
     })
 }
 
@@ -148,6 +215,8 @@ pub(crate) fn task(row: &impl Columns) -> Result<TaskRecord> {
         runs: u32::try_from(row.int("runs")?).map_err(Error::internal)?,
         webhook_url: row.opt_text("webhook_url")?,
         model: row.text("model")?,
+        key_id: row.opt_text("key_id")?,
+        spend: None,
     })
 }
 
@@ -231,6 +300,7 @@ pub(crate) fn ledger(row: &impl Columns) -> Result<LedgerEntry> {
         kind: row.text("kind")?,
         task_id: row.opt_text("task_id")?,
         note: row.opt_text("note")?,
+        purchase_id: row.opt_text("purchase_id")?,
         created_at: from_millis(row.int("created_at")?),
     })
 }

@@ -7,9 +7,11 @@
 //! creation is committed (SQLite's group commit in `sqlite.rs`).
 
 use super::engine::{placeholders, q, value_rows, Conn, ConnOf, Engine, Pooled, Stmt, Tx};
+use super::money;
 use super::rows::{
-    self, account_columns, attempt_columns, delivery_columns, key_columns, ledger_columns,
-    out_of_range, session_columns, signed, task_columns, voucher_columns, Columns,
+    self, account_columns, account_event_columns, attempt_columns, delivery_columns, key_columns,
+    ledger_columns, out_of_range, purchase_columns, session_columns, signed, task_columns,
+    voucher_columns, Columns,
 };
 use super::*;
 use crate::error::Error;
@@ -106,14 +108,16 @@ pub(crate) struct Entry<'a> {
     pub kind: &'a str,
     pub task_id: Option<&'a str>,
     pub note: Option<&'a str>,
+    /// The Checkout Session of a purchase or its refund.
+    pub purchase_id: Option<&'a str>,
     pub at: OffsetDateTime,
 }
 
 /// Writes the entry; its id.
 pub(crate) async fn ledger_entry<C: Conn>(conn: &mut C, entry: Entry<'_>) -> Result<i64> {
     let row = q(
-        "INSERT INTO ledger (account_id, delta, balance_after, kind, task_id, note, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        "INSERT INTO ledger (account_id, delta, balance_after, kind, task_id, note, purchase_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
     )
     .bind(entry.account_id)
     .bind(entry.delta)
@@ -121,6 +125,7 @@ pub(crate) async fn ledger_entry<C: Conn>(conn: &mut C, entry: Entry<'_>) -> Res
     .bind(entry.kind)
     .bind(entry.task_id)
     .bind(entry.note)
+    .bind(entry.purchase_id)
     .bind(to_millis(entry.at))
     .fetch_optional(conn)
     .await?;
@@ -143,6 +148,7 @@ async fn refund<C: Conn>(
         .await?
         .ok_or_else(|| Error::internal(format!("refund of task {task_id}: no account")))?
         .int("credits")?;
+    money::uncount_task_spend(conn, task_id, cost).await?;
     ledger_entry(
         conn,
         Entry {
@@ -152,6 +158,7 @@ async fn refund<C: Conn>(
             kind: "refund",
             task_id: Some(task_id),
             note: Some(note),
+            purchase_id: None,
             at,
         },
     )
@@ -189,47 +196,106 @@ async fn enqueue_webhook<C: Conn>(conn: &mut C, task_id: &str, now: OffsetDateTi
 }
 
 /// The guarded charge of `task`: its cost and the balance after it; or, when it changed
-/// nothing, why (the balance does not cover it, or there is no such account). The outer error
-/// is the database's.
+/// nothing, why (the balance does not cover it, the key's spend limit would be passed, or there
+/// is no such account). The outer error is the database's. A refusal leaves everything as it
+/// was (the batch of SQLite's group commit relies on it), apart from credits that expired.
 pub(crate) async fn charge<C: Conn>(
     conn: &mut C,
     task: &TaskRecord,
 ) -> Result<std::result::Result<(i64, i64), Error>> {
     let cost = signed(task.cost)?;
-    // The guarded decrement is the whole of the no-overdraft rule: it either takes the cost from
-    // a balance that covers it, or changes nothing. On PostgreSQL it takes the account's row
-    // lock: concurrent charges on one account queue and each re-checks the balance it finds.
-    let charged = q(
-        "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 RETURNING credits",
-    )
+    // The key's spend limit first, so that undoing it is one counter when the balance refuses.
+    let counted = match (&task.key_id, &task.spend) {
+        (Some(key_id), Some(cap)) => {
+            if !money::count_spend(conn, key_id, cap, cost).await? {
+                let spent = money::spent(conn, key_id, super::to_millis(cap.period_start)).await?;
+                return Ok(Err(Error::KeySpendLimitReached {
+                    limit: cap.limit,
+                    spent,
+                    resets_at: cap.resets_at,
+                }));
+            }
+            Some((key_id, cap))
+        }
+        _ => None,
+    };
+    let charged = guarded_decrement(conn, task, cost).await?;
+    let charged = match charged {
+        Ok(charged) => charged,
+        Err(refused) => {
+            if let Some((key_id, cap)) = counted {
+                money::uncount_spend(conn, key_id, super::to_millis(cap.period_start), cost)
+                    .await?;
+            }
+            return Ok(Err(refused));
+        }
+    };
+    money::alert_low_balance(conn, task, &charged, cost).await?;
+    Ok(Ok((cost, charged.balance)))
+}
+
+/// The decrement itself. The guarded `UPDATE` is the whole of the no-overdraft rule: it either
+/// takes the cost from a balance that covers it, or changes nothing. On PostgreSQL it takes the
+/// account's row lock: concurrent charges on one account queue and each re-checks the balance it
+/// finds. An account with credits that expire takes the second way: what expired leaves first,
+/// then the cost comes from the soonest-expiring credits.
+async fn guarded_decrement<C: Conn>(
+    conn: &mut C,
+    task: &TaskRecord,
+    cost: i64,
+) -> Result<std::result::Result<money::Charged, Error>> {
+    const RETURNS: &str = " RETURNING credits, low_balance_threshold, low_balance_url";
+    let fast = q(format!(
+        "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 \
+         AND lot_credits = 0{RETURNS}"
+    ))
     .bind(cost)
     .bind(&task.account_id)
     .fetch_optional(conn)
     .await?;
-    if let Some(row) = charged {
-        return Ok(Ok((cost, row.int("credits")?)));
+    if let Some(row) = fast {
+        return Ok(Ok(money::Charged::of(&row)?));
     }
-    let current = q("SELECT credits FROM accounts WHERE id = $1")
+    let current = q("SELECT credits, lot_credits FROM accounts WHERE id = $1")
         .bind(&task.account_id)
         .fetch_optional(conn)
         .await?;
-    Ok(Err(match current {
-        Some(row) => Error::InsufficientCredits {
-            cost: task.cost,
-            balance: u64::try_from(row.int("credits")?).unwrap_or(0),
-            priced: None,
-        },
-        None => Error::NotFound {
+    let Some((mut balance, lots)) = current
+        .map(|row| Ok::<_, Error>((row.int("credits")?, row.int("lot_credits")?)))
+        .transpose()?
+    else {
+        return Ok(Err(Error::NotFound {
             what: "account",
             id: task.account_id.clone(),
-        },
+        }));
+    };
+    if lots > 0 {
+        balance -= money::settle_expiry(conn, &task.account_id, task.created_at).await?;
+        let slow = q(format!(
+            "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1{RETURNS}"
+        ))
+        .bind(cost)
+        .bind(&task.account_id)
+        .fetch_optional(conn)
+        .await?;
+        if let Some(row) = slow {
+            let charged = money::Charged::of(&row)?;
+            money::draw_lots(conn, &task.account_id, cost).await?;
+            return Ok(Ok(charged));
+        }
+    }
+    Ok(Err(Error::InsufficientCredits {
+        cost: task.cost,
+        balance: u64::try_from(balance).unwrap_or(0),
+        priced: None,
     }))
 }
 
 /// The columns a new task is inserted with, in [`task_values`]' order, and how many they are.
 pub(crate) const NEW_TASK_COLUMNS: &str =
-    "id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url, model";
-pub(crate) const NEW_TASK_WIDTH: usize = 11;
+    "id, account_id, status, prompt, n, size, seed, cost, created_at, webhook_url, model, key_id, \
+     spend_period_start";
+pub(crate) const NEW_TASK_WIDTH: usize = 13;
 
 /// Binds a new task's values in [`NEW_TASK_COLUMNS`]' order.
 pub(crate) fn task_values<'a>(stmt: Stmt<'a>, task: &'a TaskRecord, cost: i64) -> Stmt<'a> {
@@ -244,6 +310,8 @@ pub(crate) fn task_values<'a>(stmt: Stmt<'a>, task: &'a TaskRecord, cost: i64) -
         .bind(to_millis(task.created_at))
         .bind(&task.webhook_url)
         .bind(&task.model)
+        .bind(&task.key_id)
+        .bind(task.spend.map(|cap| to_millis(cap.period_start)))
 }
 
 /// Charges and inserts one task (and completes its idempotency record) inside a transaction.
@@ -276,6 +344,7 @@ pub(crate) async fn create_one<C: Conn>(
             kind: "charge",
             task_id: Some(&task.id),
             note: None,
+            purchase_id: None,
             at: task.created_at,
         },
     )
@@ -397,6 +466,7 @@ impl<E: Engine> Store for SqlStore<E> {
                     kind: "grant",
                     task_id: None,
                     note: Some("opening balance"),
+                    purchase_id: None,
                     at: account.created_at,
                 },
             )
@@ -409,6 +479,8 @@ impl<E: Engine> Store for SqlStore<E> {
             credits: account.credits,
             rate_limit: account.rate_limit,
             created_at: account.created_at,
+            expiring: Vec::new(),
+            low_balance: None,
         })
     }
 
@@ -423,19 +495,40 @@ impl<E: Engine> Store for SqlStore<E> {
                 .bind(id),
             )
             .await?;
-        row.as_ref().map(rows::account).transpose()
+        let Some(mut account) = row.as_ref().map(rows::account).transpose()? else {
+            return Ok(None);
+        };
+        account.expiring = money::lots_of(&mut *self.reader().await?, id).await?;
+        Ok(Some(account))
     }
 
     async fn list_accounts(&self) -> Result<Vec<AccountRecord>> {
-        self.read_rows(q(concat!(
-            "SELECT ",
-            account_columns!(),
-            " FROM accounts ORDER BY created_at, id"
-        )))
-        .await?
-        .iter()
-        .map(rows::account)
-        .collect()
+        let mut accounts = self
+            .read_rows(q(concat!(
+                "SELECT ",
+                account_columns!(),
+                " FROM accounts ORDER BY created_at, id"
+            )))
+            .await?
+            .iter()
+            .map(rows::account)
+            .collect::<Result<Vec<_>>>()?;
+        let lots = self
+            .read_rows(q(
+                "SELECT account_id, credits, expires_at FROM credit_lots WHERE credits > 0 \
+                 ORDER BY expires_at, id",
+            ))
+            .await?;
+        for lot in &lots {
+            let owner = lot.text("account_id")?;
+            if let Some(account) = accounts.iter_mut().find(|a| a.id == owner) {
+                account.expiring.push((
+                    rows::unsigned(lot, "credits")?,
+                    from_millis(lot.int("expires_at")?),
+                ));
+            }
+        }
+        Ok(accounts)
     }
 
     async fn update_account(
@@ -443,22 +536,35 @@ impl<E: Engine> Store for SqlStore<E> {
         id: &str,
         name: Option<&str>,
         rate_limit: Option<RateLimit>,
+        low_balance: Option<Option<&LowBalance>>,
     ) -> Result<Option<AccountRecord>> {
         let (rpm, burst) = rate_limit_args(rate_limit);
+        // $5: whether to set the alert at all; then its threshold and URL (NULL: off).
+        let alert = low_balance.flatten();
         let row = self
             .write_row(
                 q(concat!(
                     "UPDATE accounts SET name = COALESCE($1, name), rpm = COALESCE($2, rpm), \
-                     burst = COALESCE($3, burst) WHERE id = $4 RETURNING ",
+                     burst = COALESCE($3, burst), \
+                     low_balance_threshold = CASE WHEN $5 = 1 THEN $6 ELSE low_balance_threshold END, \
+                     low_balance_url = CASE WHEN $5 = 1 THEN $7 ELSE low_balance_url END \
+                     WHERE id = $4 RETURNING ",
                     account_columns!()
                 ))
                 .bind(name)
                 .bind(rpm)
                 .bind(burst)
-                .bind(id),
+                .bind(id)
+                .bind(i64::from(low_balance.is_some()))
+                .bind(alert.map(|a| signed(a.threshold)).transpose()?)
+                .bind(alert.map(|a| a.notify_url.as_str())),
             )
             .await?;
-        row.as_ref().map(rows::account).transpose()
+        let Some(mut account) = row.as_ref().map(rows::account).transpose()? else {
+            return Ok(None);
+        };
+        account.expiring = money::lots_of(&mut *self.reader().await?, id).await?;
+        Ok(Some(account))
     }
 
     async fn add_credits(
@@ -466,9 +572,14 @@ impl<E: Engine> Store for SqlStore<E> {
         id: &str,
         amount: i64,
         note: Option<&str>,
+        expires_at: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<Option<AccountRecord>> {
         let mut tx = self.begin().await?;
+        if amount < 0 {
+            // What expired goes first, so a correction is judged on the balance as it is.
+            money::settle_expiry(&mut *tx, id, now).await?;
+        }
         let row = q(concat!(
             "UPDATE accounts SET credits = credits + $1 \
              WHERE id = $2 AND credits + $1 >= 0 AND credits + $1 <= $3 RETURNING ",
@@ -490,7 +601,14 @@ impl<E: Engine> Store for SqlStore<E> {
                 Some(row) => Err(out_of_range(amount, row.int("credits")?)),
             };
         };
-        let account = rows::account(&row)?;
+        let mut account = rows::account(&row)?;
+        drop(row);
+        match expires_at {
+            Some(at) if amount > 0 => money::add_lot(&mut *tx, id, amount, at, now).await?,
+            _ if amount < 0 => money::draw_lots(&mut *tx, id, -amount).await?,
+            _ => {}
+        }
+        account.expiring = money::lots_of(&mut *tx, id).await?;
         let entry = ledger_entry(
             &mut *tx,
             Entry {
@@ -500,6 +618,7 @@ impl<E: Engine> Store for SqlStore<E> {
                 kind: if amount >= 0 { "grant" } else { "adjust" },
                 task_id: None,
                 note,
+                purchase_id: None,
                 at: now,
             },
         )
@@ -524,14 +643,16 @@ impl<E: Engine> Store for SqlStore<E> {
         let inserted = self
             .write(
                 q(
-                    "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at) \
-                   SELECT $1, id, $3, $4, $5 FROM accounts WHERE id = $2",
+                    "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at, spend_limit, spend_period) \
+                   SELECT $1, id, $3, $4, $5, $6, $7 FROM accounts WHERE id = $2",
                 )
                 .bind(&key.id)
                 .bind(&key.account_id)
                 .bind(&key.key_hash)
                 .bind(&key.prefix)
-                .bind(to_millis(key.created_at)),
+                .bind(to_millis(key.created_at))
+                .bind(key.spend_limit.map(|l| signed(l.credits)).transpose()?)
+                .bind(key.spend_limit.map(|l| l.period.as_str())),
             )
             .await?;
         Ok(inserted == 1)
@@ -566,7 +687,7 @@ impl<E: Engine> Store for SqlStore<E> {
     async fn authenticate(&self, key_hash: &str) -> Result<Option<KeyAuth>> {
         let row = self
             .read_row(
-                q("SELECT k.id AS key_id, k.account_id, a.rpm, a.burst FROM api_keys k \
+                q("SELECT k.id AS key_id, k.account_id, a.rpm, a.burst, k.spend_limit, k.spend_period FROM api_keys k \
                    JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = $1 AND k.revoked_at IS NULL")
                 .bind(key_hash),
             )
@@ -576,6 +697,7 @@ impl<E: Engine> Store for SqlStore<E> {
                 key_id: row.text("key_id")?,
                 account_id: row.text("account_id")?,
                 rate_limit: rows::rate_limit_of(&row)?,
+                spend_limit: rows::spend_limit_of(&row)?,
             })
         })
         .transpose()
@@ -1195,6 +1317,9 @@ impl<E: Engine> Store for SqlStore<E> {
         .await?
         .ok_or_else(|| Error::internal("a redeemed voucher's account is gone"))?;
         let account = rows::account(&row)?;
+        if let Some(expires_at) = voucher.expires_at {
+            money::add_lot(&mut *tx, account_id, credits, expires_at, now).await?;
+        }
         let note = rows::voucher_note(&voucher);
         ledger_entry(
             &mut *tx,
@@ -1205,6 +1330,7 @@ impl<E: Engine> Store for SqlStore<E> {
                 kind: "voucher",
                 task_id: None,
                 note: Some(&note),
+                purchase_id: None,
                 at: now,
             },
         )
@@ -1310,6 +1436,330 @@ impl<E: Engine> Store for SqlStore<E> {
         .await?
         .iter()
         .map(|row| Ok((row.text("account_id")?, row.int("spent")?)))
+        .collect()
+    }
+
+    async fn key_spent(&self, key_id: &str, period_start: OffsetDateTime) -> Result<u64> {
+        money::spent(&mut *self.reader().await?, key_id, to_millis(period_start)).await
+    }
+
+    async fn expire_account_credits(&self, account_id: &str, now: OffsetDateTime) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let expired = money::settle_expiry(&mut *tx, account_id, now).await?;
+        tx.commit().await?;
+        Ok(u64::try_from(expired).unwrap_or(0))
+    }
+
+    async fn expire_credits(&self, now: OffsetDateTime, limit: u32) -> Result<u64> {
+        let due = self
+            .read_rows(
+                q("SELECT DISTINCT account_id FROM credit_lots WHERE credits > 0 AND expires_at <= $1 \
+                   LIMIT $2")
+                .bind(to_millis(now))
+                .bind(i64::from(limit)),
+            )
+            .await?;
+        let due = due
+            .iter()
+            .map(|row| row.text("account_id"))
+            .collect::<Result<Vec<_>>>()?;
+        let mut accounts = 0;
+        for account_id in due {
+            if self.expire_account_credits(&account_id, now).await? > 0 {
+                accounts += 1;
+            }
+        }
+        Ok(accounts)
+    }
+
+    async fn open_purchase(&self, purchase: &PurchaseRecord) -> Result<()> {
+        self.write(
+            q("INSERT INTO purchases (session_id, account_id, credits, amount, currency, state, created_at) \
+               VALUES ($1, $2, $3, $4, $5, 'open', $6) ON CONFLICT (session_id) DO NOTHING")
+            .bind(&purchase.session_id)
+            .bind(&purchase.account_id)
+            .bind(signed(purchase.credits)?)
+            .bind(signed(purchase.amount)?)
+            .bind(&purchase.currency)
+            .bind(to_millis(purchase.created_at)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn complete_purchase(
+        &self,
+        paid: &PaidSession,
+        now: OffsetDateTime,
+    ) -> Result<PurchaseOutcome> {
+        let mut tx = self.begin().await?;
+        // A session this server's checkout did not make (an operator's payment link, say) is
+        // recorded from the event; one it made keeps the pack it was sold as.
+        q("INSERT INTO purchases (session_id, account_id, credits, amount, currency, state, created_at) \
+           SELECT $1, id, $3, $4, $5, 'open', $6 FROM accounts WHERE id = $2 \
+           ON CONFLICT (session_id) DO NOTHING")
+        .bind(&paid.session_id)
+        .bind(&paid.account_id)
+        .bind(signed(paid.credits)?)
+        .bind(signed(paid.amount)?)
+        .bind(&paid.currency)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        // The guarded update is the whole of the exactly-once rule: concurrent deliveries of
+        // one session queue on its row, and only the first finds it open.
+        let marked = q(
+            "UPDATE purchases SET state = 'paid', paid_at = $1, payment_intent = COALESCE($2, payment_intent) \
+             WHERE session_id = $3 AND state = 'open' RETURNING account_id, credits",
+        )
+        .bind(to_millis(now))
+        .bind(paid.payment_intent.as_deref())
+        .bind(&paid.session_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(marked) = marked else {
+            let known = q("SELECT state FROM purchases WHERE session_id = $1")
+                .bind(&paid.session_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.rollback().await?;
+            return Ok(if known.is_some() {
+                PurchaseOutcome::AlreadyCredited
+            } else {
+                PurchaseOutcome::NoAccount
+            });
+        };
+        let account_id = marked.text("account_id")?;
+        let credits = marked.int("credits")?;
+        drop(marked);
+        let row = q(concat!(
+            "UPDATE accounts SET credits = credits + $1 WHERE id = $2 AND credits + $1 <= $3 RETURNING ",
+            account_columns!()
+        ))
+        .bind(credits)
+        .bind(account_id.as_str())
+        .bind(signed(tollgate_contract::MAX_CREDITS)?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Err(Error::internal(format!(
+                "purchase {} would take account {account_id} above the largest balance",
+                paid.session_id
+            )));
+        };
+        let account = rows::account(&row)?;
+        drop(row);
+        let note = format!("Stripe Checkout {}", paid.session_id);
+        ledger_entry(
+            &mut *tx,
+            Entry {
+                account_id: &account_id,
+                delta: credits,
+                balance_after: signed(account.credits)?,
+                kind: "purchase",
+                task_id: None,
+                note: Some(&note),
+                purchase_id: Some(&paid.session_id),
+                at: now,
+            },
+        )
+        .await?;
+        // A lost answer to this COMMIT is an error to Stripe, which delivers again: the
+        // guarded update then finds the session paid, or credits it.
+        tx.commit().await?;
+        Ok(PurchaseOutcome::Credited(account))
+    }
+
+    async fn refund_purchase(
+        &self,
+        payment_intent: &str,
+        refunded: u64,
+        amount: u64,
+        now: OffsetDateTime,
+    ) -> Result<Option<RefundOutcome>> {
+        let mut tx = self.begin().await?;
+        // Cumulative, and guarded: a repeated or older event finds this much refunded already.
+        let marked = q("UPDATE purchases SET refunded_amount = $1 \
+             WHERE payment_intent = $2 AND state = 'paid' AND refunded_amount < $1 \
+             RETURNING session_id, account_id, credits, amount, refunded_credits, shortfall")
+        .bind(signed(refunded)?)
+        .bind(payment_intent)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(marked) = marked else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let session_id = marked.text("session_id")?;
+        let account_id = marked.text("account_id")?;
+        let credits = u128::from(rows::unsigned(&marked, "credits")?);
+        let paid = if amount > 0 {
+            amount
+        } else {
+            rows::unsigned(&marked, "amount")?
+        };
+        // The share of the pack the refunded money bought, rounded down.
+        let due = if paid == 0 {
+            credits
+        } else {
+            credits * u128::from(refunded.min(paid)) / u128::from(paid)
+        };
+        let handled = u128::from(rows::unsigned(&marked, "refunded_credits")?)
+            + u128::from(rows::unsigned(&marked, "shortfall")?);
+        let owed = i64::try_from(due.saturating_sub(handled)).map_err(Error::internal)?;
+        drop(marked);
+        money::settle_expiry(&mut *tx, &account_id, now).await?;
+        let balance = q("SELECT credits FROM accounts WHERE id = $1")
+            .bind(account_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::internal("a purchase's account is gone"))?
+            .int("credits")?;
+        let taken = owed.min(balance);
+        let short = owed - taken;
+        if taken > 0 {
+            let after = q(
+                "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 \
+                           RETURNING credits",
+            )
+            .bind(taken)
+            .bind(account_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::internal("a refund's balance moved under its lock"))?
+            .int("credits")?;
+            money::draw_lots(&mut *tx, &account_id, taken).await?;
+            let note = if short > 0 {
+                format!("Stripe refund of {session_id}; {short} credits short")
+            } else {
+                format!("Stripe refund of {session_id}")
+            };
+            ledger_entry(
+                &mut *tx,
+                Entry {
+                    account_id: &account_id,
+                    delta: -taken,
+                    balance_after: after,
+                    kind: "purchase_refund",
+                    task_id: None,
+                    note: Some(&note),
+                    purchase_id: Some(&session_id),
+                    at: now,
+                },
+            )
+            .await?;
+        }
+        q("UPDATE purchases SET refunded_credits = refunded_credits + $1, shortfall = shortfall + $2 \
+           WHERE session_id = $3")
+        .bind(taken)
+        .bind(short)
+        .bind(session_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(RefundOutcome {
+            session_id,
+            account_id,
+            taken: u64::try_from(taken).unwrap_or(0),
+            shortfall: u64::try_from(short).unwrap_or(0),
+        }))
+    }
+
+    async fn list_purchases(
+        &self,
+        account_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<PurchaseRecord>> {
+        self.read_rows(
+            q(concat!(
+                "SELECT ",
+                purchase_columns!(),
+                " FROM purchases WHERE ($1 IS NULL OR account_id = $1) \
+                 ORDER BY created_at DESC, session_id DESC LIMIT $2"
+            ))
+            .bind(account_id)
+            .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(rows::purchase)
+        .collect()
+    }
+
+    async fn claim_account_events(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        claim: &str,
+        limit: u32,
+    ) -> Result<Vec<AccountEventRecord>> {
+        self.write_rows(
+            q(format!(
+                "UPDATE account_events SET claim = $1, next_attempt_at = $2 WHERE id IN \
+                 (SELECT id FROM account_events WHERE state = 'pending' AND next_attempt_at <= $3 \
+                  ORDER BY next_attempt_at LIMIT $4{}) RETURNING {}",
+                E::SKIP_LOCKED,
+                account_event_columns!()
+            ))
+            .bind(claim)
+            .bind(to_millis(lease_until))
+            .bind(to_millis(now))
+            .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(rows::account_event)
+        .collect()
+    }
+
+    async fn record_account_event_attempt(
+        &self,
+        id: &str,
+        claim: &str,
+        number: u32,
+        error: Option<&str>,
+        next: DeliveryNext,
+        at: OffsetDateTime,
+    ) -> Result<bool> {
+        let (state, next_at, delivered_at) = rows::next_columns(next, at);
+        let number = i64::from(number);
+        let recorded = self
+            .write(
+                q(
+                    "UPDATE account_events SET state = $1, attempts = $2, next_attempt_at = $3, \
+                   delivered_at = $4, last_error = $5, claim = NULL \
+                   WHERE id = $6 AND claim = $7 AND state = 'pending' AND attempts = $2 - 1",
+                )
+                .bind(state)
+                .bind(number)
+                .bind(next_at)
+                .bind(delivered_at)
+                .bind(error)
+                .bind(id)
+                .bind(claim),
+            )
+            .await?;
+        Ok(recorded == 1)
+    }
+
+    async fn account_events(
+        &self,
+        account_id: &str,
+        limit: u32,
+    ) -> Result<Vec<AccountEventRecord>> {
+        self.read_rows(
+            q(concat!(
+                "SELECT ",
+                account_event_columns!(),
+                " FROM account_events WHERE account_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+            ))
+            .bind(account_id)
+            .bind(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(rows::account_event)
         .collect()
     }
 }

@@ -42,6 +42,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "models",
         include_str!("../../migrations/sqlite/0004_models.sql"),
     ),
+    (
+        5,
+        "money",
+        include_str!("../../migrations/sqlite/0005_money.sql"),
+    ),
 ];
 
 /// SQLite-backed storage.

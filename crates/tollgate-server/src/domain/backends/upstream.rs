@@ -121,13 +121,47 @@ impl Upstream {
         deadline: Instant,
     ) -> Result<Bytes, BackendError> {
         let body = match body {
-            Some(value) => Some(
+            Some(value) => Some((
+                "application/json",
                 serde_json::to_vec(value)
                     .map(Bytes::from)
                     .map_err(|e| BackendError::Internal(format!("request body: {e}")))?,
-            ),
+            )),
             None => None,
         };
+        self.send_retried(method, url, body, None, label, deadline)
+            .await
+    }
+
+    /// `POST url` with a form-encoded body (Stripe's API) under an `Idempotency-Key`, which
+    /// every retry repeats so the provider acts once.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        form: &[(String, String)],
+        idempotency_key: &str,
+        label: &'static str,
+        deadline: Instant,
+    ) -> Result<Bytes, BackendError> {
+        let body = serde_urlencoded::to_string(form)
+            .map_err(|e| BackendError::Internal(format!("form body: {e}")))?;
+        let body = Some(("application/x-www-form-urlencoded", Bytes::from(body)));
+        let key = HeaderValue::from_str(idempotency_key).map_err(|_| {
+            BackendError::Internal("an idempotency key that is not a header".into())
+        })?;
+        self.send_retried(Method::POST, url, body, Some(key), label, deadline)
+            .await
+    }
+
+    async fn send_retried(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<(&'static str, Bytes)>,
+        idempotency_key: Option<HeaderValue>,
+        label: &'static str,
+        deadline: Instant,
+    ) -> Result<Bytes, BackendError> {
         let target = reqwest::Url::parse(url).map_err(|_| BackendError::Rejected {
             reason: "it answered with a link that is not a URL".to_owned(),
         })?;
@@ -152,10 +186,13 @@ impl Upstream {
                 if let Some(value) = self.authorization.as_ref().filter(|_| authorized) {
                     request = request.header(AUTHORIZATION, value.clone());
                 }
-                if let Some(body) = &body {
+                if let Some((content_type, body)) = &body {
                     request = request
-                        .header(CONTENT_TYPE, "application/json")
+                        .header(CONTENT_TYPE, *content_type)
                         .body(body.clone());
+                }
+                if let Some(key) = &idempotency_key {
+                    request = request.header("Idempotency-Key", key.clone());
                 }
                 let last_error = Arc::clone(&last_error);
                 async move {

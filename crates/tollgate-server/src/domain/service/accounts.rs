@@ -5,11 +5,22 @@ use super::*;
 impl Tollgate {
     /// The caller's own account.
     pub async fn account(&self, account_id: &str) -> Result<Account> {
-        let record = self
+        let mut record = self
             .store
             .get_account(account_id)
             .await?
             .ok_or_else(|| no_account(account_id))?;
+        // Credits past their expiry leave the balance before anyone sees it (the expiry job
+        // may not have come round yet).
+        let now = self.now();
+        if record.expiring.iter().any(|(_, at)| *at <= now) {
+            self.store.expire_account_credits(account_id, now).await?;
+            record = self
+                .store
+                .get_account(account_id)
+                .await?
+                .ok_or_else(|| no_account(account_id))?;
+        }
         Ok(self.account_view(&record))
     }
 
@@ -19,6 +30,15 @@ impl Tollgate {
             name: record.name.clone(),
             credits: record.credits,
             rate_limit: record.rate_limit.unwrap_or(self.config.default_rate_limit),
+            expiring: record
+                .expiring
+                .iter()
+                .map(|(credits, expires_at)| tollgate_contract::ExpiringCredits {
+                    credits: *credits,
+                    expires_at: *expires_at,
+                })
+                .collect(),
+            low_balance: record.low_balance.clone(),
         }
     }
 
@@ -54,7 +74,11 @@ impl Tollgate {
         Ok(())
     }
 
-    pub(super) fn new_key(&self, account_id: &str) -> Result<(KeyRecord, String)> {
+    pub(super) fn new_key(
+        &self,
+        account_id: &str,
+        spend_limit: Option<tollgate_contract::SpendLimit>,
+    ) -> Result<(KeyRecord, String)> {
         let api_key = secrets::new_api_key()?;
         let record = KeyRecord {
             id: secrets::new_id("key")?,
@@ -63,6 +87,7 @@ impl Tollgate {
             prefix: secrets::key_prefix(&api_key),
             created_at: self.now(),
             revoked_at: None,
+            spend_limit,
         };
         Ok((record, api_key))
     }
@@ -86,7 +111,7 @@ impl Tollgate {
             created_at: self.now(),
             webhook_secret: Some(secrets::new_webhook_secret()?),
         };
-        let (key, api_key) = self.new_key(&account.id)?;
+        let (key, api_key) = self.new_key(&account.id, None)?;
         self.disk.ensure_headroom()?;
         let record = self.store.create_account(&account, &key).await?;
         if let Some(cache) = &self.key_cache {
@@ -112,9 +137,17 @@ impl Tollgate {
             Self::validate_name(name)?;
         }
         Self::validate_rate_limit(request.rate_limit)?;
+        if let Some(alert) = &request.low_balance {
+            self.validate_low_balance(alert.as_ref()).await?;
+        }
         let record = self
             .store
-            .update_account(id, request.name.as_deref(), request.rate_limit)
+            .update_account(
+                id,
+                request.name.as_deref(),
+                request.rate_limit,
+                request.low_balance.as_ref().map(Option::as_ref),
+            )
             .await?
             .ok_or_else(|| no_account(id))?;
         if let Some(cache) = &self.key_cache {
@@ -123,9 +156,14 @@ impl Tollgate {
         Ok(self.account_view(&record))
     }
 
-    /// Operator: another key for an account (shown once).
-    pub async fn create_key(&self, account_id: &str) -> Result<CreatedKey> {
-        let (key, api_key) = self.new_key(account_id)?;
+    /// Operator: another key for an account (shown once), with a spend limit if asked.
+    pub async fn create_key(
+        &self,
+        account_id: &str,
+        request: tollgate_contract::CreateKeyRequest,
+    ) -> Result<CreatedKey> {
+        billing::validate_spend_limit(request.spend_limit)?;
+        let (key, api_key) = self.new_key(account_id, request.spend_limit)?;
         self.disk.ensure_headroom()?;
         if !self.store.create_key(&key).await? {
             return Err(no_account(account_id));
@@ -169,6 +207,7 @@ impl Tollgate {
                 kind: e.kind,
                 task_id: e.task_id,
                 note: e.note,
+                purchase_id: e.purchase_id,
                 created_at: e.created_at,
             })
             .collect();
@@ -182,18 +221,16 @@ impl Tollgate {
     /// Operator: the account's keys (never the keys themselves).
     pub async fn list_keys(&self, account_id: &str) -> Result<List<KeyInfo>> {
         self.account(account_id).await?;
-        let data = self
-            .store
-            .list_keys(account_id)
-            .await?
-            .into_iter()
-            .map(|k| KeyInfo {
+        let mut data = Vec::new();
+        for k in self.store.list_keys(account_id).await? {
+            data.push(KeyInfo {
+                spend_limit: self.key_spend(k.spend_limit, &k.id).await?,
                 id: k.id,
                 prefix: k.prefix,
                 created_at: k.created_at,
                 revoked_at: k.revoked_at,
-            })
-            .collect();
+            });
+        }
         Ok(List {
             object: "list".to_owned(),
             data,
@@ -261,6 +298,22 @@ impl Tollgate {
         if let Some(note) = &request.note {
             refuse_nul("note", note)?;
         }
+        if let Some(expires_at) = request.expires_at {
+            if request.amount < 0 {
+                return Err(Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "expires_at",
+                    "`expires_at` is for a grant: a correction (a negative `amount`) takes no expiry.",
+                ));
+            }
+            if expires_at <= self.now() {
+                return Err(Error::invalid(
+                    ErrorCode::InvalidValue,
+                    "expires_at",
+                    "`expires_at` must be in the future.",
+                ));
+            }
+        }
         self.disk.ensure_headroom()?;
         let record = self
             .store
@@ -268,6 +321,7 @@ impl Tollgate {
                 account_id,
                 request.amount,
                 request.note.as_deref(),
+                request.expires_at,
                 self.now(),
             )
             .await?

@@ -32,6 +32,7 @@ impl Tollgate {
             account_id: auth.account_id,
             key_id: auth.key_id,
             rate_limit: auth.rate_limit.unwrap_or(self.config.default_rate_limit),
+            spend_limit: auth.spend_limit,
         })
     }
 

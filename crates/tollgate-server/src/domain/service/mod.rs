@@ -3,6 +3,7 @@
 
 mod accounts;
 mod auth;
+mod billing;
 mod health;
 mod idempotency;
 mod retention;
@@ -49,6 +50,8 @@ pub struct Caller {
     pub key_id: String,
     /// The limit in force for this account.
     pub rate_limit: RateLimit,
+    /// The key's spend limit, when it has one.
+    pub spend_limit: Option<tollgate_contract::SpendLimit>,
 }
 
 /// The domain: accounts, keys, credits, limits and tasks.
@@ -85,6 +88,8 @@ pub struct Tollgate {
     /// requests ended without an answer to keep (the release failed, or the store failed while
     /// reserving and may have committed all the same): the times they were made at.
     abandoned_reservations: dashmap::DashMap<(String, String), Vec<OffsetDateTime>>,
+    /// Stripe Checkout, when the operator sells credit packs.
+    stripe: Option<crate::domain::stripe::Stripe>,
     /// The last readiness probe: when, and what it found (see [`Tollgate::readiness`]).
     last_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), &'static str>)>>,
 }
@@ -164,7 +169,13 @@ impl Tollgate {
             config.image_url_ttl,
         ));
         let disk = DiskSpace::new(config.data_dir.clone(), config.min_free_disk);
+        let stripe = config.billing.clone().and_then(|billing| {
+            crate::domain::stripe::Stripe::new(billing)
+                .map_err(|e| tracing::error!(error = %e, "Stripe is configured wrongly; no payments are taken"))
+                .ok()
+        });
         Tollgate {
+            stripe,
             clock: Arc::new(SystemClock),
             disk,
             last_probe: tokio::sync::Mutex::new(None),

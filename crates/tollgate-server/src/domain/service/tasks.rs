@@ -80,6 +80,10 @@ impl Tollgate {
             created_at: self.now(),
             webhook_url,
             model: spec.id.clone(),
+            key_id: Some(caller.key_id.clone()),
+            spend: caller
+                .spend_limit
+                .map(|limit| billing::spend_cap(limit, self.now())),
             ..TaskRecord::default()
         };
         self.disk.ensure_headroom()?;

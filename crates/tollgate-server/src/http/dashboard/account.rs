@@ -48,6 +48,7 @@ fn caller(page_: &AccountPage, account: &Account) -> Caller {
         account_id: page_.account_id.clone(),
         key_id: page_.key_id.clone(),
         rate_limit: account.rate_limit,
+        spend_limit: None,
     }
 }
 
@@ -485,7 +486,10 @@ pub async fn create_key(
     page_: AccountPage,
     CsrfForm(_form): CsrfForm<super::sign_in::Empty>,
 ) -> Result<Response, Error> {
-    let created = state.app.create_key(&page_.account_id).await?;
+    let created = state
+        .app
+        .create_key(&page_.account_id, Default::default())
+        .await?;
     let markup = keys_page(&state, &page_, None, Some(&created.api_key)).await?;
     Ok(html_response(markup))
 }

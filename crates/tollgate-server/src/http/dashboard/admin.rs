@@ -361,7 +361,14 @@ pub async fn grant(
         .filter(|n| !n.is_empty());
     match state
         .app
-        .add_credits(&id, AddCreditsRequest { amount, note })
+        .add_credits(
+            &id,
+            AddCreditsRequest {
+                amount,
+                note,
+                expires_at: None,
+            },
+        )
         .await
     {
         Ok(account) => Ok(redirect_with_flash(
@@ -388,7 +395,7 @@ pub async fn create_key(
     Path(id): Path<String>,
     CsrfForm(_form): CsrfForm<super::sign_in::Empty>,
 ) -> Result<Response, Error> {
-    let created = state.app.create_key(&id).await?;
+    let created = state.app.create_key(&id, Default::default()).await?;
     let markup = account_page(
         &state,
         &page_,
