@@ -112,6 +112,15 @@ const ZERO_DECIMAL: &[&str] = &[
     "xaf", "xof", "xpf",
 ];
 
+/// How many decimals a price in `currency` has (0 for the currencies without a minor unit).
+pub fn currency_decimals(currency: &str) -> usize {
+    if ZERO_DECIMAL.contains(&currency) {
+        0
+    } else {
+        2
+    }
+}
+
 /// Parses `credits:price:currency,…` (`500:5.00:usd`) into packs, the price in the currency's
 /// minor unit as Stripe takes it.
 pub fn parse_credit_packs(text: &str) -> Result<Vec<tollgate_contract::CreditPack>, String> {

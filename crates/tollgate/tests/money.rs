@@ -814,3 +814,119 @@ async fn expiring_credits_are_shown_and_used_first() {
         assert_eq!(error["param"], param);
     }
 }
+
+#[tokio::test]
+async fn the_dashboard_buys_through_stripe_warns_of_a_low_balance_and_shows_the_operator_the_money()
+{
+    use common::browser::{csrf_of, location, Browser};
+    let (stripe_url, stripe) = fake_stripe().await;
+    let (_tmp, server) = billing_server(&stripe_url, &["--allow-private-webhooks"]);
+    let acct = server.account(3).await;
+    let mut holder = Browser::signed_in(&server, &acct.key, "/dashboard/overview").await;
+    let page = holder.page("/dashboard/credits").await;
+    assert!(page.contains("Buy 500 credits · $5.00"), "{page}");
+    assert!(page.contains("Buy 2,000 credits · $18.00"), "{page}");
+    let csrf = csrf_of(&page);
+    // The Buy button goes on to Stripe's page.
+    let response = holder
+        .post(
+            "/dashboard/credits/checkout",
+            &[("csrf", &csrf), ("pack", "2000")],
+        )
+        .await;
+    assert_eq!(response.status(), 303);
+    let to = location(&response);
+    assert!(
+        to.starts_with("https://checkout.stripe.com/c/pay/cs_test_"),
+        "{to}"
+    );
+    let session = stripe
+        .by_key
+        .lock()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(session["client_reference_id"], acct.id);
+    // Back from Stripe.
+    let page = holder
+        .page("/dashboard/credits?checkout=success&session_id=x")
+        .await;
+    assert!(page.contains("the payment went through"), "{page}");
+    let page = holder.page("/dashboard/credits?checkout=canceled").await;
+    assert!(page.contains("nothing was charged"), "{page}");
+    assert_eq!(
+        deliver_signed(&server, &paid(&session, "pi_dash"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(server.balance(&acct.key).await, 2003);
+
+    // The operator: a key with a spend limit, credits that expire, an alert, the purchase.
+    let mut operator = Browser::signed_in(&server, common::ADMIN_TOKEN, "/dashboard/admin").await;
+    let here = format!("/dashboard/admin/accounts/{}", acct.id);
+    let csrf = csrf_of(&operator.page(&here).await);
+    let response = operator
+        .post(
+            &format!("{here}/keys"),
+            &[
+                ("csrf", &csrf),
+                ("spend_limit", "25"),
+                ("spend_period", "week"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let limited = server
+        .keys(&acct.id)
+        .await
+        .into_iter()
+        .find(|k| !k["spend_limit"].is_null())
+        .expect("a limited key");
+    assert_eq!(limited["spend_limit"]["credits"], 25);
+    assert_eq!(limited["spend_limit"]["period"], "week");
+    let response = operator
+        .post(
+            &format!("{here}/credits"),
+            &[("csrf", &csrf), ("amount", "10"), ("expires", "2099-12-31")],
+        )
+        .await;
+    assert_eq!(response.status(), 303);
+    let account = server.get_json(&acct.key, "/v1/account").await;
+    assert_eq!(
+        account["expiring"],
+        json!([{"credits": 10, "expires_at": "2100-01-01T00:00:00Z"}])
+    );
+    let (url, _got) = receiver().await;
+    let response = operator
+        .post(
+            &format!("{here}/low-balance"),
+            &[("csrf", &csrf), ("threshold", "5000"), ("notify_url", &url)],
+        )
+        .await;
+    assert_eq!(response.status(), 303);
+    let page = operator.page(&here).await;
+    assert!(page.contains("Low-balance alert saved."), "{page}");
+    assert!(
+        page.contains(&session["id"].as_str().unwrap().to_owned()),
+        "{page}"
+    );
+    assert!(page.contains("id=\"purchases\""), "{page}");
+    // The holder sees the banner (2013 is below 5000) and the key's spend.
+    let page = holder.page("/dashboard/overview").await;
+    assert!(page.contains("below your alert threshold"), "{page}");
+    let page = holder.page("/dashboard/keys").await;
+    assert!(page.contains("0 of 25 credits this week"), "{page}");
+    // Turned off, the banner goes.
+    let response = operator
+        .post(
+            &format!("{here}/low-balance"),
+            &[("csrf", &csrf), ("threshold", ""), ("notify_url", "")],
+        )
+        .await;
+    assert_eq!(response.status(), 303);
+    let page = holder.page("/dashboard/overview").await;
+    assert!(!page.contains("below your alert threshold"), "{page}");
+}

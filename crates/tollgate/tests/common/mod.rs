@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+pub mod browser;
+
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// A test that cannot run here (a service is missing): fails when `CI` is set; otherwise says so

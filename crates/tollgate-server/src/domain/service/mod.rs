@@ -454,6 +454,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn credits_lapse_at_their_expiry_on_the_clock_and_are_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, clock) = app(dir.path()).await;
+        let caller = caller(&app, 2).await;
+        let grant = |amount, hours: u64| AddCreditsRequest {
+            amount,
+            note: None,
+            expires_at: Some(app.now() + Duration::from_secs(hours * 3600)),
+        };
+        app.add_credits(&caller.account_id, grant(3, 1))
+            .await
+            .unwrap();
+        app.add_credits(&caller.account_id, grant(4, 2))
+            .await
+            .unwrap();
+        // 1 × 512x512 costs 2: from the credits that expire first.
+        let request = serde_json::from_value(serde_json::json!({"prompt": "a dune"})).unwrap();
+        app.create_generation(&caller, request, None).await.unwrap();
+        let account = app.account(&caller.account_id).await.unwrap();
+        assert_eq!(account.credits, 7);
+        let left: Vec<u64> = account.expiring.iter().map(|e| e.credits).collect();
+        assert_eq!(left, [1, 4]);
+        // An hour on, the first lot's last credit lapses as the balance is read, before any
+        // expiry round.
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(app.account(&caller.account_id).await.unwrap().credits, 6);
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(app.expire_credits().await.unwrap(), 1);
+        let account = app.account(&caller.account_id).await.unwrap();
+        assert_eq!((account.credits, account.expiring.len()), (2, 0));
+        let ledger = app.ledger(&caller.account_id, None, None).await.unwrap();
+        let expired: Vec<i64> = ledger
+            .data
+            .iter()
+            .filter(|e| e.kind == "expiry")
+            .map(|e| e.delta)
+            .collect();
+        assert_eq!(expired, [-4, -1]);
+    }
+
+    #[tokio::test]
     async fn a_dashboard_session_ends_at_its_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let (app, clock) = app(dir.path()).await;

@@ -33,6 +33,20 @@ fn shell<'a>(
     page_: &'a AccountPage,
     flash: Option<Flash>,
 ) -> Shell<'a> {
+    // The low-balance banner, on every page while the balance is under the alert's threshold.
+    let flash = flash.or_else(|| {
+        account
+            .low_balance
+            .as_ref()
+            .filter(|alert| account.credits < alert.threshold)
+            .map(|alert| {
+                Flash::error(format!(
+                    "Your balance ({}) is below your alert threshold of {}: top up credits to keep your tasks running.",
+                    credits(account.credits),
+                    credits(alert.threshold)
+                ))
+            })
+    });
     Shell {
         title,
         nav: Nav::Account,
@@ -176,8 +190,26 @@ fn credits_page(
     code: &str,
 ) -> Markup {
     let models = state.app.models().data;
+    let packs = state.app.credit_packs();
     let body = html! {
         (page_head("Top up credits", Some(html! { "Credits pay for images: each task is charged when it is accepted and refunded if it fails." }), None))
+        @if !packs.is_empty() {
+            section.card #buy {
+                h2 { "Buy credits" }
+                p.muted { "Pay by card with Stripe; the credits are added as soon as the payment is confirmed." }
+                div.row {
+                    @for pack in packs {
+                        form method="post" action="/dashboard/credits/checkout" {
+                            (csrf_field(&page_.session.csrf_token))
+                            input type="hidden" name="pack" value=(pack.credits);
+                            button type="submit" aria-label={ "Buy " (pack.credits) " credits" } {
+                                "Buy " (thousands(pack.credits)) " credits · " (price(pack))
+                            }
+                        }
+                    }
+                }
+            }
+        }
         div.grid.two {
             section.card {
                 h2 { "Redeem a voucher" }
@@ -199,6 +231,9 @@ fn credits_page(
                     div.label { "Balance" }
                     div.value #balance { (thousands(account.credits)) " " small { "credits" } }
                     div.muted.small { "Available for new tasks now" }
+                    @for lot in &account.expiring {
+                        div.small.muted.expiring { (thousands(lot.credits)) " expire " (datetime(lot.expires_at)) }
+                    }
                 }
                 section.card #prices {
                     h2 { "Prices" }
@@ -226,15 +261,92 @@ fn credits_page(
     )
 }
 
-/// `GET /dashboard/credits`: the top-up page the 402 message points to.
+/// A pack's price as people write it: `$5.00`, `18.00 EUR`.
+fn price(pack: &tollgate_contract::CreditPack) -> String {
+    let amount = if crate::config::currency_decimals(&pack.currency) == 0 {
+        pack.amount.to_string()
+    } else {
+        format!("{}.{:02}", pack.amount / 100, pack.amount % 100)
+    };
+    match pack.currency.as_str() {
+        "usd" => format!("${amount}"),
+        "eur" => format!("€{amount}"),
+        "gbp" => format!("£{amount}"),
+        other => format!("{amount} {}", other.to_ascii_uppercase()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CreditsQuery {
+    /// `success` or `canceled`: Stripe sent the buyer back.
+    checkout: Option<String>,
+}
+
+/// `GET /dashboard/credits`: the top-up page the 402 message points to (and where Stripe sends
+/// a buyer back).
 pub async fn credits_form(
     State(state): State<Arc<AppState>>,
     page_: AccountPage,
     headers: HeaderMap,
+    Query(query): Query<CreditsQuery>,
 ) -> Result<Response, Error> {
     let account = state.app.account(&page_.account_id).await?;
-    let markup = credits_page(&state, &account, &page_, read_flash(&headers), "");
+    let returned = match query.checkout.as_deref() {
+        Some("success") => Some(Flash::ok(
+            "Thank you: the payment went through. The credits are added as soon as Stripe confirms it, usually within seconds.",
+        )),
+        Some("canceled") => Some(Flash::error("The checkout was canceled; nothing was charged.")),
+        _ => None,
+    };
+    let flash = read_flash(&headers).or(returned);
+    let markup = credits_page(&state, &account, &page_, flash, "");
     Ok(take_flash(html_response(markup), &headers))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CheckoutForm {
+    // Text: the CSRF wrapper's flattened form reads every field as a string.
+    #[serde(default)]
+    pack: String,
+}
+
+/// `POST /dashboard/credits/checkout`: a Stripe Checkout Session for the pack; the browser goes
+/// on to Stripe's page.
+pub async fn checkout(
+    State(state): State<Arc<AppState>>,
+    page_: AccountPage,
+    headers: HeaderMap,
+    CsrfForm(form): CsrfForm<CheckoutForm>,
+) -> Result<Response, Error> {
+    let account = state.app.account(&page_.account_id).await?;
+    let return_to = format!(
+        "{}{}",
+        crate::http::wire::link_base(state.app.config()),
+        crate::http::error::TOP_UP_PATH
+    );
+    let Ok(pack) = form.pack.trim().parse() else {
+        return Ok(redirect_with_flash(
+            "/dashboard/credits",
+            Flash::error("Choose one of the packs."),
+            &headers,
+        ));
+    };
+    let request = tollgate_contract::CheckoutRequest { pack };
+    match state
+        .app
+        .checkout(&caller(&page_, &account), request, &return_to, None)
+        .await
+    {
+        Ok(session) => Ok(see_other(&session.url)),
+        Err(e) => {
+            let message = user_message(e)?;
+            Ok(redirect_with_flash(
+                "/dashboard/credits",
+                Flash::error(message),
+                &headers,
+            ))
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,7 +520,7 @@ pub fn keys_table(
     html! {
         div.table-wrap {
             table {
-                thead { tr { th { "Key" } th { "Created" } th { "Status" } th.num { "" } } }
+                thead { tr { th { "Key" } th { "Created" } th { "Status" } th { "Spend limit" } th.num { "" } } }
                 tbody {
                     @for key in keys {
                         tr {
@@ -422,6 +534,21 @@ pub fn keys_table(
                                 @match key.revoked_at {
                                     Some(at) => { (badge("revoked", "Revoked")) div.small.muted { (datetime(at)) } }
                                     None => (badge("active", "Active")),
+                                }
+                            }
+                            td.spend {
+                                @match &key.spend_limit {
+                                    Some(limit) => {
+                                        (thousands(limit.spent)) " of " (credits(limit.credits)) " "
+                                        (match limit.period {
+                                            tollgate_contract::SpendPeriod::Day => "today",
+                                            tollgate_contract::SpendPeriod::Week => "this week",
+                                            tollgate_contract::SpendPeriod::Month => "this month",
+                                            tollgate_contract::SpendPeriod::Total => "in all",
+                                        })
+                                        @if let Some(at) = limit.resets_at { div.small.muted { "resets " (datetime(at)) } }
+                                    }
+                                    None => span.muted { "none" },
                                 }
                             }
                             td.num {

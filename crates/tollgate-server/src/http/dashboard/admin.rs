@@ -255,6 +255,7 @@ async fn account_page(
     let keys = app.list_keys(id).await?;
     let days = app.spend_per_day(id, SPEND_DAYS).await?;
     let ledger = app.ledger(id, Some(LEDGER_ROWS), None).await?;
+    let purchases = app.purchases(id).await?.data;
     let csrf = page_.session.csrf_token.as_str();
     let here = format!("/dashboard/admin/accounts/{}", account.id);
     let body = html! {
@@ -267,13 +268,45 @@ async fn account_page(
         div.grid.two {
             div {
                 section.card {
-                    div.card-head { h2 { "API keys" }
-                        form method="post" action={ (here) "/keys" } {
-                            (csrf_field(csrf))
-                            button.secondary type="submit" { "Create a key" }
+                    div.card-head { h2 { "API keys" } }
+                    form.row method="post" action={ (here) "/keys" } {
+                        (csrf_field(csrf))
+                        div.field {
+                            label for="spend_limit" { "Spend limit (optional)" }
+                            input #spend_limit type="number" name="spend_limit" min="1" step="1" placeholder="credits";
                         }
+                        div.field {
+                            label for="spend_period" { "per" }
+                            select #spend_period name="spend_period" {
+                                option value="day" { "day" }
+                                option value="week" { "week" }
+                                option value="month" { "month" }
+                                option value="total" { "in all" }
+                            }
+                        }
+                        button.secondary type="submit" { "Create a key" }
                     }
                     (keys_table(&keys.data, csrf, None, &|key_id| format!("{here}/keys/{key_id}/revoke")))
+                }
+                @if !purchases.is_empty() {
+                    section.card #purchases {
+                        h2 { "Purchases" }
+                        div.table-wrap { table {
+                            thead { tr { th { "When (UTC)" } th { "Checkout" } th.num { "Credits" } th { "Status" } th.num { "Refunded" } th.num { "Shortfall" } } }
+                            tbody { @for p in &purchases { tr {
+                                td { (datetime(p.created_at)) }
+                                td.mono.small { (p.id) }
+                                td.num { (thousands(p.credits)) }
+                                td { (badge(&p.status, &p.status)) }
+                                td.num { (thousands(p.refunded_credits)) }
+                                td.num { @if p.shortfall > 0 { strong { (thousands(p.shortfall)) } } @else { "0" } }
+                            } } }
+                        } }
+                        @let short: u64 = purchases.iter().map(|p| p.shortfall).sum();
+                        @if short > 0 {
+                            p.small { "Refunds took back what the balance had; " strong { (credits(short)) } " had been spent already." }
+                        }
+                    }
                 }
                 section.card {
                     div.card-head { h2 { "Ledger" } span.muted.small { "Latest " (LEDGER_ROWS) " entries" } }
@@ -298,7 +331,30 @@ async fn account_page(
                             label for="note" { "Note (on the ledger)" }
                             input #note type="text" name="note" maxlength="500" placeholder="top-up";
                         }
+                        div.field {
+                            label for="grant_expires" { "Credits expire (optional)" }
+                            input #grant_expires type="date" name="expires";
+                            div.hint { "At the end of that day, UTC; charges use the soonest-expiring credits first." }
+                        }
                         button.wide type="submit" { "Grant credits" }
+                    }
+                }
+                section.card #low-balance {
+                    h2 { "Low-balance alert" }
+                    form method="post" action={ (here) "/low-balance" } {
+                        (csrf_field(csrf))
+                        div.field {
+                            label for="threshold" { "Below (credits)" }
+                            input #threshold type="number" name="threshold" min="1" step="1"
+                                value=[account.low_balance.as_ref().map(|a| a.threshold)];
+                        }
+                        div.field {
+                            label for="notify_url" { "Notify URL" }
+                            input #notify_url type="url" name="notify_url" placeholder="https://…"
+                                value=[account.low_balance.as_ref().map(|a| a.notify_url.as_str())];
+                            div.hint { "One signed account.balance_low event each time a charge crosses it. Empty: off." }
+                        }
+                        button.secondary.wide type="submit" { "Save alert" }
                     }
                 }
             }
@@ -340,6 +396,7 @@ pub struct GrantForm {
     #[serde(default)]
     amount: String,
     note: Option<String>,
+    expires: Option<String>,
 }
 
 /// `POST /dashboard/admin/accounts/{id}/credits`
@@ -359,6 +416,10 @@ pub async fn grant(
         .note
         .map(|n| n.trim().to_owned())
         .filter(|n| !n.is_empty());
+    let expires_at = match end_of_day(form.expires.as_deref().unwrap_or("")) {
+        Ok(at) => at,
+        Err(message) => return Ok(redirect_with_flash(&back, Flash::error(message), &headers)),
+    };
     match state
         .app
         .add_credits(
@@ -366,7 +427,7 @@ pub async fn grant(
             AddCreditsRequest {
                 amount,
                 note,
-                expires_at: None,
+                expires_at,
             },
         )
         .await
@@ -388,14 +449,98 @@ pub async fn grant(
     }
 }
 
+#[derive(Debug, Deserialize)]
+pub struct KeyForm {
+    spend_limit: Option<String>,
+    spend_period: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LowBalanceForm {
+    #[serde(default)]
+    threshold: String,
+    #[serde(default)]
+    notify_url: String,
+}
+
+/// `POST /dashboard/admin/accounts/{id}/low-balance`: sets (or, empty, turns off) the alert.
+pub async fn low_balance(
+    State(state): State<Arc<AppState>>,
+    _page: OperatorPage,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    CsrfForm(form): CsrfForm<LowBalanceForm>,
+) -> Result<Response, Error> {
+    let back = account_path(&id);
+    let alert = if form.threshold.trim().is_empty() && form.notify_url.trim().is_empty() {
+        None
+    } else {
+        match whole_number(&form.threshold, "The threshold").and_then(|n| {
+            u64::try_from(n).map_err(|_| "The threshold must be at least 1.".to_owned())
+        }) {
+            Ok(threshold) => Some(tollgate_contract::LowBalance {
+                threshold,
+                notify_url: form.notify_url.trim().to_owned(),
+            }),
+            Err(message) => return Ok(redirect_with_flash(&back, Flash::error(message), &headers)),
+        }
+    };
+    let on = alert.is_some();
+    let request = tollgate_contract::UpdateAccountRequest {
+        low_balance: Some(alert),
+        ..Default::default()
+    };
+    match state.app.update_account(&id, request).await {
+        Ok(_) => Ok(redirect_with_flash(
+            &back,
+            Flash::ok(if on {
+                "Low-balance alert saved."
+            } else {
+                "Low-balance alert turned off."
+            }),
+            &headers,
+        )),
+        Err(e) => match user_message(e) {
+            Ok(message) => Ok(redirect_with_flash(&back, Flash::error(message), &headers)),
+            Err(e) => Err(e),
+        },
+    }
+}
+
 /// `POST /dashboard/admin/accounts/{id}/keys`: a new key, shown once in the answer.
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
     page_: OperatorPage,
+    headers: HeaderMap,
     Path(id): Path<String>,
-    CsrfForm(_form): CsrfForm<super::sign_in::Empty>,
+    CsrfForm(form): CsrfForm<KeyForm>,
 ) -> Result<Response, Error> {
-    let created = state.app.create_key(&id, Default::default()).await?;
+    let limit = form
+        .spend_limit
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let spend_limit = match limit {
+        None => None,
+        Some(text) => {
+            let period = form.spend_period.as_deref().unwrap_or("day").parse();
+            match (whole_number(text, "The spend limit"), period) {
+                (Ok(credits), Ok(period)) if credits > 0 => Some(tollgate_contract::SpendLimit {
+                    credits: credits.unsigned_abs(),
+                    period,
+                }),
+                _ => {
+                    return Ok(redirect_with_flash(
+                        &account_path(&id),
+                        Flash::error("The spend limit must be a whole number of credits, at least 1, per day, week, month or in all."),
+                        &headers,
+                    ))
+                }
+            }
+        }
+    };
+    let request = tollgate_contract::CreateKeyRequest { spend_limit };
+    let created = state.app.create_key(&id, request).await?;
     let markup = account_page(
         &state,
         &page_,

@@ -106,6 +106,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/dashboard/overview", get(account::overview))
         .route("/dashboard/credits", get(account::credits_form))
         .route("/dashboard/credits/redeem", post(account::redeem))
+        .route("/dashboard/credits/checkout", post(account::checkout))
         .route("/dashboard/tasks", get(account::gallery))
         .route(
             "/dashboard/tasks/{id}/images/{index}",
@@ -120,6 +121,10 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/dashboard/admin/accounts", post(admin::create_account))
         .route("/dashboard/admin/accounts/{id}", get(admin::account))
         .route("/dashboard/admin/accounts/{id}/credits", post(admin::grant))
+        .route(
+            "/dashboard/admin/accounts/{id}/low-balance",
+            post(admin::low_balance),
+        )
         .route(
             "/dashboard/admin/accounts/{id}/keys",
             post(admin::create_key),
