@@ -297,6 +297,17 @@ impl AttemptResult {
     fn delivered(&self) -> bool {
         self.status.is_some_and(|s| (200..300).contains(&s))
     }
+
+    /// What follows attempt `number` of `attempts` (task deliveries and account events alike).
+    fn next(&self, number: u32, attempts: u32, at: OffsetDateTime) -> DeliveryNext {
+        if self.delivered() {
+            DeliveryNext::Delivered
+        } else if number >= attempts {
+            DeliveryNext::GiveUp
+        } else {
+            DeliveryNext::RetryAt(at + retry_delay(number, self.retry_after))
+        }
+    }
 }
 
 /// Makes one attempt of a claimed delivery and records it.
@@ -310,13 +321,7 @@ async fn deliver(app: &Outbox, delivery: WebhookDeliveryRecord, claim: &str) {
         }
     };
     let at = app.now();
-    let next = if result.delivered() {
-        DeliveryNext::Delivered
-    } else if number >= app.attempts {
-        DeliveryNext::GiveUp
-    } else {
-        DeliveryNext::RetryAt(at + retry_delay(number, result.retry_after))
-    };
+    let next = result.next(number, app.attempts, at);
     let outcome = match (&result.status, &result.error) {
         (Some(status), _) => format!("HTTP {status}"),
         (None, Some(error)) => error.clone(),
@@ -375,13 +380,7 @@ async fn deliver_event(app: &Outbox, event: AccountEventRecord, claim: &str) {
         }
     };
     let at = app.now();
-    let next = if result.delivered() {
-        DeliveryNext::Delivered
-    } else if number >= app.attempts {
-        DeliveryNext::GiveUp
-    } else {
-        DeliveryNext::RetryAt(at + retry_delay(number, result.retry_after))
-    };
+    let next = result.next(number, app.attempts, at);
     let outcome = match (&result.status, &result.error) {
         (Some(status), _) => Some(format!("HTTP {status}")),
         (None, error) => error.clone(),
