@@ -41,32 +41,32 @@ export class TollgateAdmin extends BaseClient {
   }
 
   /** `POST /admin/accounts`: the account and its first API key, shown this once (201). */
-  createAccount(body: CreateAccountRequest, options: RequestOptions = {}): Promise<CreatedAccount> {
+  async createAccount(body: CreateAccountRequest, options: RequestOptions = {}): Promise<CreatedAccount> {
     return this.json<CreatedAccount>({ method: "POST", path: "/admin/accounts", body }, options);
   }
 
   /** `GET /admin/accounts`. */
-  listAccounts(params: ListParams = {}, options: RequestOptions = {}): Promise<List<Account>> {
+  async listAccounts(params: ListParams = {}, options: RequestOptions = {}): Promise<List<Account>> {
     return this.json<List<Account>>({ method: "GET", path: "/admin/accounts", query: { limit: params.limit, after: params.after } }, options);
   }
 
   /** `GET /admin/accounts/{id}`. */
-  getAccount(id: string, options: RequestOptions = {}): Promise<Account> {
+  async getAccount(id: string, options: RequestOptions = {}): Promise<Account> {
     return this.json<Account>({ method: "GET", path: `/admin/accounts/${segment(id, "account id")}` }, options);
   }
 
   /** `PATCH /admin/accounts/{id}` (extension): rename, change the rate limit, set the low-balance alert. */
-  updateAccount(id: string, body: UpdateAccountRequest, options: RequestOptions = {}): Promise<Account> {
+  async updateAccount(id: string, body: UpdateAccountRequest, options: RequestOptions = {}): Promise<Account> {
     return this.json<Account>({ method: "PATCH", path: `/admin/accounts/${segment(id, "account id")}`, body }, options);
   }
 
   /** `POST /admin/accounts/{id}/keys`: a new API key (optionally with a spend limit), shown this once (201). */
-  createKey(accountId: string, body: CreateKeyRequest = {}, options: RequestOptions = {}): Promise<CreatedKey> {
+  async createKey(accountId: string, body: CreateKeyRequest = {}, options: RequestOptions = {}): Promise<CreatedKey> {
     return this.json<CreatedKey>({ method: "POST", path: `/admin/accounts/${segment(accountId, "account id")}/keys`, body }, options);
   }
 
   /** `GET /admin/accounts/{id}/keys` (extension): the account's keys, without the secrets. */
-  listKeys(accountId: string, options: RequestOptions = {}): Promise<List<KeyInfo>> {
+  async listKeys(accountId: string, options: RequestOptions = {}): Promise<List<KeyInfo>> {
     return this.json<List<KeyInfo>>({ method: "GET", path: `/admin/accounts/${segment(accountId, "account id")}/keys` }, options);
   }
 
@@ -76,12 +76,12 @@ export class TollgateAdmin extends BaseClient {
   }
 
   /** `POST /admin/accounts/{id}/credits`: adds (or, negative, corrects) credits; the account with its new balance. */
-  addCredits(accountId: string, body: AddCreditsRequest, options: RequestOptions = {}): Promise<Account> {
+  async addCredits(accountId: string, body: AddCreditsRequest, options: RequestOptions = {}): Promise<Account> {
     return this.json<Account>({ method: "POST", path: `/admin/accounts/${segment(accountId, "account id")}/credits`, body }, options);
   }
 
   /** `GET /admin/accounts/{id}/ledger?limit=&after=`: a page of the account's balance changes, newest first. */
-  ledger(accountId: string, params: ListParams = {}, options: RequestOptions = {}): Promise<List<LedgerEntry>> {
+  async ledger(accountId: string, params: ListParams = {}, options: RequestOptions = {}): Promise<List<LedgerEntry>> {
     return this.json<List<LedgerEntry>>(
       { method: "GET", path: `/admin/accounts/${segment(accountId, "account id")}/ledger`, query: { limit: params.limit, after: params.after } },
       options,
@@ -94,17 +94,17 @@ export class TollgateAdmin extends BaseClient {
   }
 
   /** `GET /admin/accounts/{id}/purchases` (extension): Stripe Checkout purchases and their refunds. */
-  listPurchases(accountId: string, options: RequestOptions = {}): Promise<List<Purchase>> {
+  async listPurchases(accountId: string, options: RequestOptions = {}): Promise<List<Purchase>> {
     return this.json<List<Purchase>>({ method: "GET", path: `/admin/accounts/${segment(accountId, "account id")}/purchases` }, options);
   }
 
   /** `POST /admin/vouchers` (extension): a single-use code worth `credits`, shown this once (201). */
-  createVoucher(body: CreateVoucherRequest, options: RequestOptions = {}): Promise<CreatedVoucher> {
+  async createVoucher(body: CreateVoucherRequest, options: RequestOptions = {}): Promise<CreatedVoucher> {
     return this.json<CreatedVoucher>({ method: "POST", path: "/admin/vouchers", body }, options);
   }
 
   /** `GET /admin/vouchers?limit=` (extension): the latest vouchers, without their codes. */
-  listVouchers(params: { limit?: number } = {}, options: RequestOptions = {}): Promise<List<Voucher>> {
+  async listVouchers(params: { limit?: number } = {}, options: RequestOptions = {}): Promise<List<Voucher>> {
     return this.json<List<Voucher>>({ method: "GET", path: "/admin/vouchers", query: { limit: params.limit } }, options);
   }
 }

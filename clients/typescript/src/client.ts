@@ -97,7 +97,7 @@ export class TollgateClient extends BaseClient {
    * `POST /v1/images/generations`: queues a task and charges its cost (202). Safe to retry:
    * the SDK makes one `Idempotency-Key` for the call and sends it with every attempt.
    */
-  createGeneration(body: CreateGenerationRequest, options: RequestOptions = {}): Promise<Task> {
+  async createGeneration(body: CreateGenerationRequest, options: RequestOptions = {}): Promise<Task> {
     return this.json<Task>({ method: "POST", path: "/v1/images/generations", body }, options);
   }
 
@@ -137,7 +137,7 @@ export class TollgateClient extends BaseClient {
   }
 
   /** `GET /v1/tasks/{id}`; with `wait` (seconds, ≤ 60) the server answers as soon as the task finishes. */
-  getTask(id: string, options: RequestOptions & { wait?: number } = {}): Promise<Task> {
+  async getTask(id: string, options: RequestOptions & { wait?: number } = {}): Promise<Task> {
     const { wait, ...rest } = options;
     return this.json<Task>({ method: "GET", path: `/v1/tasks/${segment(id, "task id")}`, query: { wait } }, rest);
   }
@@ -148,7 +148,7 @@ export class TollgateClient extends BaseClient {
    * less when the attempt timeout or the deadline is shorter), so the end is seen at once with
    * one request per 25 s. Each ask is a call with its own retries.
    */
-  waitForTask(id: string, options: WaitOptions = {}): Promise<Task> {
+  async waitForTask(id: string, options: WaitOptions = {}): Promise<Task> {
     const deadlineAt = this.deadlineFor(options);
     return this.#waitFor(id, { ...options, ...(deadlineAt !== undefined ? { deadlineAt } : {}) });
   }
@@ -187,7 +187,7 @@ export class TollgateClient extends BaseClient {
   }
 
   /** `GET /v1/tasks?limit=&after=`: a page of the account's tasks, newest first. */
-  listTasks(params: ListParams = {}, options: RequestOptions = {}): Promise<List<Task>> {
+  async listTasks(params: ListParams = {}, options: RequestOptions = {}): Promise<List<Task>> {
     return this.json<List<Task>>({ method: "GET", path: "/v1/tasks", query: { limit: params.limit, after: params.after } }, options);
   }
 
@@ -197,7 +197,7 @@ export class TollgateClient extends BaseClient {
   }
 
   /** `POST /v1/tasks/{id}/cancel`: cancels a queued task and refunds it. */
-  cancelTask(id: string, options: RequestOptions = {}): Promise<Task> {
+  async cancelTask(id: string, options: RequestOptions = {}): Promise<Task> {
     return this.json<Task>({ method: "POST", path: `/v1/tasks/${segment(id, "task id")}/cancel` }, options);
   }
 
@@ -213,12 +213,12 @@ export class TollgateClient extends BaseClient {
   }
 
   /** `GET /v1/account`: name, balance, rate limit and expiring credits of the key's account. */
-  account(options: RequestOptions = {}): Promise<Account> {
+  async account(options: RequestOptions = {}): Promise<Account> {
     return this.json<Account>({ method: "GET", path: "/v1/account" }, options);
   }
 
   /** `GET /v1/account/ledger?limit=&after=`: a page of the balance's changes, newest first. */
-  ledger(params: ListParams = {}, options: RequestOptions = {}): Promise<List<LedgerEntry>> {
+  async ledger(params: ListParams = {}, options: RequestOptions = {}): Promise<List<LedgerEntry>> {
     return this.json<List<LedgerEntry>>(
       { method: "GET", path: "/v1/account/ledger", query: { limit: params.limit, after: params.after } },
       options,
@@ -231,42 +231,42 @@ export class TollgateClient extends BaseClient {
   }
 
   /** `GET /v1/models`: the models for sale, with their prices per size and `max_n`. */
-  models(options: RequestOptions = {}): Promise<List<Model>> {
+  async models(options: RequestOptions = {}): Promise<List<Model>> {
     return this.json<List<Model>>({ method: "GET", path: "/v1/models" }, options);
   }
 
   /** `GET /v1/account/webhook-secret` (extension): the secret that signs this account's webhooks. */
-  webhookSecret(options: RequestOptions = {}): Promise<WebhookSecret> {
+  async webhookSecret(options: RequestOptions = {}): Promise<WebhookSecret> {
     return this.json<WebhookSecret>({ method: "GET", path: "/v1/account/webhook-secret" }, options);
   }
 
   /** `POST /v1/account/webhook-secret` (extension): replaces the webhook secret. */
-  rotateWebhookSecret(options: RequestOptions = {}): Promise<WebhookSecret> {
+  async rotateWebhookSecret(options: RequestOptions = {}): Promise<WebhookSecret> {
     return this.json<WebhookSecret>({ method: "POST", path: "/v1/account/webhook-secret" }, options);
   }
 
   /** `POST /v1/vouchers/redeem` (extension): redeems a `tgv_…` code; the account with its new balance. */
-  redeemVoucher(code: string, options: RequestOptions = {}): Promise<Account> {
+  async redeemVoucher(code: string, options: RequestOptions = {}): Promise<Account> {
     return this.json<Account>({ method: "POST", path: "/v1/vouchers/redeem", body: { code } }, options);
   }
 
   /** `GET /v1/billing/packs` (extension): the credit packs for sale. */
-  creditPacks(options: RequestOptions = {}): Promise<List<CreditPack>> {
+  async creditPacks(options: RequestOptions = {}): Promise<List<CreditPack>> {
     return this.json<List<CreditPack>>({ method: "GET", path: "/v1/billing/packs" }, options);
   }
 
   /** `POST /v1/billing/checkout`: a Stripe Checkout session for a credit pack (201). */
-  createCheckout(body: CheckoutRequest, options: RequestOptions = {}): Promise<CheckoutSession> {
+  async createCheckout(body: CheckoutRequest, options: RequestOptions = {}): Promise<CheckoutSession> {
     return this.json<CheckoutSession>({ method: "POST", path: "/v1/billing/checkout", body }, options);
   }
 
   /** `GET /healthz`: `ok`, or `draining` during shutdown. */
-  health(options: RequestOptions = {}): Promise<Health> {
+  async health(options: RequestOptions = {}): Promise<Health> {
     return this.json<Health>({ method: "GET", path: "/healthz" }, options);
   }
 
   /** `GET /readyz`: `ready` while the store can commit (else a 503 `ServiceUnavailableError`). */
-  ready(options: RequestOptions = {}): Promise<Health> {
+  async ready(options: RequestOptions = {}): Promise<Health> {
     return this.json<Health>({ method: "GET", path: "/readyz" }, options);
   }
 }
