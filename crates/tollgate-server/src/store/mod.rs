@@ -20,6 +20,7 @@
 //!   delivery attempt is recorded only under the claim that made it.
 
 pub mod engine;
+mod migrations;
 pub mod money;
 pub mod postgres;
 pub mod rows;
@@ -684,69 +685,4 @@ pub(crate) fn to_millis(t: OffsetDateTime) -> i64 {
 pub(crate) fn from_millis(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-/// A migrator for one engine's embedded migrations.
-fn migrator(migrations: &'static [(i64, &'static str, &'static str)]) -> sqlx::migrate::Migrator {
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
-    use std::borrow::Cow;
-    Migrator {
-        migrations: Cow::Owned(
-            migrations
-                .iter()
-                .map(|(version, name, sql)| {
-                    Migration::new(
-                        *version,
-                        Cow::Borrowed(*name),
-                        MigrationType::Simple,
-                        Cow::Borrowed(*sql),
-                        false,
-                    )
-                })
-                .collect(),
-        ),
-        ..Migrator::DEFAULT
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    /// The migrations each engine embeds are exactly the files of its directory, in order: a new
-    /// file that is not listed (or a listed one that is gone or renamed) fails here, not in production.
-    #[test]
-    fn embedded_migrations_are_the_files_of_their_directory() {
-        for (engine, embedded) in [
-            ("sqlite", super::sqlite::MIGRATIONS),
-            ("postgres", super::postgres::MIGRATIONS),
-        ] {
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations")
-                .join(engine);
-            let mut files: Vec<(i64, String, String)> = std::fs::read_dir(&dir)
-                .unwrap()
-                .map(|entry| {
-                    let path = entry.unwrap().path();
-                    let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
-                    let (version, name) = stem.split_once('_').unwrap();
-                    let sql = std::fs::read_to_string(&path).unwrap();
-                    (version.parse().unwrap(), name.to_owned(), sql)
-                })
-                .collect();
-            files.sort();
-            let listed: Vec<(i64, String, String)> = embedded
-                .iter()
-                .map(|(v, n, sql)| (*v, (*n).to_owned(), (*sql).to_owned()))
-                .collect();
-            let names = |m: &[(i64, String, String)]| -> Vec<(i64, String)> {
-                m.iter().map(|(v, n, _)| (*v, n.clone())).collect()
-            };
-            assert_eq!(names(&listed), names(&files), "{engine}");
-            assert_eq!(
-                listed, files,
-                "{engine}: an embedded migration differs from its file"
-            );
-        }
-    }
 }

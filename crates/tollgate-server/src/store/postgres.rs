@@ -17,34 +17,6 @@ use sqlx::Postgres;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "init",
-        include_str!("../../migrations/postgres/0001_init.sql"),
-    ),
-    (
-        2,
-        "dashboard",
-        include_str!("../../migrations/postgres/0002_dashboard.sql"),
-    ),
-    (
-        3,
-        "backends_webhooks",
-        include_str!("../../migrations/postgres/0003_backends_webhooks.sql"),
-    ),
-    (
-        4,
-        "models",
-        include_str!("../../migrations/postgres/0004_models.sql"),
-    ),
-    (
-        5,
-        "money",
-        include_str!("../../migrations/postgres/0005_money.sql"),
-    ),
-];
-
 /// PostgreSQL-backed storage.
 pub type PostgresStore = SqlStore<PostgresEngine>;
 
@@ -122,7 +94,7 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        migrator(MIGRATIONS).run(&pool).await?;
+        migrations::postgres().run(&pool).await?;
         Ok(SqlStore::new(PostgresEngine { pool }))
     }
 

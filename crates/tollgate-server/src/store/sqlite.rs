@@ -21,34 +21,6 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "init",
-        include_str!("../../migrations/sqlite/0001_init.sql"),
-    ),
-    (
-        2,
-        "dashboard",
-        include_str!("../../migrations/sqlite/0002_dashboard.sql"),
-    ),
-    (
-        3,
-        "backends_webhooks",
-        include_str!("../../migrations/sqlite/0003_backends_webhooks.sql"),
-    ),
-    (
-        4,
-        "models",
-        include_str!("../../migrations/sqlite/0004_models.sql"),
-    ),
-    (
-        5,
-        "money",
-        include_str!("../../migrations/sqlite/0005_money.sql"),
-    ),
-];
-
 /// SQLite-backed storage.
 pub type SqliteStore = SqlStore<SqliteEngine>;
 
@@ -123,7 +95,7 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
-        migrator(MIGRATIONS).run(&write).await?;
+        migrations::sqlite().run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
