@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
-use common::TestServer;
+use common::{Call, TestServer};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -162,9 +162,8 @@ async fn images_come_from_the_upstream_with_its_key_and_the_right_request() {
     for index in 0..2 {
         let png = server
             .get(&acct.key, &format!("/v1/tasks/{id}/images/{index}"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         assert_eq!(png.status(), 200);
         assert_eq!(png.bytes().await.unwrap().to_vec(), fake_png(index));
     }

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{expect_error, TestServer, ADMIN_TOKEN};
+use common::{expect_error, Call, TestServer, ADMIN_TOKEN};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use std::os::unix::process::CommandExt;
@@ -237,9 +237,8 @@ async fn api_status(server: &TestServer, key: &str, body: Value) -> reqwest::Res
     server
         .post(key, "/v1/images/generations")
         .json(&body)
-        .send()
+        .call()
         .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -327,7 +326,7 @@ async fn a_key_revoked_in_the_browser_is_refused_by_the_api_at_once() {
     assert!(flash.contains("revoked"), "{flash}");
 
     // At once: the very next API request with it is refused; the other key still works.
-    let response = server.get(second_key, "/v1/account").send().await.unwrap();
+    let response = server.get(second_key, "/v1/account").call().await;
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
     assert_eq!(server.balance(&acct.key).await, 5);
     assert!(browser.text("table").await.contains("Revoked"));

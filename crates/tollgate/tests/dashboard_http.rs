@@ -6,7 +6,7 @@
 mod common;
 
 use common::browser::{csrf_of, location, shown_once, Browser};
-use common::{expect_error, TestServer, ADMIN_TOKEN};
+use common::{expect_error, Call, TestServer, ADMIN_TOKEN};
 use futures_util::future::join_all;
 use reqwest::header::SET_COOKIE;
 use serde_json::{json, Value};
@@ -94,9 +94,8 @@ async fn sign_in_exchanges_the_key_for_a_strict_http_only_cookie() {
         .http
         .get(server.url("/dashboard/sign-in"))
         .header("X-Forwarded-Proto", "https")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let cookie = response
         .headers()
         .get(SET_COOKIE)
@@ -401,17 +400,15 @@ async fn expired_and_unknown_vouchers_are_refused() {
     let response = server
         .post(&acct.key, "/v1/vouchers/redeem")
         .json(&json!({"code": code}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 410, "gone_error", "voucher_expired").await;
 
     let response = server
         .post(&acct.key, "/v1/vouchers/redeem")
         .json(&json!({"code": "tgv_00000000000000000000000000000000"}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 404, "not_found_error", "voucher_not_found").await;
 
     // The page tells the same, in the form (200), keeping what was typed.
@@ -436,9 +433,8 @@ async fn the_402_links_to_the_top_up_page_where_a_voucher_fixes_it() {
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&json!({"prompt": "too big", "size": "1024x1024"}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, error) = expect_error(response, 402, "billing_error", "insufficient_credits").await;
     let link = format!("{}/dashboard/credits", server.base);
     assert!(
@@ -487,9 +483,8 @@ async fn the_402_links_to_the_top_up_page_where_a_voucher_fixes_it() {
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&json!({"prompt": "too big", "size": "1024x1024"}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(response.status(), 202);
     let ledger: Value = server.get_json(&acct.key, "/v1/account/ledger").await;
     assert!(ledger["data"]
@@ -543,7 +538,7 @@ async fn the_operator_manages_accounts_keys_credits_and_vouchers() {
         )
         .await;
     assert_eq!(response.status(), 303);
-    let response = server.get(&key, "/v1/account").send().await.unwrap();
+    let response = server.get(&key, "/v1/account").call().await;
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
 
     // Issue a voucher: the code is on the answer page and nowhere after.
@@ -572,9 +567,8 @@ async fn the_operator_manages_accounts_keys_credits_and_vouchers() {
     let response = server
         .post(&acct.key, "/v1/vouchers/redeem")
         .json(&json!({"code": code}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let account: Value = response.json().await.unwrap();
     assert_eq!(account["credits"], 58);
 
@@ -641,7 +635,7 @@ async fn account_holders_manage_their_own_keys_only() {
     assert_eq!(location(&response), "/dashboard/sign-in");
     let response = browser.get("/dashboard/keys").await;
     assert_eq!(response.status(), 303);
-    let response = server.get(&acct.key, "/v1/account").send().await.unwrap();
+    let response = server.get(&acct.key, "/v1/account").call().await;
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
 }
 
@@ -714,12 +708,7 @@ async fn the_operator_sees_the_models_their_prices_and_a_provider_that_keeps_fai
             .find(|l| l.starts_with(line))
             .map(|l| l.rsplit(' ').next().unwrap().to_owned())
     };
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
+    let metrics = server.http.get(server.url("/metrics")).call().await;
     let text = metrics.text().await.unwrap();
     assert_eq!(
         metric(&text, "tollgate_model_failing{model=\"broken\"}").as_deref(),
@@ -747,9 +736,8 @@ async fn the_operator_sees_the_models_their_prices_and_a_provider_that_keeps_fai
     let text = server
         .http
         .get(server.url("/metrics"))
-        .send()
+        .call()
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

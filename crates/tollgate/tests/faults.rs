@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{expect_error, free_port, skip, unique, TestAccount, TestServer};
+use common::{expect_error, free_port, skip, unique, Call, TestAccount, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -86,7 +86,7 @@ struct Answer {
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Answer {
-    let response = request.send().await.unwrap();
+    let response = request.call().await;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -378,9 +378,8 @@ async fn below_the_free_space_floor_writes_wait_and_reads_go_on() {
     let refused = server
         .post(&acct.key, "/v1/images/generations")
         .json(&json!({"prompt": "while low", "size": "256x256"}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (headers, error) = expect_error(refused, 503, "server_error", "service_unavailable").await;
     assert!(headers.get("retry-after").is_some());
     assert!(
@@ -404,9 +403,8 @@ async fn below_the_free_space_floor_writes_wait_and_reads_go_on() {
     let metrics = server
         .http
         .get(server.url("/metrics"))
-        .send()
+        .call()
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

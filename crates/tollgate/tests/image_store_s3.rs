@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{expect_error, free_port, skip, unique, TestServer};
+use common::{expect_error, free_port, skip, unique, Call, TestServer};
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -160,9 +160,8 @@ async fn two_instances_without_a_shared_disk_serve_each_others_images_from_one_b
         for index in 0..2 {
             let png = server
                 .get(&acct.key, &format!("/v1/tasks/{id}/images/{index}"))
-                .send()
-                .await
-                .unwrap();
+                .call()
+                .await;
             assert_eq!(png.status(), 200);
             assert!(png.bytes().await.unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
         }
@@ -203,9 +202,8 @@ async fn a_bucket_that_stops_answering_is_a_503_and_both_recover_when_it_answers
     moto.pause();
     let response = server
         .get(&acct.key, &format!("/v1/tasks/{before_id}/images/0"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (headers, _) = expect_error(response, 503, "server_error", "service_unavailable").await;
     assert!(headers.contains_key("retry-after"));
     // Accepted and charged (nothing of a create touches the bucket), then it waits in the queue.
@@ -229,9 +227,8 @@ async fn a_bucket_that_stops_answering_is_a_503_and_both_recover_when_it_answers
     for id in [&before_id, &during_id] {
         let png = server
             .get(&acct.key, &format!("/v1/tasks/{id}/images/0"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         assert_eq!(png.status(), 200);
     }
     assert_eq!(

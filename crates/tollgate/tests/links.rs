@@ -9,7 +9,7 @@ mod common;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,9 +24,8 @@ async fn browser_fetch(url: &str) -> reqwest::Response {
         .get(url)
         .header("origin", "https://app.example.com")
         .header("accept", "image/avif,image/webp,image/png,*/*")
-        .send()
+        .call()
         .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -63,9 +62,8 @@ async fn a_link_works_without_the_key_and_any_change_to_it_is_404() {
     let by_link = response.bytes().await.unwrap();
     let by_key = server
         .get(&acct.key, &format!("/v1/tasks/{id}/images/1"))
-        .send()
+        .call()
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
@@ -100,9 +98,8 @@ async fn a_link_works_without_the_key_and_any_change_to_it_is_404() {
     let response = reqwest::Client::new()
         .get(path)
         .bearer_auth(&acct.key)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
 }
 

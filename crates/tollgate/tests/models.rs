@@ -8,7 +8,7 @@ mod common;
 
 use axum::routing::post;
 use axum::Router;
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -81,9 +81,8 @@ async fn each_model_is_sold_at_its_own_prices_and_sizes() {
             server
                 .post(&key, "/v1/images/generations")
                 .json(&body)
-                .send()
+                .call()
                 .await
-                .unwrap()
         }
     };
     let (_, e) = expect_error(

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use common::TestServer;
+use common::{Call, TestServer};
 use futures_util::future::join_all;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -183,7 +183,7 @@ async fn deliver(server: &TestServer, body: &str, signature: Option<String>) -> 
     if let Some(signature) = signature {
         request = request.header("stripe-signature", signature);
     }
-    request.send().await.unwrap()
+    request.call().await
 }
 
 async fn deliver_signed(server: &TestServer, body: &str) -> reqwest::Response {
@@ -222,7 +222,7 @@ async fn checkout(
     if let Some(k) = idempotency {
         request = request.header("idempotency-key", k);
     }
-    request.send().await.unwrap()
+    request.call().await
 }
 
 async fn ledger(server: &TestServer, key: &str) -> Vec<Value> {
@@ -783,9 +783,8 @@ async fn expiring_credits_are_shown_and_used_first() {
     let redeemed = server
         .post(&acct.key, "/v1/vouchers/redeem")
         .json(&json!({"code": voucher["code"]}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(redeemed.status(), 200);
     let account = server.get_json(&acct.key, "/v1/account").await;
     assert_eq!(

@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use common::TestServer;
+use common::{Call, TestServer};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -545,9 +545,8 @@ async fn a_provider_makes_refuses_and_times_out(
                 &acct.key,
                 &format!("/v1/tasks/{}/images/{i}", task["id"].as_str().unwrap()),
             )
-            .send()
+            .call()
             .await
-            .unwrap()
             .bytes()
             .await
             .unwrap();
@@ -750,9 +749,8 @@ async fn cancelling_a_running_task_stops_the_prediction_and_refunds_it() {
     }
     let response = server
         .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(response.status(), 200);
     let canceled: Value = response.json().await.unwrap();
     assert_eq!(canceled["status"], "canceled");

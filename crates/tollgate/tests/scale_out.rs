@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{expect_error, unique, TestServer};
+use common::{expect_error, unique, Call, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -139,9 +139,8 @@ async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
     for i in 0..30 {
         let response = cluster.instances[i % 3]
             .get(&limited.key, "/v1/account")
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         match response.status().as_u16() {
             200 => admitted += 1,
             429 => {
@@ -180,7 +179,7 @@ async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
         204
     );
     for server in [b, c] {
-        let response = server.get(key, "/v1/account").send().await.unwrap();
+        let response = server.get(key, "/v1/account").call().await;
         expect_error(response, 401, "authentication_error", "invalid_api_key").await;
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
@@ -289,7 +288,7 @@ async fn when_redis_goes_away_the_limit_fails_closed_by_default_or_open_if_asked
         assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
         redis.child.kill().unwrap();
         redis.child.wait().unwrap();
-        let response = server.get(&acct.key, "/v1/account").send().await.unwrap();
+        let response = server.get(&acct.key, "/v1/account").call().await;
         assert_eq!(response.status().as_u16(), expect_status, "fail {mode}");
         if expect_status == 503 {
             let (headers, _) =

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{Call, TestServer};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -377,12 +377,7 @@ async fn framing_that_could_smuggle_a_request_never_does() {
         }
     }
     // The server is whole after all of it.
-    let health = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.http.get(server.url("/healthz")).call().await;
     assert_eq!(health.status(), 200);
 }
 
@@ -428,12 +423,7 @@ async fn timeouts_close_what_overstays_and_nothing_else() {
         .ends_with("200 OK"));
 
     // Meanwhile, an ordinary client is answered.
-    let health = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.http.get(server.url("/healthz")).call().await;
     assert_eq!(health.status(), 200);
 
     let waited = silent.closed_within(Duration::from_secs(5)).await;
@@ -533,14 +523,9 @@ async fn idle_sockets_beyond_the_descriptor_limit_lock_nobody_out() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..3 {
-        let health = server
-            .http
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap();
+        let health = server.http.get(server.url("/healthz")).call().await;
         assert_eq!(health.status(), 200);
-        let account = server.get(&acct.key, "/v1/account").send().await.unwrap();
+        let account = server.get(&acct.key, "/v1/account").call().await;
         assert_eq!(account.status(), 200);
     }
     let logs = server
@@ -606,9 +591,8 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_write_timeout() {
     let one = server
         .http
         .get(server.url("/openapi.json"))
-        .send()
+        .call()
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap()
@@ -620,12 +604,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_write_timeout() {
     client.send(request.as_bytes()).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     // Served meanwhile.
-    let health = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.http.get(server.url("/healthz")).call().await;
     assert_eq!(health.status(), 200);
     // Now read: what was written before the stall, then the end of the connection (a reset
     // counts too), well before every answer arrived.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{Call, TestServer};
 use serde_json::{json, Value};
 use std::process::Command;
 
@@ -39,9 +39,8 @@ async fn sigkill_mid_batch_then_restart_finishes_every_accepted_task() {
         assert_eq!(task["status"], "succeeded", "{task}");
         let png = server
             .get(&acct.key, &format!("/v1/tasks/{id}/images/3"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         assert_eq!(png.status(), 200);
     }
     // balance + charges − refunds = what was granted; one charge per task, none twice.

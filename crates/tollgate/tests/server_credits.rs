@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
@@ -78,9 +78,8 @@ async fn cancel_refunds_a_queued_task_once() {
     for _ in 0..2 {
         let response = server
             .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         assert_eq!(response.status(), 200);
         let canceled: Value = response.json().await.unwrap();
         assert_eq!(canceled["status"], "canceled");
@@ -110,9 +109,8 @@ async fn a_finished_task_cannot_be_cancelled_and_keeps_its_charge() {
     assert_eq!(done["status"], "succeeded");
     let response = server
         .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 409, "conflict_error", "task_not_cancelable").await;
     assert_eq!(server.balance(&acct.key).await, 9);
 }
@@ -195,7 +193,7 @@ async fn the_ledger_pages_with_after_on_both_routes() {
                 } else {
                     server.get(&key, &path)
                 };
-                request.send().await.unwrap().json::<Value>().await.unwrap()
+                request.fetch().await
             }
         };
         let first = get(format!("{base}?limit=3")).await;
@@ -214,9 +212,8 @@ async fn the_ledger_pages_with_after_on_both_routes() {
     }
     let bad = server
         .get(&acct.key, "/v1/account/ledger?after=le_1")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, error) = expect_error(bad, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(error["param"], "after");
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{expect_error, TestServer, ADMIN_TOKEN};
+use common::{expect_error, Call, TestServer, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -64,9 +64,8 @@ async fn row_400_invalid_json_missing_field_invalid_value_with_param() {
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&long)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "prompt");
     let (_, e) = expect_error(
@@ -111,18 +110,13 @@ async fn row_400_idempotency_key_reused() {
 async fn row_401_missing_and_invalid_api_key() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
-    let response = server
-        .http
-        .get(server.url("/v1/account"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.http.get(server.url("/v1/account")).call().await;
     let (headers, _) = expect_error(response, 401, "authentication_error", "missing_api_key").await;
     assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
 
     let wrong = format!("{}x", acct.key);
     for key in [wrong.as_str(), "tg_nope", "not-even-a-tollgate-key"] {
-        let response = server.get(key, "/v1/account").send().await.unwrap();
+        let response = server.get(key, "/v1/account").call().await;
         let (headers, _) =
             expect_error(response, 401, "authentication_error", "invalid_api_key").await;
         assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
@@ -131,23 +125,13 @@ async fn row_401_missing_and_invalid_api_key() {
         .http
         .get(server.url("/v1/account"))
         .basic_auth("user", Some("pw"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
     // The operator routes want the admin token, not an API key.
-    let response = server
-        .get(&acct.key, "/admin/accounts")
-        .send()
-        .await
-        .unwrap();
+    let response = server.get(&acct.key, "/admin/accounts").call().await;
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
-    let response = server
-        .http
-        .get(server.url("/admin/accounts"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.http.get(server.url("/admin/accounts")).call().await;
     expect_error(response, 401, "authentication_error", "missing_api_key").await;
 }
 
@@ -158,9 +142,8 @@ async fn row_402_insufficient_credits_creates_and_charges_nothing() {
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&json!({"prompt": "a castle", "n": 1, "size": "1024x1024"}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, e) = expect_error(response, 402, "billing_error", "insufficient_credits").await;
     let message = e["message"].as_str().unwrap();
     assert!(message.contains("costs 4 credits"), "{message}");
@@ -188,9 +171,8 @@ async fn a_402_for_one_credit_says_credit() {
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&json!({"prompt": "a castle", "size": "256x256"}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, e) = expect_error(response, 402, "billing_error", "insufficient_credits").await;
     let message = e["message"].as_str().unwrap();
     assert!(message.contains("costs 1 credit ("), "{message}");
@@ -211,9 +193,8 @@ async fn row_415_a_body_sent_as_anything_but_json_is_refused_and_nothing_is_crea
             .post(&acct.key, "/v1/images/generations")
             .header("content-type", content_type)
             .body(body)
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         let (_, e) = expect_error(
             response,
             415,
@@ -239,7 +220,7 @@ async fn row_415_a_body_sent_as_anything_but_json_is_refused_and_nothing_is_crea
         if let Some(value) = content_type {
             request = request.header("content-type", value);
         }
-        let response = request.send().await.unwrap();
+        let response = request.call().await;
         assert_eq!(response.status(), 202, "{content_type:?}");
     }
     assert_eq!(server.balance(&acct.key).await, 6);
@@ -253,9 +234,8 @@ async fn an_empty_voucher_code_is_an_invalid_value() {
         let response = server
             .post(&acct.key, "/v1/vouchers/redeem")
             .json(&json!({ "code": code }))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
         assert_eq!(e["param"], "code");
     }
@@ -263,9 +243,8 @@ async fn an_empty_voucher_code_is_an_invalid_value() {
     let response = server
         .post(&acct.key, "/v1/vouchers/redeem")
         .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 400, "invalid_request_error", "missing_field").await;
 }
 
@@ -291,9 +270,8 @@ async fn a_whole_number_written_as_a_float_is_that_number_and_a_fraction_is_refu
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&json!({"prompt": "a fraction", "n": 1.5}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "n");
     assert_eq!(server.balance(&acct.key).await, 98);
@@ -306,9 +284,8 @@ async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&json!({"prompt": "before\u{0}after"}))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "prompt");
     assert!(e["message"].as_str().unwrap().contains("NUL"), "{e}");
@@ -349,7 +326,7 @@ async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
         "/v1/tasks/task_%00/images/0",
         "/v1/tasks/task_%00/cancel",
     ] {
-        let response = server.get(&acct.key, path).send().await.unwrap();
+        let response = server.get(&acct.key, path).call().await;
         expect_error(response, 404, "not_found_error", "resource_not_found").await;
     }
     let response = server
@@ -358,9 +335,8 @@ async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
     let response = server
         .get(&acct.key, "/v1/tasks?after=task_%00")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, e) = expect_error(response, 404, "not_found_error", "resource_not_found").await;
     assert_eq!(e["param"], "after");
     assert_eq!(server.balance(&acct.key).await, 100);
@@ -371,14 +347,13 @@ async fn row_404_unknown_endpoint_and_resource_not_found() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
     for path in ["/v2/images", "/", "/v1/tasks/x/y/z"] {
-        let response = server.get(&acct.key, path).send().await.unwrap();
+        let response = server.get(&acct.key, path).call().await;
         expect_error(response, 404, "not_found_error", "unknown_endpoint").await;
     }
     let response = server
         .get(&acct.key, "/v1/tasks/task_000000000000000000000000")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
     let response = server
         .admin(reqwest::Method::GET, "/admin/accounts/acct_nope", None)
@@ -393,12 +368,7 @@ async fn row_404_unknown_endpoint_and_resource_not_found() {
 #[tokio::test]
 async fn row_405_method_not_allowed_with_allow() {
     let (_tmp, server) = TestServer::start(&[]);
-    let response = server
-        .http
-        .put(server.url("/v1/tasks"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.http.put(server.url("/v1/tasks")).call().await;
     let (headers, _) =
         expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
     assert!(headers
@@ -410,9 +380,8 @@ async fn row_405_method_not_allowed_with_allow() {
     let response = server
         .http
         .get(server.url("/v1/images/generations"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (headers, _) =
         expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
     assert_eq!(headers.get("allow").unwrap(), "POST");
@@ -420,9 +389,8 @@ async fn row_405_method_not_allowed_with_allow() {
         .http
         .delete(server.url("/admin/accounts"))
         .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (headers, _) =
         expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
     assert!(headers
@@ -469,9 +437,8 @@ async fn row_409_idempotency_key_in_use_while_the_first_runs() {
         .post(&acct.key, "/v1/images/generations")
         .header("Idempotency-Key", "k-409")
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(replay.status(), 202);
     assert_eq!(replay.headers().get("idempotent-replayed").unwrap(), "true");
     let again: Value = replay.json().await.unwrap();
@@ -487,17 +454,15 @@ async fn row_413_body_too_large() {
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .json(&big)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 413, "invalid_request_error", "body_too_large").await;
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .header("Idempotency-Key", "big")
         .json(&big)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 413, "invalid_request_error", "body_too_large").await;
     assert_eq!(server.balance(&acct.key).await, 10);
 }
@@ -507,7 +472,7 @@ async fn row_429_exact_retry_after_and_ratelimit_headers() {
     let (_tmp, server) = TestServer::start(&[]);
     // One request every 2 s, burst 1: the second is refused for just under 2 s.
     let acct = server.account_with_limit(10, 30, 1).await;
-    let first = server.get(&acct.key, "/v1/account").send().await.unwrap();
+    let first = server.get(&acct.key, "/v1/account").call().await;
     assert_eq!(first.status(), 200);
     assert_eq!(
         first.headers().get("ratelimit-policy").unwrap(),
@@ -518,7 +483,7 @@ async fn row_429_exact_retry_after_and_ratelimit_headers() {
         "\"default\";r=0;t=2"
     );
 
-    let refused = server.get(&acct.key, "/v1/account").send().await.unwrap();
+    let refused = server.get(&acct.key, "/v1/account").call().await;
     let (headers, e) = expect_error(refused, 429, "rate_limit_error", "rate_limit_exceeded").await;
     let retry_after: u64 = headers
         .get("retry-after")
@@ -550,7 +515,7 @@ async fn row_429_exact_retry_after_and_ratelimit_headers() {
 async fn legacy_x_ratelimit_headers_are_sent_only_when_asked_for_and_say_the_same() {
     let (_tmp, plain) = TestServer::start(&[]);
     let acct = plain.account_with_limit(10, 60, 3).await;
-    let response = plain.get(&acct.key, "/v1/account").send().await.unwrap();
+    let response = plain.get(&acct.key, "/v1/account").call().await;
     assert!(response.headers().contains_key("ratelimit"));
     assert!(!response.headers().contains_key("x-ratelimit-limit"));
 
@@ -565,7 +530,7 @@ async fn legacy_x_ratelimit_headers_are_sent_only_when_asked_for_and_say_the_sam
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let response = server.get(&acct.key, "/v1/account").send().await.unwrap();
+        let response = server.get(&acct.key, "/v1/account").call().await;
         assert!(response.headers()["ratelimit"]
             .to_str()
             .unwrap()
@@ -628,9 +593,8 @@ async fn row_500_panic_is_caught_enveloped_and_logged_with_the_request_id() {
         let response = server
             .get(&acct.key, "/v1/account")
             .header("Tollgate-Simulate", simulate)
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         let (_, e) = expect_error(response, 500, "server_error", "internal_error").await;
         let request_id = e["request_id"].as_str().unwrap().to_owned();
         // The log has the cause under the request id; the client saw none of it.
@@ -653,9 +617,8 @@ async fn row_503_simulated_and_on_shutdown_with_retry_after() {
     let response = server
         .get(&acct.key, "/v1/account")
         .header("Tollgate-Simulate", "503")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (headers, _) = expect_error(response, 503, "server_error", "service_unavailable").await;
     assert!(
         headers
@@ -670,9 +633,8 @@ async fn row_503_simulated_and_on_shutdown_with_retry_after() {
     let response = server
         .get(&acct.key, "/v1/account")
         .header("Tollgate-Simulate", "429")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (headers, _) = expect_error(response, 429, "rate_limit_error", "rate_limit_exceeded").await;
     assert_eq!(headers.get("retry-after").unwrap(), "1");
 
@@ -714,7 +676,7 @@ async fn every_response_carries_a_request_id_and_incoming_ids_are_kept() {
         "/nope",
         "/v1/account",
     ] {
-        let response = server.http.get(server.url(path)).send().await.unwrap();
+        let response = server.http.get(server.url(path)).call().await;
         let id = response
             .headers()
             .get("x-request-id")
@@ -727,9 +689,8 @@ async fn every_response_carries_a_request_id_and_incoming_ids_are_kept() {
         .http
         .get(server.url("/healthz"))
         .header("X-Request-Id", "trace-abc-123")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(
         response.headers().get("x-request-id").unwrap(),
         "trace-abc-123"
@@ -738,9 +699,8 @@ async fn every_response_carries_a_request_id_and_incoming_ids_are_kept() {
         .http
         .get(server.url("/healthz"))
         .header("X-Request-Id", "bad id with spaces")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_ne!(
         response.headers().get("x-request-id").unwrap(),
         "bad id with spaces"
@@ -756,9 +716,8 @@ async fn simulation_headers_do_nothing_unless_the_operator_turned_them_on() {
             .get(&acct.key, "/v1/account")
             .header("Tollgate-Simulate", value)
             .header("Tollgate-Simulate-Delay-Ms", "5000")
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         assert_eq!(response.status(), 200, "Tollgate-Simulate: {value}");
     }
 }

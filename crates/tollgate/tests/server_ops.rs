@@ -3,38 +3,25 @@
 
 mod common;
 
-use common::TestServer;
+use common::{Call, TestServer};
 use serde_json::{json, Value};
 
 #[tokio::test]
 async fn healthz_and_metrics() {
     let (_tmp, server) = TestServer::start(&[]);
-    let health: Value = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = server.http.get(server.url("/healthz")).fetch().await;
     assert_eq!(health, json!({"status": "ok"}));
 
     let acct = server.account_with_limit(100, 60, 1).await;
     let task = server
         .create_task(&acct.key, json!({"prompt": "metered", "size": "256x256"}))
         .await;
-    let _ = server.get(&acct.key, "/v1/account").send().await.unwrap(); // 429
+    let _ = server.get(&acct.key, "/v1/account").call().await; // 429
     server
         .wait_task(&acct.key, task["id"].as_str().unwrap())
         .await;
 
-    let response = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.http.get(server.url("/metrics")).call().await;
     assert!(response
         .headers()
         .get("content-type")
@@ -70,15 +57,7 @@ async fn healthz_and_metrics() {
 #[tokio::test]
 async fn openapi_documents_every_route_and_error_response() {
     let (_tmp, server) = TestServer::start(&[]);
-    let doc: Value = server
-        .http
-        .get(server.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = server.http.get(server.url("/openapi.json")).fetch().await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let expected: &[(&str, &str, &[&str])] = &[
         (
@@ -193,7 +172,7 @@ async fn openapi_documents_every_route_and_error_response() {
         let request = server
             .http
             .request(method.to_uppercase().parse().unwrap(), url);
-        let response = request.send().await.unwrap();
+        let response = request.call().await;
         assert_ne!(response.status(), 405, "{method} {path}");
         if response.status() == 404 {
             let body: Value = response.json().await.unwrap();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ async fn a_purge_interrupted_between_images_and_tombstones_resumes_on_restart() 
             format!("/v1/tasks/{id}"),
             format!("/v1/tasks/{id}/images/0"),
         ] {
-            let response = server.get(&acct.key, &path).send().await.unwrap();
+            let response = server.get(&acct.key, &path).call().await;
             expect_error(response, 410, "gone_error", "resource_expired").await;
         }
     }
@@ -75,9 +75,8 @@ async fn a_purge_interrupted_between_images_and_tombstones_resumes_on_restart() 
     for id in &ids {
         let response = server
             .get(&acct.key, &format!("/v1/tasks/{id}"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         expect_error(response, 410, "gone_error", "resource_expired").await;
     }
     assert!(ids.iter().all(|id| !images.join(id).exists()));
@@ -110,8 +109,7 @@ async fn images_of_tasks_the_store_does_not_have_are_swept_at_start() {
         .contains("removed the images of tasks the store does not have"));
     let png = server
         .get(&acct.key, &format!("/v1/tasks/{id}/images/0"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(png.status(), 200, "a real task's images stay");
 }

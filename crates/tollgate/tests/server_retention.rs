@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use serde_json::json;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
                 } else {
                     http.post(format!("{base}{path}"))
                 };
-                let response = request.bearer_auth(&key).send().await.unwrap();
+                let response = request.bearer_auth(&key).call().await;
                 let (_, e) = expect_error(response, 410, "gone_error", "resource_expired").await;
                 assert!(e["message"].as_str().unwrap().contains("has expired"));
             }
@@ -60,7 +60,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     check(&server, acct.key.clone()).await;
     let never = "/v1/tasks/task_ffffffffffffffffffffffff";
     expect_error(
-        server.get(&acct.key, never).send().await.unwrap(),
+        server.get(&acct.key, never).call().await,
         404,
         "not_found_error",
         "resource_not_found",
@@ -73,9 +73,8 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     let other = server.account(1).await;
     let response = server
         .get(&other.key, &format!("/v1/tasks/{id}"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
 
     // The purge logs its progress.
@@ -87,7 +86,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     let server = TestServer::start_in(tmp.path(), &[]);
     check(&server, acct.key.clone()).await;
     expect_error(
-        server.get(&acct.key, never).send().await.unwrap(),
+        server.get(&acct.key, never).call().await,
         404,
         "not_found_error",
         "resource_not_found",

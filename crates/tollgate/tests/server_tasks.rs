@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use serde_json::{json, Value};
 
 fn png_size(bytes: &[u8]) -> (u32, u32) {
@@ -40,9 +40,8 @@ async fn a_task_runs_to_real_deterministic_pngs() {
     );
     let response = server
         .get(&acct.key, &format!("/v1/tasks/{id}/images/0"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers().get("content-type").unwrap(), "image/png");
     let first = response.bytes().await.unwrap();
@@ -54,9 +53,8 @@ async fn a_task_runs_to_real_deterministic_pngs() {
     server.wait_task(&acct.key, again_id).await;
     let second = server
         .get(&acct.key, &format!("/v1/tasks/{again_id}/images/0"))
-        .send()
+        .call()
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
@@ -65,9 +63,8 @@ async fn a_task_runs_to_real_deterministic_pngs() {
     for bad in ["2", "x", "-1", "999"] {
         let response = server
             .get(&acct.key, &format!("/v1/tasks/{id}/images/{bad}"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         expect_error(response, 404, "not_found_error", "resource_not_found").await;
     }
     // Without a seed the server picks one and says which.
@@ -106,12 +103,8 @@ async fn listing_is_newest_first_with_a_cursor() {
     assert_eq!(got, ids[..2]);
     let next: Value = server
         .get(&acct.key, &format!("/v1/tasks?limit=2&after={}", got[1]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch()
+        .await;
     let got: Vec<&str> = next["data"]
         .as_array()
         .unwrap()
@@ -121,29 +114,23 @@ async fn listing_is_newest_first_with_a_cursor() {
     assert_eq!(got, ids[2..4]);
     let last: Value = server
         .get(&acct.key, &format!("/v1/tasks?limit=2&after={}", got[1]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch()
+        .await;
     assert_eq!(last["has_more"], false);
     assert_eq!(last["data"].as_array().unwrap().len(), 1);
 
     for query in ["limit=0", "limit=101", "limit=ten"] {
         let response = server
             .get(&acct.key, &format!("/v1/tasks?{query}"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
         assert_eq!(e["param"], "limit");
     }
     let response = server
         .get(&acct.key, "/v1/tasks?after=task_unknown")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     // A well-formed cursor naming nothing: the task it names is not found.
     let (_, e) = expect_error(response, 404, "not_found_error", "resource_not_found").await;
     assert_eq!(e["param"], "after");
@@ -163,22 +150,20 @@ async fn another_accounts_task_is_404_never_403() {
         format!("/v1/tasks/{id}"),
         format!("/v1/tasks/{id}/images/0"),
     ] {
-        let response = server.get(&bob.key, &path).send().await.unwrap();
+        let response = server.get(&bob.key, &path).call().await;
         expect_error(response, 404, "not_found_error", "resource_not_found").await;
     }
     let response = server
         .post(&bob.key, &format!("/v1/tasks/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
     let list: Value = server.get_json(&bob.key, "/v1/tasks").await;
     assert_eq!(list["data"], json!([]));
     let response = server
         .get(&bob.key, &format!("/v1/tasks?after={id}"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
     // Alice still sees it.
     assert_eq!(
@@ -204,7 +189,7 @@ async fn a_revoked_key_is_refused_on_the_very_next_request() {
         )
         .await;
     assert_eq!(response.status(), 204);
-    let response = server.get(second_key, "/v1/account").send().await.unwrap();
+    let response = server.get(second_key, "/v1/account").call().await;
     expect_error(response, 401, "authentication_error", "invalid_api_key").await;
     // The account's other key is untouched.
     assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
@@ -260,9 +245,8 @@ async fn an_idempotent_retry_replays_and_never_charges_twice_even_after_a_restar
         .post(&other.key, "/v1/images/generations")
         .header("Idempotency-Key", "retry-me")
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(response.status(), 202);
     assert_ne!(response.json::<Value>().await.unwrap()["id"], first["id"]);
     // A bad key is a 400 naming the header.
@@ -270,9 +254,8 @@ async fn an_idempotent_retry_replays_and_never_charges_twice_even_after_a_restar
         .post(&acct.key, "/v1/images/generations")
         .header("Idempotency-Key", "x".repeat(256))
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
     assert_eq!(e["param"], "Idempotency-Key");
 }

@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -53,9 +53,8 @@ async fn wait_for(server: &TestServer, key: &str, id: &str, wait: &str) -> (Valu
     let started = Instant::now();
     let response = server
         .get(key, &format!("/v1/tasks/{id}?wait={wait}"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(response.status(), 200);
     (response.json().await.unwrap(), started.elapsed())
 }
@@ -101,12 +100,8 @@ async fn the_long_poll_answers_when_the_task_finishes() {
             let task: Value = reqwest::Client::new()
                 .get(format!("{server_base}/v1/tasks/{id}?wait=30"))
                 .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                .fetch()
+                .await;
             (task, started.elapsed())
         })
     };
@@ -146,9 +141,8 @@ async fn a_cancel_and_a_shutdown_end_the_waits() {
             let response = reqwest::Client::new()
                 .get(format!("{base}/v1/tasks/{id}?wait=50"))
                 .bearer_auth(key)
-                .send()
-                .await
-                .unwrap();
+                .call()
+                .await;
             let status = response.status().as_u16();
             (status, response.json::<Value>().await.unwrap())
         })
@@ -162,9 +156,8 @@ async fn a_cancel_and_a_shutdown_end_the_waits() {
             &acct.key,
             &format!("/v1/tasks/{}/cancel", first["id"].as_str().unwrap()),
         )
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(response.status(), 200);
     let (status, task) = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
@@ -203,9 +196,8 @@ async fn a_bad_wait_is_an_invalid_value_that_names_it() {
     for wait in ["61", "-1", "soon", "NaN", "inf", ""] {
         let response = server
             .get(&acct.key, &format!("/v1/tasks/{id}?wait={wait}"))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
         assert_eq!(e["param"], "wait", "{wait}");
     }
@@ -216,9 +208,8 @@ async fn a_bad_wait_is_an_invalid_value_that_names_it() {
     // An unknown task is still 404, with or without a wait.
     let response = server
         .get(&acct.key, "/v1/tasks/task_000000000000000000000000?wait=5")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     expect_error(response, 404, "not_found_error", "resource_not_found").await;
 }
 

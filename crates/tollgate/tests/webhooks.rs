@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use common::{expect_error, TestServer};
+use common::{expect_error, Call, TestServer};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::process::Command;
@@ -81,11 +81,7 @@ async fn receiver(script: Vec<u16>) -> (String, Arc<Receiver>) {
 }
 
 async fn secret_of(server: &TestServer, key: &str) -> String {
-    let response = server
-        .get(key, "/v1/account/webhook-secret")
-        .send()
-        .await
-        .unwrap();
+    let response = server.get(key, "/v1/account/webhook-secret").call().await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["object"], "webhook_secret");
@@ -101,14 +97,7 @@ async fn secret_of(server: &TestServer, key: &str) -> String {
 async fn wait_webhook(server: &TestServer, key: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let task: Value = server
-            .get(key, &format!("/v1/tasks/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let task: Value = server.get(key, &format!("/v1/tasks/{id}")).fetch().await;
         if task["webhook"]["state"] != "pending" {
             return task;
         }
@@ -283,9 +272,8 @@ async fn private_and_malformed_webhook_urls_are_refused_and_nothing_is_charged()
         let response = server
             .post(&acct.key, "/v1/images/generations")
             .json(&json!({"prompt": "x", "size": "256x256", "webhook_url": url}))
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         let (_, error) =
             expect_error(response, 400, "invalid_request_error", "invalid_value").await;
         assert_eq!(error["param"], "webhook_url", "{url}");
@@ -318,9 +306,8 @@ async fn a_rotated_secret_signs_the_next_deliveries() {
     let old = secret_of(&server, &acct.key).await;
     let rotated = server
         .post(&acct.key, "/v1/account/webhook-secret")
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(rotated.status(), 200);
     let new = rotated.json::<Value>().await.unwrap()["secret"]
         .as_str()
@@ -338,9 +325,8 @@ async fn a_rotated_secret_signs_the_next_deliveries() {
     let id = task["id"].as_str().unwrap();
     let canceled = server
         .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
+        .call()
+        .await;
     assert_eq!(canceled.status(), 200);
     let task = wait_webhook(&server, &acct.key, id).await;
     assert_eq!(task["status"], "canceled");
@@ -374,12 +360,8 @@ async fn a_pending_delivery_survives_a_crash() {
     loop {
         let task: Value = server
             .get(&acct.key, &format!("/v1/tasks/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .fetch()
+            .await;
         if let Some(first) = task["webhook"]["attempts"].get(0) {
             assert_eq!(first["status"], Value::Null);
             assert!(

@@ -368,6 +368,44 @@ pub(crate) async fn get_task<C: Conn>(conn: &mut C, id: &str) -> Result<Option<T
     row.as_ref().map(rows::task).transpose()
 }
 
+/// What an outbox sender asks for: the rows due at `now`, at most `limit`, held for `claim`
+/// until `lease_until`. Task deliveries and account events are claimed and recorded alike.
+struct Due<'a> {
+    now: OffsetDateTime,
+    lease_until: OffsetDateTime,
+    claim: &'a str,
+    limit: u32,
+}
+
+impl<'a> Due<'a> {
+    /// The claim of `table`'s due rows (keyed by `key`), returning `columns`. With SKIP LOCKED
+    /// the senders of several instances take disjoint batches without waiting; on SQLite the
+    /// one writer keeps the select and the update together.
+    fn claim<E: Engine>(&self, table: &str, key: &str, columns: &str) -> Stmt<'a> {
+        q(format!(
+            "UPDATE {table} SET claim = $1, next_attempt_at = $2 WHERE {key} IN \
+             (SELECT {key} FROM {table} WHERE state = 'pending' AND next_attempt_at <= $3 \
+              ORDER BY next_attempt_at LIMIT $4{}) RETURNING {columns}",
+            E::SKIP_LOCKED,
+        ))
+        .bind(self.claim)
+        .bind(to_millis(self.lease_until))
+        .bind(to_millis(self.now))
+        .bind(i64::from(self.limit))
+    }
+}
+
+/// Records an attempt on a claimed outbox row: binds state, attempt number, next attempt,
+/// delivered at, key and claim (and what `extra_set` adds). Nothing changes when the claim
+/// lapsed or another sender recorded this attempt first.
+fn record_attempt(table: &str, key: &str, extra_set: &str) -> Stmt<'static> {
+    q(format!(
+        "UPDATE {table} SET state = $1, attempts = $2, next_attempt_at = $3, delivered_at = $4, \
+         claim = NULL{extra_set} \
+         WHERE {key} = $5 AND claim = $6 AND state = 'pending' AND attempts = $2 - 1"
+    ))
+}
+
 fn rate_limit_args(rate_limit: Option<RateLimit>) -> (Option<i64>, Option<i64>) {
     (
         rate_limit.map(|r| i64::from(r.requests_per_minute)),
@@ -1051,25 +1089,17 @@ impl<E: Engine> Store for SqlStore<E> {
         claim: &str,
         limit: u32,
     ) -> Result<Vec<WebhookDeliveryRecord>> {
-        // With SKIP LOCKED the senders of several instances take disjoint batches without
-        // waiting; on SQLite the one writer keeps the select and the update together.
-        self.write_rows(
-            q(format!(
-                "UPDATE webhook_deliveries SET claim = $1, next_attempt_at = $2 WHERE task_id IN \
-                 (SELECT task_id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
-                  ORDER BY next_attempt_at LIMIT $4{}) RETURNING {}",
-                E::SKIP_LOCKED,
-                delivery_columns!()
-            ))
-            .bind(claim)
-            .bind(to_millis(lease_until))
-            .bind(to_millis(now))
-            .bind(i64::from(limit)),
-        )
-        .await?
-        .iter()
-        .map(rows::delivery)
-        .collect()
+        let due = Due {
+            now,
+            lease_until,
+            claim,
+            limit,
+        };
+        self.write_rows(due.claim::<E>("webhook_deliveries", "task_id", delivery_columns!()))
+            .await?
+            .iter()
+            .map(rows::delivery)
+            .collect()
     }
 
     async fn record_webhook_attempt(
@@ -1082,19 +1112,15 @@ impl<E: Engine> Store for SqlStore<E> {
         let (state, next_at, delivered_at) = rows::next_columns(next, attempt.at);
         let number = i64::from(attempt.number);
         let mut tx = self.begin().await?;
-        let recorded = q(
-            "UPDATE webhook_deliveries SET state = $1, attempts = $2, next_attempt_at = $3, \
-             delivered_at = $4, claim = NULL \
-             WHERE task_id = $5 AND claim = $6 AND state = 'pending' AND attempts = $2 - 1",
-        )
-        .bind(state)
-        .bind(number)
-        .bind(next_at)
-        .bind(delivered_at)
-        .bind(task_id)
-        .bind(claim)
-        .execute(&mut *tx)
-        .await?;
+        let recorded = record_attempt("webhook_deliveries", "task_id", "")
+            .bind(state)
+            .bind(number)
+            .bind(next_at)
+            .bind(delivered_at)
+            .bind(task_id)
+            .bind(claim)
+            .execute(&mut *tx)
+            .await?;
         if recorded != 1 {
             tx.rollback().await?;
             return Ok(false);
@@ -1694,23 +1720,17 @@ impl<E: Engine> Store for SqlStore<E> {
         claim: &str,
         limit: u32,
     ) -> Result<Vec<AccountEventRecord>> {
-        self.write_rows(
-            q(format!(
-                "UPDATE account_events SET claim = $1, next_attempt_at = $2 WHERE id IN \
-                 (SELECT id FROM account_events WHERE state = 'pending' AND next_attempt_at <= $3 \
-                  ORDER BY next_attempt_at LIMIT $4{}) RETURNING {}",
-                E::SKIP_LOCKED,
-                account_event_columns!()
-            ))
-            .bind(claim)
-            .bind(to_millis(lease_until))
-            .bind(to_millis(now))
-            .bind(i64::from(limit)),
-        )
-        .await?
-        .iter()
-        .map(rows::account_event)
-        .collect()
+        let due = Due {
+            now,
+            lease_until,
+            claim,
+            limit,
+        };
+        self.write_rows(due.claim::<E>("account_events", "id", account_event_columns!()))
+            .await?
+            .iter()
+            .map(rows::account_event)
+            .collect()
     }
 
     async fn record_account_event_attempt(
@@ -1726,18 +1746,14 @@ impl<E: Engine> Store for SqlStore<E> {
         let number = i64::from(number);
         let recorded = self
             .write(
-                q(
-                    "UPDATE account_events SET state = $1, attempts = $2, next_attempt_at = $3, \
-                   delivered_at = $4, last_error = $5, claim = NULL \
-                   WHERE id = $6 AND claim = $7 AND state = 'pending' AND attempts = $2 - 1",
-                )
-                .bind(state)
-                .bind(number)
-                .bind(next_at)
-                .bind(delivered_at)
-                .bind(error)
-                .bind(id)
-                .bind(claim),
+                record_attempt("account_events", "id", ", last_error = $7")
+                    .bind(state)
+                    .bind(number)
+                    .bind(next_at)
+                    .bind(delivered_at)
+                    .bind(id)
+                    .bind(claim)
+                    .bind(error),
             )
             .await?;
         Ok(recorded == 1)

@@ -1,5 +1,6 @@
 //! A browser without JavaScript for the dashboard tests: cookies kept, redirects not followed.
 
+use super::Call;
 use super::TestServer;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::redirect::Policy;
@@ -63,9 +64,8 @@ impl Browser {
             .http
             .get(format!("{}{path}", self.base))
             .header(COOKIE, self.cookie_header())
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         self.remember(&response);
         response
     }
@@ -76,9 +76,8 @@ impl Browser {
             .post(format!("{}{path}", self.base))
             .header(COOKIE, self.cookie_header())
             .form(form)
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         self.remember(&response);
         response
     }

@@ -10,6 +10,23 @@ use std::time::Duration;
 
 pub mod browser;
 
+/// A request the test needs answered: `send().await.unwrap()`, and its JSON body in one call.
+/// A transport error fails the test where it happened.
+pub trait Call {
+    fn call(self) -> impl std::future::Future<Output = reqwest::Response>;
+    fn fetch(self) -> impl std::future::Future<Output = Value>;
+}
+
+impl Call for reqwest::RequestBuilder {
+    async fn call(self) -> reqwest::Response {
+        self.send().await.unwrap()
+    }
+
+    async fn fetch(self) -> Value {
+        self.call().await.json().await.unwrap()
+    }
+}
+
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// A test that cannot run here (a service is missing): fails when `CI` is set; otherwise says so
@@ -275,7 +292,7 @@ impl TestServer {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        request.send().await.unwrap()
+        request.call().await
     }
 
     /// A new account with `credits` and a generous rate limit unless one is given.
@@ -305,13 +322,7 @@ impl TestServer {
 
     /// `GET path` with `key`, its body as JSON (whatever the status).
     pub async fn get_json(&self, key: &str, path: &str) -> Value {
-        self.get(key, path)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.get(key, path).fetch().await
     }
 
     pub fn post(&self, key: &str, path: &str) -> reqwest::RequestBuilder {
@@ -323,9 +334,8 @@ impl TestServer {
         let response = self
             .post(key, "/v1/images/generations")
             .json(&body)
-            .send()
-            .await
-            .unwrap();
+            .call()
+            .await;
         assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
         response.json().await.unwrap()
     }
@@ -342,14 +352,7 @@ impl TestServer {
     /// Polls a task until it is in a final state.
     pub async fn wait_task(&self, key: &str, id: &str) -> Value {
         for _ in 0..600 {
-            let task: Value = self
-                .get(key, &format!("/v1/tasks/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let task: Value = self.get(key, &format!("/v1/tasks/{id}")).fetch().await;
             if matches!(
                 task["status"].as_str(),
                 Some("succeeded" | "failed" | "canceled")
@@ -385,7 +388,7 @@ impl TestServer {
 
     /// The status of `GET path` with `key`.
     pub async fn status(&self, key: &str, path: &str) -> u16 {
-        self.get(key, path).send().await.unwrap().status().as_u16()
+        self.get(key, path).call().await.status().as_u16()
     }
 
     /// The account's keys as the operator lists them (the `data` array).
