@@ -246,7 +246,8 @@ export abstract class BaseClient {
         ...(options.signal !== undefined ? { signal: options.signal } : {}),
         ...(policy !== undefined ? { policy } : {}),
       },
-      (_n, signal) => this.#fetch(url, { method: spec.method, headers, ...(body !== undefined ? { body } : {}), signal, redirect: "follow" }),
+      // A fresh headers object per attempt: a fetch that changes one cannot change the retries.
+      (_n, signal) => this.#fetch(url, { method: spec.method, headers: { ...headers }, ...(body !== undefined ? { body } : {}), signal, redirect: "follow" }),
     );
   }
 
