@@ -45,9 +45,9 @@ export class TollgateAdmin extends BaseClient {
     return this.json<CreatedAccount>({ method: "POST", path: "/admin/accounts", body }, options);
   }
 
-  /** `GET /admin/accounts`. */
-  async listAccounts(params: ListParams = {}, options: RequestOptions = {}): Promise<List<Account>> {
-    return this.json<List<Account>>({ method: "GET", path: "/admin/accounts", query: { limit: params.limit, after: params.after } }, options);
+  /** `GET /admin/accounts`: every account. */
+  async listAccounts(options: RequestOptions = {}): Promise<List<Account>> {
+    return this.json<List<Account>>({ method: "GET", path: "/admin/accounts" }, options);
   }
 
   /** `GET /admin/accounts/{id}`. */

@@ -323,3 +323,40 @@ test("a webhook delivery verifies with the account's secret (Web Crypto)", { ski
     await hooked.stop();
   }
 });
+
+test("the README's examples run against the server", { skip }, async () => {
+  const { execFile } = await import("node:child_process");
+  const { mkdtempSync, readdirSync, rmSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const run = (file, args, env) =>
+    new Promise((resolve, reject) =>
+      execFile(process.execPath, [file, ...args], { env: { ...process.env, ...env }, cwd: new URL("..", import.meta.url).pathname, timeout: 60_000 }, (error, stdout, stderr) =>
+        error ? reject(new Error(`${file}: ${error.message}\n${stdout}\n${stderr}`)) : resolve(stdout),
+      ),
+    );
+  const acct = await account(3);
+  const env = { TOLLGATE_BASE_URL: server.base, TOLLGATE_API_KEY: acct.key };
+  const out = mkdtempSync(join(tmpdir(), "tollgate-ts-example-"));
+  try {
+    const generated = await run("examples/generate.mjs", ["a heron", out], env);
+    assert.match(generated, /cost 1 credits; 2 left/);
+    assert.equal(readdirSync(out).filter((f) => f.endsWith(".png")).length, 1);
+    const errors = await run("examples/errors.mjs", [], env);
+    assert.match(errors, /404 not_found_error resource_not_found, request id \S+, 1 attempt/);
+    assert.match(errors, /not enough credits: /);
+    assert.ok(!generated.includes(acct.key) && !errors.includes(acct.key));
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+  // The webhook handler, fed a delivery signed as the server signs it.
+  const { handleWebhook } = await import("../examples/webhook.mjs");
+  const { signWebhook } = await import("../dist/index.js");
+  const secret = "whsec_example";
+  const body = JSON.stringify({ id: "task_1", object: "task", status: "succeeded" });
+  const header = await signWebhook(secret, Math.floor(Date.now() / 1000), body);
+  const good = await handleWebhook(new Request("http://x/hook", { method: "POST", body, headers: { "tollgate-signature": header } }), secret);
+  assert.equal(good.status, 200);
+  const bad = await handleWebhook(new Request("http://x/hook", { method: "POST", body: body + " ", headers: { "tollgate-signature": header } }), secret);
+  assert.equal(bad.status, 400);
+});
