@@ -200,3 +200,21 @@ test("the default clock is setTimeout and Date.now: node's mock.timers drives it
   assert.deepEqual(s.gaps(), [1000, 2000]);
   mock.timers.reset();
 });
+
+test("a real connection refused is a retried ConnectionError of kind connect", async () => {
+  const { createServer } = await import("node:net");
+  const port = await new Promise((resolve) => {
+    const srv = createServer();
+    srv.listen(0, "127.0.0.1", () => {
+      const p = srv.address().port;
+      srv.close(() => resolve(p));
+    });
+  });
+  const c = new TollgateClient({ baseURL: `http://127.0.0.1:${port}`, apiKey: KEY, retry: { maxRetries: 2, baseDelayMs: 10, maxJitterMs: 5 } });
+  const e = await c.account().catch((x) => x);
+  assert.equal(e.name, "ConnectionError");
+  assert.equal(e.kind, "connect");
+  assert.equal(e.attempts, 3);
+  assert.match(e.message, /^could not connect to the server: .*ECONNREFUSED/);
+  assert.ok(!e.message.includes(KEY));
+});
