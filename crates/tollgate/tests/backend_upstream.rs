@@ -437,11 +437,7 @@ async fn a_task_interrupted_three_times_is_failed_and_refunded() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let killed = std::process::Command::new("kill")
-            .args(["-KILL", &server.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
+        server.kill();
         drop(server);
         server = TestServer::start_in_with_env(tmp.path(), &args, &env);
     }

@@ -146,10 +146,10 @@ async fn forms_without_the_session_csrf_token_are_refused() {
         vec![("code", code.as_str()), ("csrf", foreign_token.as_str())],
     ] {
         let response = browser.post("/dashboard/credits/redeem", &form).await;
-        expect_error(response, 403, "invalid_request_error", "csrf_token_invalid").await;
+        expect_error(response, "403 invalid_request_error csrf_token_invalid").await;
     }
     let response = browser.post("/dashboard/keys", &[]).await;
-    expect_error(response, 403, "invalid_request_error", "csrf_token_invalid").await;
+    expect_error(response, "403 invalid_request_error csrf_token_invalid").await;
     assert_eq!(server.balance(&acct.key).await, 0, "nothing was redeemed");
 
     // The session's own token works.
@@ -345,7 +345,7 @@ async fn a_voucher_pays_out_once_however_many_redeem_it_at_once() {
             assert_eq!(account["credits"], 25);
             paid += 1;
         } else {
-            expect_error(response, 409, "conflict_error", "voucher_already_redeemed").await;
+            expect_error(response, "409 conflict_error voucher_already_redeemed").await;
         }
     }
     for response in pages {
@@ -393,7 +393,7 @@ async fn expired_and_unknown_vouchers_are_refused() {
             Some(json!({"credits": 5, "expires_at": "2001-01-01T00:00:00Z"})),
         )
         .await;
-    let (_, error) = expect_error(past, 400, "invalid_request_error", "invalid_value").await;
+    let (_, error) = expect_error(past, "400 invalid_request_error invalid_value").await;
     assert_eq!(error["param"], "expires_at");
 
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -402,14 +402,14 @@ async fn expired_and_unknown_vouchers_are_refused() {
         .json(&json!({"code": code}))
         .call()
         .await;
-    expect_error(response, 410, "gone_error", "voucher_expired").await;
+    expect_error(response, "410 gone_error voucher_expired").await;
 
     let response = server
         .post(&acct.key, "/v1/vouchers/redeem")
         .json(&json!({"code": "tgv_00000000000000000000000000000000"}))
         .call()
         .await;
-    expect_error(response, 404, "not_found_error", "voucher_not_found").await;
+    expect_error(response, "404 not_found_error voucher_not_found").await;
 
     // The page tells the same, in the form (200), keeping what was typed.
     let mut browser = Browser::signed_in(&server, &acct.key, "/dashboard/overview").await;
@@ -435,7 +435,7 @@ async fn the_402_links_to_the_top_up_page_where_a_voucher_fixes_it() {
         .json(&json!({"prompt": "too big", "size": "1024x1024"}))
         .call()
         .await;
-    let (_, error) = expect_error(response, 402, "billing_error", "insufficient_credits").await;
+    let (_, error) = expect_error(response, "402 billing_error insufficient_credits").await;
     let link = format!("{}/dashboard/credits", server.base);
     assert!(
         error["message"].as_str().unwrap().contains(&link),
@@ -539,7 +539,7 @@ async fn the_operator_manages_accounts_keys_credits_and_vouchers() {
         .await;
     assert_eq!(response.status(), 303);
     let response = server.get(&key, "/v1/account").call().await;
-    expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+    expect_error(response, "401 authentication_error invalid_api_key").await;
 
     // Issue a voucher: the code is on the answer page and nowhere after.
     let response = operator
@@ -636,7 +636,7 @@ async fn account_holders_manage_their_own_keys_only() {
     let response = browser.get("/dashboard/keys").await;
     assert_eq!(response.status(), 303);
     let response = server.get(&acct.key, "/v1/account").call().await;
-    expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+    expect_error(response, "401 authentication_error invalid_api_key").await;
 }
 
 #[tokio::test]

@@ -92,7 +92,7 @@ async fn a_link_works_without_the_key_and_any_change_to_it_is_404() {
         url.replace("/1.png?", "/1.jpg?"),
     ] {
         let response = browser_fetch(&forged).await;
-        expect_error(response, 404, "not_found_error", "resource_not_found").await;
+        expect_error(response, "404 not_found_error resource_not_found").await;
     }
     // The key is no substitute for a signature.
     let response = reqwest::Client::new()
@@ -100,7 +100,7 @@ async fn a_link_works_without_the_key_and_any_change_to_it_is_404() {
         .bearer_auth(&acct.key)
         .call()
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
 }
 
 /// A server started with `args`, an account's key, and one succeeded task of one image.
@@ -125,7 +125,7 @@ async fn an_expired_link_is_410_and_the_task_gives_a_fresh_one() {
     // At least the ttl, at most a window (1 s here) more.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let response = browser_fetch(&old).await;
-    let (_, e) = expect_error(response, 410, "gone_error", "url_expired").await;
+    let (_, e) = expect_error(response, "410 gone_error url_expired").await;
     assert!(e["message"].as_str().unwrap().contains("fresh link"), "{e}");
 
     let again = server
@@ -144,7 +144,7 @@ async fn a_link_to_a_task_past_the_retention_is_410_resource_expired() {
     assert_eq!(browser_fetch(&url).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let response = browser_fetch(&url).await;
-    expect_error(response, 410, "gone_error", "resource_expired").await;
+    expect_error(response, "410 gone_error resource_expired").await;
 }
 
 #[tokio::test]

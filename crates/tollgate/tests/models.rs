@@ -87,9 +87,7 @@ async fn each_model_is_sold_at_its_own_prices_and_sizes() {
     };
     let (_, e) = expect_error(
         refused(json!({"prompt": "a fox", "model": "dall-e-9"})).await,
-        400,
-        "invalid_request_error",
-        "invalid_value",
+        "400 invalid_request_error invalid_value",
     )
     .await;
     assert_eq!(e["param"], "model");
@@ -100,9 +98,7 @@ async fn each_model_is_sold_at_its_own_prices_and_sizes() {
     );
     let (_, e) = expect_error(
         refused(json!({"prompt": "a fox", "model": "poster", "size": "256x256"})).await,
-        400,
-        "invalid_request_error",
-        "invalid_value",
+        "400 invalid_request_error invalid_value",
     )
     .await;
     assert_eq!(e["param"], "size");
@@ -112,18 +108,14 @@ async fn each_model_is_sold_at_its_own_prices_and_sizes() {
     );
     let (_, e) = expect_error(
         refused(json!({"prompt": "a fox", "model": "poster", "n": 2})).await,
-        400,
-        "invalid_request_error",
-        "invalid_value",
+        "400 invalid_request_error invalid_value",
     )
     .await;
     assert_eq!(e["param"], "n");
     // 402 names what was priced.
     let (_, e) = expect_error(
         refused(json!({"prompt": "a fox", "model": "sketch", "n": 2, "size": "256x256"})).await,
-        402,
-        "billing_error",
-        "insufficient_credits",
+        "402 billing_error insufficient_credits",
     )
     .await;
     let message = e["message"].as_str().unwrap();

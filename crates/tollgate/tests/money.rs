@@ -132,7 +132,7 @@ async fn refused(response: reqwest::Response, status: u16, code: &str) -> Value 
         404 => "not_found_error",
         _ => "server_error",
     };
-    common::expect_error(response, status, error_type, code)
+    common::expect_error(response, &format!("{status} {error_type} {code}"))
         .await
         .1
 }

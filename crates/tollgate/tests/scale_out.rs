@@ -145,7 +145,7 @@ async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
             200 => admitted += 1,
             429 => {
                 let (headers, _) =
-                    expect_error(response, 429, "rate_limit_error", "rate_limit_exceeded").await;
+                    expect_error(response, "429 rate_limit_error rate_limit_exceeded").await;
                 let wait: u64 = headers
                     .get("retry-after")
                     .unwrap()
@@ -180,7 +180,7 @@ async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
     );
     for server in [b, c] {
         let response = server.get(key, "/v1/account").call().await;
-        expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+        expect_error(response, "401 authentication_error invalid_api_key").await;
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
 }
@@ -206,11 +206,7 @@ async fn tasks_of_an_instance_killed_mid_task_finish_on_the_others() {
     let observer = &cluster.instances[1];
     observer.wait_until_running(&acct.key, 4).await;
     let victim = cluster.instances.remove(0);
-    let status = Command::new("kill")
-        .args(["-KILL", &victim.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    victim.kill();
     drop(victim);
 
     let observer = &cluster.instances[0];
@@ -291,8 +287,7 @@ async fn when_redis_goes_away_the_limit_fails_closed_by_default_or_open_if_asked
         let response = server.get(&acct.key, "/v1/account").call().await;
         assert_eq!(response.status().as_u16(), expect_status, "fail {mode}");
         if expect_status == 503 {
-            let (headers, _) =
-                expect_error(response, 503, "server_error", "service_unavailable").await;
+            let (headers, _) = expect_error(response, "503 server_error service_unavailable").await;
             assert!(headers.get("retry-after").is_some());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

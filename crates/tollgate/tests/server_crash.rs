@@ -6,7 +6,6 @@ mod common;
 
 use common::{Call, TestServer};
 use serde_json::{json, Value};
-use std::process::Command;
 
 #[tokio::test]
 async fn sigkill_mid_batch_then_restart_finishes_every_accepted_task() {
@@ -24,11 +23,7 @@ async fn sigkill_mid_batch_then_restart_finishes_every_accepted_task() {
     }
     // Kill while tasks are running (two workers busy on heavy tasks).
     server.wait_until_running(&acct.key, 1).await;
-    let status = Command::new("kill")
-        .args(["-KILL", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    server.kill();
     drop(server);
 
     let server = TestServer::start_in(tmp.path(), &["--workers", "2"]);

@@ -31,7 +31,7 @@ async fn two_hundred_concurrent_creates_against_fifty_credits() {
         match response.status().as_u16() {
             202 => accepted += 1,
             402 => {
-                expect_error(response, 402, "billing_error", "insufficient_credits").await;
+                expect_error(response, "402 billing_error insufficient_credits").await;
             }
             other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
         }
@@ -111,7 +111,7 @@ async fn a_finished_task_cannot_be_cancelled_and_keeps_its_charge() {
         .post(&acct.key, &format!("/v1/tasks/{id}/cancel"))
         .call()
         .await;
-    expect_error(response, 409, "conflict_error", "task_not_cancelable").await;
+    expect_error(response, "409 conflict_error task_not_cancelable").await;
     assert_eq!(server.balance(&acct.key).await, 9);
 }
 
@@ -134,7 +134,7 @@ async fn operator_grants_and_corrections_are_ledger_entries_and_never_overdraw()
         .admin(reqwest::Method::POST, &path, Some(json!({"amount": -60})))
         .await;
     // Well formed, but the balance cannot take it.
-    let (_, e) = expect_error(response, 409, "conflict_error", "balance_out_of_range").await;
+    let (_, e) = expect_error(response, "409 conflict_error balance_out_of_range").await;
     assert_eq!(e["param"], "amount");
     let response = server
         .admin(
@@ -158,7 +158,7 @@ async fn operator_grants_and_corrections_are_ledger_entries_and_never_overdraw()
             Some(json!({"amount": "lots"})),
         )
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
     assert_eq!(e["param"], "amount");
 }
 
@@ -214,7 +214,7 @@ async fn the_ledger_pages_with_after_on_both_routes() {
         .get(&acct.key, "/v1/account/ledger?after=le_1")
         .call()
         .await;
-    let (_, error) = expect_error(bad, 400, "invalid_request_error", "invalid_value").await;
+    let (_, error) = expect_error(bad, "400 invalid_request_error invalid_value").await;
     assert_eq!(error["param"], "after");
 }
 
@@ -229,7 +229,7 @@ async fn balances_stay_within_what_a_javascript_number_holds_exactly() {
             Some(json!({"name": "big", "credits": MAX + 1})),
         )
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
     assert_eq!(e["param"], "credits");
     let acct = server.account(MAX - 5).await;
     let path = format!("/admin/accounts/{}/credits", acct.id);
@@ -240,13 +240,13 @@ async fn balances_stay_within_what_a_javascript_number_holds_exactly() {
             Some(json!({"amount": i64::MAX})),
         )
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
     assert_eq!(e["param"], "amount");
     // Within the bound for an amount, but not for this balance: the account refuses it.
     let response = server
         .admin(reqwest::Method::POST, &path, Some(json!({"amount": 6})))
         .await;
-    let (_, e) = expect_error(response, 409, "conflict_error", "balance_out_of_range").await;
+    let (_, e) = expect_error(response, "409 conflict_error balance_out_of_range").await;
     assert!(
         e["message"].as_str().unwrap().contains("largest balance"),
         "{e}"

@@ -21,24 +21,18 @@ async fn row_400_invalid_json_missing_field_invalid_value_with_param() {
     };
     expect_error(
         post("{\"prompt\": ").await.unwrap(),
-        400,
-        "invalid_request_error",
-        "invalid_json",
+        "400 invalid_request_error invalid_json",
     )
     .await;
     expect_error(
         post("").await.unwrap(),
-        400,
-        "invalid_request_error",
-        "invalid_json",
+        "400 invalid_request_error invalid_json",
     )
     .await;
 
     let (_, e) = expect_error(
         post("{}").await.unwrap(),
-        400,
-        "invalid_request_error",
-        "missing_field",
+        "400 invalid_request_error missing_field",
     )
     .await;
     assert_eq!(e["param"], "prompt");
@@ -53,9 +47,7 @@ async fn row_400_invalid_json_missing_field_invalid_value_with_param() {
     ] {
         let (_, e) = expect_error(
             post(body).await.unwrap(),
-            400,
-            "invalid_request_error",
-            "invalid_value",
+            "400 invalid_request_error invalid_value",
         )
         .await;
         assert_eq!(e["param"], param, "{body}");
@@ -66,15 +58,13 @@ async fn row_400_invalid_json_missing_field_invalid_value_with_param() {
         .json(&long)
         .call()
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
     assert_eq!(e["param"], "prompt");
     let (_, e) = expect_error(
         post(r#"{"prompt":"a cat","sise":"256x256"}"#)
             .await
             .unwrap(),
-        400,
-        "invalid_request_error",
-        "unknown_field",
+        "400 invalid_request_error unknown_field",
     )
     .await;
     assert_eq!(e["param"], "sise");
@@ -97,9 +87,7 @@ async fn row_400_idempotency_key_reused() {
     assert_eq!(send("a cat").await.unwrap().status(), 202);
     let (_, e) = expect_error(
         send("a dog").await.unwrap(),
-        400,
-        "invalid_request_error",
-        "idempotency_key_reused",
+        "400 invalid_request_error idempotency_key_reused",
     )
     .await;
     assert_eq!(e["param"], "Idempotency-Key");
@@ -111,14 +99,13 @@ async fn row_401_missing_and_invalid_api_key() {
     let (_tmp, server) = TestServer::start(&[]);
     let acct = server.account(10).await;
     let response = server.http.get(server.url("/v1/account")).call().await;
-    let (headers, _) = expect_error(response, 401, "authentication_error", "missing_api_key").await;
+    let (headers, _) = expect_error(response, "401 authentication_error missing_api_key").await;
     assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
 
     let wrong = format!("{}x", acct.key);
     for key in [wrong.as_str(), "tg_nope", "not-even-a-tollgate-key"] {
         let response = server.get(key, "/v1/account").call().await;
-        let (headers, _) =
-            expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+        let (headers, _) = expect_error(response, "401 authentication_error invalid_api_key").await;
         assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
     }
     let response = server
@@ -127,12 +114,12 @@ async fn row_401_missing_and_invalid_api_key() {
         .basic_auth("user", Some("pw"))
         .call()
         .await;
-    expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+    expect_error(response, "401 authentication_error invalid_api_key").await;
     // The operator routes want the admin token, not an API key.
     let response = server.get(&acct.key, "/admin/accounts").call().await;
-    expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+    expect_error(response, "401 authentication_error invalid_api_key").await;
     let response = server.http.get(server.url("/admin/accounts")).call().await;
-    expect_error(response, 401, "authentication_error", "missing_api_key").await;
+    expect_error(response, "401 authentication_error missing_api_key").await;
 }
 
 #[tokio::test]
@@ -144,7 +131,7 @@ async fn row_402_insufficient_credits_creates_and_charges_nothing() {
         .json(&json!({"prompt": "a castle", "n": 1, "size": "1024x1024"}))
         .call()
         .await;
-    let (_, e) = expect_error(response, 402, "billing_error", "insufficient_credits").await;
+    let (_, e) = expect_error(response, "402 billing_error insufficient_credits").await;
     let message = e["message"].as_str().unwrap();
     assert!(message.contains("costs 4 credits"), "{message}");
     assert!(message.contains("balance is 3"), "{message}");
@@ -173,7 +160,7 @@ async fn a_402_for_one_credit_says_credit() {
         .json(&json!({"prompt": "a castle", "size": "256x256"}))
         .call()
         .await;
-    let (_, e) = expect_error(response, 402, "billing_error", "insufficient_credits").await;
+    let (_, e) = expect_error(response, "402 billing_error insufficient_credits").await;
     let message = e["message"].as_str().unwrap();
     assert!(message.contains("costs 1 credit ("), "{message}");
 }
@@ -195,13 +182,8 @@ async fn row_415_a_body_sent_as_anything_but_json_is_refused_and_nothing_is_crea
             .body(body)
             .call()
             .await;
-        let (_, e) = expect_error(
-            response,
-            415,
-            "invalid_request_error",
-            "unsupported_media_type",
-        )
-        .await;
+        let (_, e) =
+            expect_error(response, "415 invalid_request_error unsupported_media_type").await;
         assert_eq!(e["param"], "Content-Type");
         let message = e["message"].as_str().unwrap();
         let essence = content_type.split(';').next().unwrap();
@@ -236,7 +218,7 @@ async fn an_empty_voucher_code_is_an_invalid_value() {
             .json(&json!({ "code": code }))
             .call()
             .await;
-        let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+        let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
         assert_eq!(e["param"], "code");
     }
     // Absent is what `missing_field` is for.
@@ -245,7 +227,7 @@ async fn an_empty_voucher_code_is_an_invalid_value() {
         .json(&json!({}))
         .call()
         .await;
-    expect_error(response, 400, "invalid_request_error", "missing_field").await;
+    expect_error(response, "400 invalid_request_error missing_field").await;
 }
 
 #[tokio::test]
@@ -272,7 +254,7 @@ async fn a_whole_number_written_as_a_float_is_that_number_and_a_fraction_is_refu
         .json(&json!({"prompt": "a fraction", "n": 1.5}))
         .call()
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
     assert_eq!(e["param"], "n");
     assert_eq!(server.balance(&acct.key).await, 98);
 }
@@ -286,7 +268,7 @@ async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
         .json(&json!({"prompt": "before\u{0}after"}))
         .call()
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
     assert_eq!(e["param"], "prompt");
     assert!(e["message"].as_str().unwrap().contains("NUL"), "{e}");
     for (path, body, param) in [
@@ -317,7 +299,7 @@ async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
             reqwest::Method::POST
         };
         let response = server.admin(method, &path, Some(body)).await;
-        let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+        let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
         assert_eq!(e["param"], param, "{path}");
     }
     // In a URL (PostgreSQL refuses it in any comparison): no resource has it in its name.
@@ -327,17 +309,17 @@ async fn text_with_a_nul_character_is_refused_on_every_field_that_keeps_text() {
         "/v1/tasks/task_%00/cancel",
     ] {
         let response = server.get(&acct.key, path).call().await;
-        expect_error(response, 404, "not_found_error", "resource_not_found").await;
+        expect_error(response, "404 not_found_error resource_not_found").await;
     }
     let response = server
         .admin(reqwest::Method::DELETE, "/admin/keys/key_%00", None)
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
     let response = server
         .get(&acct.key, "/v1/tasks?after=task_%00")
         .call()
         .await;
-    let (_, e) = expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    let (_, e) = expect_error(response, "404 not_found_error resource_not_found").await;
     assert_eq!(e["param"], "after");
     assert_eq!(server.balance(&acct.key).await, 100);
 }
@@ -348,29 +330,28 @@ async fn row_404_unknown_endpoint_and_resource_not_found() {
     let acct = server.account(10).await;
     for path in ["/v2/images", "/", "/v1/tasks/x/y/z"] {
         let response = server.get(&acct.key, path).call().await;
-        expect_error(response, 404, "not_found_error", "unknown_endpoint").await;
+        expect_error(response, "404 not_found_error unknown_endpoint").await;
     }
     let response = server
         .get(&acct.key, "/v1/tasks/task_000000000000000000000000")
         .call()
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
     let response = server
         .admin(reqwest::Method::GET, "/admin/accounts/acct_nope", None)
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
     let response = server
         .admin(reqwest::Method::DELETE, "/admin/keys/key_nope", None)
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
 }
 
 #[tokio::test]
 async fn row_405_method_not_allowed_with_allow() {
     let (_tmp, server) = TestServer::start(&[]);
     let response = server.http.put(server.url("/v1/tasks")).call().await;
-    let (headers, _) =
-        expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
+    let (headers, _) = expect_error(response, "405 invalid_request_error method_not_allowed").await;
     assert!(headers
         .get("allow")
         .unwrap()
@@ -382,8 +363,7 @@ async fn row_405_method_not_allowed_with_allow() {
         .get(server.url("/v1/images/generations"))
         .call()
         .await;
-    let (headers, _) =
-        expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
+    let (headers, _) = expect_error(response, "405 invalid_request_error method_not_allowed").await;
     assert_eq!(headers.get("allow").unwrap(), "POST");
     let response = server
         .http
@@ -391,8 +371,7 @@ async fn row_405_method_not_allowed_with_allow() {
         .bearer_auth(ADMIN_TOKEN)
         .call()
         .await;
-    let (headers, _) =
-        expect_error(response, 405, "invalid_request_error", "method_not_allowed").await;
+    let (headers, _) = expect_error(response, "405 invalid_request_error method_not_allowed").await;
     assert!(headers
         .get("allow")
         .unwrap()
@@ -422,13 +401,7 @@ async fn row_409_idempotency_key_in_use_while_the_first_runs() {
             .await
     };
     let (first, second) = tokio::join!(first, second);
-    expect_error(
-        second.unwrap(),
-        409,
-        "conflict_error",
-        "idempotency_key_in_use",
-    )
-    .await;
+    expect_error(second.unwrap(), "409 conflict_error idempotency_key_in_use").await;
     let first = first.unwrap();
     assert_eq!(first.status(), 202);
     let task: Value = first.json().await.unwrap();
@@ -456,14 +429,14 @@ async fn row_413_body_too_large() {
         .json(&big)
         .call()
         .await;
-    expect_error(response, 413, "invalid_request_error", "body_too_large").await;
+    expect_error(response, "413 invalid_request_error body_too_large").await;
     let response = server
         .post(&acct.key, "/v1/images/generations")
         .header("Idempotency-Key", "big")
         .json(&big)
         .call()
         .await;
-    expect_error(response, 413, "invalid_request_error", "body_too_large").await;
+    expect_error(response, "413 invalid_request_error body_too_large").await;
     assert_eq!(server.balance(&acct.key).await, 10);
 }
 
@@ -484,7 +457,7 @@ async fn row_429_exact_retry_after_and_ratelimit_headers() {
     );
 
     let refused = server.get(&acct.key, "/v1/account").call().await;
-    let (headers, e) = expect_error(refused, 429, "rate_limit_error", "rate_limit_exceeded").await;
+    let (headers, e) = expect_error(refused, "429 rate_limit_error rate_limit_exceeded").await;
     let retry_after: u64 = headers
         .get("retry-after")
         .unwrap()
@@ -595,7 +568,7 @@ async fn row_500_panic_is_caught_enveloped_and_logged_with_the_request_id() {
             .header("Tollgate-Simulate", simulate)
             .call()
             .await;
-        let (_, e) = expect_error(response, 500, "server_error", "internal_error").await;
+        let (_, e) = expect_error(response, "500 server_error internal_error").await;
         let request_id = e["request_id"].as_str().unwrap().to_owned();
         // The log has the cause under the request id; the client saw none of it.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -619,7 +592,7 @@ async fn row_503_simulated_and_on_shutdown_with_retry_after() {
         .header("Tollgate-Simulate", "503")
         .call()
         .await;
-    let (headers, _) = expect_error(response, 503, "server_error", "service_unavailable").await;
+    let (headers, _) = expect_error(response, "503 server_error service_unavailable").await;
     assert!(
         headers
             .get("retry-after")
@@ -635,7 +608,7 @@ async fn row_503_simulated_and_on_shutdown_with_retry_after() {
         .header("Tollgate-Simulate", "429")
         .call()
         .await;
-    let (headers, _) = expect_error(response, 429, "rate_limit_error", "rate_limit_exceeded").await;
+    let (headers, _) = expect_error(response, "429 rate_limit_error rate_limit_exceeded").await;
     assert_eq!(headers.get("retry-after").unwrap(), "1");
 
     // Graceful shutdown: an in-flight request finishes; a new one gets 503 with Retry-After.
@@ -656,8 +629,7 @@ async fn row_503_simulated_and_on_shutdown_with_retry_after() {
     };
     let started = Instant::now();
     let (slow, during) = tokio::join!(slow, during);
-    let (headers, _) =
-        expect_error(during.unwrap(), 503, "server_error", "service_unavailable").await;
+    let (headers, _) = expect_error(during.unwrap(), "503 server_error service_unavailable").await;
     assert!(headers.get("retry-after").is_some());
     let slow = slow.unwrap();
     assert_eq!(slow.status(), 200);

@@ -42,7 +42,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
                     http.post(format!("{base}{path}"))
                 };
                 let response = request.bearer_auth(&key).call().await;
-                let (_, e) = expect_error(response, 410, "gone_error", "resource_expired").await;
+                let (_, e) = expect_error(response, "410 gone_error resource_expired").await;
                 assert!(e["message"].as_str().unwrap().contains("has expired"));
             }
         }
@@ -61,9 +61,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     let never = "/v1/tasks/task_ffffffffffffffffffffffff";
     expect_error(
         server.get(&acct.key, never).call().await,
-        404,
-        "not_found_error",
-        "resource_not_found",
+        "404 not_found_error resource_not_found",
     )
     .await;
     // Expired tasks leave the list.
@@ -75,7 +73,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
         .get(&other.key, &format!("/v1/tasks/{id}"))
         .call()
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
 
     // The purge logs its progress.
     server
@@ -87,9 +85,7 @@ async fn expired_tasks_answer_410_before_and_after_purge_and_restart() {
     check(&server, acct.key.clone()).await;
     expect_error(
         server.get(&acct.key, never).call().await,
-        404,
-        "not_found_error",
-        "resource_not_found",
+        "404 not_found_error resource_not_found",
     )
     .await;
 }

@@ -65,7 +65,7 @@ async fn a_task_runs_to_real_deterministic_pngs() {
             .get(&acct.key, &format!("/v1/tasks/{id}/images/{bad}"))
             .call()
             .await;
-        expect_error(response, 404, "not_found_error", "resource_not_found").await;
+        expect_error(response, "404 not_found_error resource_not_found").await;
     }
     // Without a seed the server picks one and says which.
     let unseeded = server
@@ -124,7 +124,7 @@ async fn listing_is_newest_first_with_a_cursor() {
             .get(&acct.key, &format!("/v1/tasks?{query}"))
             .call()
             .await;
-        let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+        let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
         assert_eq!(e["param"], "limit");
     }
     let response = server
@@ -132,7 +132,7 @@ async fn listing_is_newest_first_with_a_cursor() {
         .call()
         .await;
     // A well-formed cursor naming nothing: the task it names is not found.
-    let (_, e) = expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    let (_, e) = expect_error(response, "404 not_found_error resource_not_found").await;
     assert_eq!(e["param"], "after");
 }
 
@@ -151,20 +151,20 @@ async fn another_accounts_task_is_404_never_403() {
         format!("/v1/tasks/{id}/images/0"),
     ] {
         let response = server.get(&bob.key, &path).call().await;
-        expect_error(response, 404, "not_found_error", "resource_not_found").await;
+        expect_error(response, "404 not_found_error resource_not_found").await;
     }
     let response = server
         .post(&bob.key, &format!("/v1/tasks/{id}/cancel"))
         .call()
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
     let list: Value = server.get_json(&bob.key, "/v1/tasks").await;
     assert_eq!(list["data"], json!([]));
     let response = server
         .get(&bob.key, &format!("/v1/tasks?after={id}"))
         .call()
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
     // Alice still sees it.
     assert_eq!(
         server.status(&alice.key, &format!("/v1/tasks/{id}")).await,
@@ -190,7 +190,7 @@ async fn a_revoked_key_is_refused_on_the_very_next_request() {
         .await;
     assert_eq!(response.status(), 204);
     let response = server.get(second_key, "/v1/account").call().await;
-    expect_error(response, 401, "authentication_error", "invalid_api_key").await;
+    expect_error(response, "401 authentication_error invalid_api_key").await;
     // The account's other key is untouched.
     assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
     // Revoking twice: the key is no longer live.
@@ -201,7 +201,7 @@ async fn a_revoked_key_is_refused_on_the_very_next_request() {
             None,
         )
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
     // The key list shows both, without secrets.
     let keys = server.keys(&acct.id).await;
     assert_eq!(keys.len(), 2);
@@ -256,7 +256,7 @@ async fn an_idempotent_retry_replays_and_never_charges_twice_even_after_a_restar
         .json(&body)
         .call()
         .await;
-    let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+    let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
     assert_eq!(e["param"], "Idempotency-Key");
 }
 
@@ -274,9 +274,7 @@ async fn a_failed_request_does_not_burn_its_idempotency_key() {
     };
     expect_error(
         send().await.unwrap(),
-        402,
-        "billing_error",
-        "insufficient_credits",
+        "402 billing_error insufficient_credits",
     )
     .await;
     let top_up = json!({"amount": 10});

@@ -198,7 +198,7 @@ async fn a_bad_wait_is_an_invalid_value_that_names_it() {
             .get(&acct.key, &format!("/v1/tasks/{id}?wait={wait}"))
             .call()
             .await;
-        let (_, e) = expect_error(response, 400, "invalid_request_error", "invalid_value").await;
+        let (_, e) = expect_error(response, "400 invalid_request_error invalid_value").await;
         assert_eq!(e["param"], "wait", "{wait}");
     }
     for wait in ["0", "0.5", "60"] {
@@ -210,7 +210,7 @@ async fn a_bad_wait_is_an_invalid_value_that_names_it() {
         .get(&acct.key, "/v1/tasks/task_000000000000000000000000?wait=5")
         .call()
         .await;
-    expect_error(response, 404, "not_found_error", "resource_not_found").await;
+    expect_error(response, "404 not_found_error resource_not_found").await;
 }
 
 #[tokio::test]

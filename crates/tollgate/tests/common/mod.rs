@@ -216,8 +216,17 @@ impl TestServer {
 
     /// Sends SIGTERM (graceful shutdown).
     pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGKILL: the process dies at once, as in a crash or an OOM kill.
+    pub fn kill(&self) {
+        self.signal("-KILL");
+    }
+
+    fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
@@ -469,12 +478,17 @@ pub fn assert_retry_hints(headers: &reqwest::header::HeaderMap, status: u16, cod
     }
 }
 
+/// Checks that `response` is the envelope `expected` names, as "status type code" (e.g. "402
+/// billing_error insufficient_credits"), with its retry hints, request id and a sentence for a
+/// message; returns its headers and `error` object.
 pub async fn expect_error(
     response: reqwest::Response,
-    status: u16,
-    error_type: &str,
-    code: &str,
+    expected: &str,
 ) -> (reqwest::header::HeaderMap, Value) {
+    let (status, error_type, code) = match expected.split(' ').collect::<Vec<_>>()[..] {
+        [status, error_type, code] => (status.parse::<u16>().unwrap(), error_type, code),
+        _ => panic!("expected \"status type code\", not {expected:?}"),
+    };
     let headers = response.headers().clone();
     let actual = response.status().as_u16();
     let text = response.text().await.unwrap();
