@@ -98,3 +98,39 @@ fn readme_starts_with_the_two_commands() {
         "the test command runs the whole workspace"
     );
 }
+
+/// The TypeScript SDK's copy of the error table (`clients/typescript/src/errors.ts`) says what
+/// the contract's does, code by code: the same codes, statuses, types and retryability.
+#[test]
+fn the_typescript_error_table_is_the_contracts() {
+    use tollgate_contract::ErrorCode;
+    let text =
+        std::fs::read_to_string(workspace_root().join("clients/typescript/src/errors.ts")).unwrap();
+    let table = &text[text.find("export const ERROR_CODES").unwrap()..];
+    let table = &table[..table.find("});").unwrap()];
+    let mut rows: Vec<(String, u16, String, bool)> = table
+        .lines()
+        .filter_map(|line| {
+            let (code, rest) = line.trim().split_once(": row(")?;
+            let mut args = rest.splitn(4, ", ");
+            let status = args.next()?.parse().ok()?;
+            let error_type = args.next()?.trim_matches('"').to_owned();
+            let retryable = args.next()? == "true";
+            Some((code.to_owned(), status, error_type, retryable))
+        })
+        .collect();
+    rows.sort();
+    let mut contract: Vec<(String, u16, String, bool)> = ErrorCode::ALL
+        .iter()
+        .map(|code| {
+            (
+                code.as_str().to_owned(),
+                code.status(),
+                code.error_type().as_str().to_owned(),
+                code.is_retryable(),
+            )
+        })
+        .collect();
+    contract.sort();
+    assert_eq!(rows, contract);
+}
