@@ -298,3 +298,68 @@ async fn when_redis_goes_away_the_limit_fails_closed_by_default_or_open_if_asked
         );
     }
 }
+
+/// Redis's count of script calls (`EVALSHA`, and `EVAL` when the script was not loaded yet).
+fn script_calls(redis_url: &str) -> u64 {
+    let output = Command::new("redis-cli")
+        .args(["-u", redis_url, "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            let calls = line.split("calls=").nth(1)?.split(',').next()?;
+            calls.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_refusal_redis_gave_is_repeated_locally_until_its_moment_with_the_exact_wait() {
+    if services().is_none() {
+        return;
+    }
+    let redis = OwnRedis::start();
+    let (_tmp, server) = TestServer::start(&["--redis-url", &redis.url]);
+    // Burst 2, then one request per 10 s.
+    let acct = server.account_with_limit(10, 6, 2).await;
+    for _ in 0..2 {
+        assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
+    }
+    let before = script_calls(&redis.url);
+    let mut waits = Vec::new();
+    for _ in 0..100 {
+        let response = server.get(&acct.key, "/v1/account").call().await;
+        let (headers, _) = expect_error(response, "429 rate_limit_error rate_limit_exceeded").await;
+        let ms: u64 = headers["retry-after-ms"].to_str().unwrap().parse().unwrap();
+        waits.push(ms);
+    }
+    let asked = script_calls(&redis.url) - before;
+    assert!(
+        asked <= 2,
+        "the first refusal asks Redis, the 99 after it are answered here: {asked} script calls"
+    );
+    // The exact wait that is left, shrinking as time passes, never beyond the 10 s interval.
+    assert!(waits.windows(2).all(|w| w[1] <= w[0]), "{waits:?}");
+    assert!(waits[0] <= 10_000 && waits[0] > 8_000, "{waits:?}");
+
+    // Another account is not refused, and asks Redis.
+    let other = server.account_with_limit(10, 6, 2).await;
+    assert_eq!(server.status(&other.key, "/v1/account").await, 200);
+    assert!(script_calls(&redis.url) > before + asked);
+
+    // A limit raised by the operator applies at once: the remembered refusal was for the old
+    // one, so Redis is asked again (and its schedule, 20 s ahead, is within the new burst of 100 s).
+    let patched = server
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/accounts/{}", acct.id),
+            Some(json!({"rate_limit": {"requests_per_minute": 600, "burst": 1000}})),
+        )
+        .await;
+    assert_eq!(patched.status(), 200);
+    let before = script_calls(&redis.url);
+    assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
+    assert_eq!(script_calls(&redis.url), before + 1);
+}

@@ -15,7 +15,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::Quota;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tollgate_contract::RateLimit;
 
 type Gcra =
@@ -136,10 +136,28 @@ impl Limiter {
 /// GCRA over Redis. The script reads Redis's `TIME`, so instances whose clocks disagree still
 /// share one schedule; it stores one number per account (the theoretical arrival time, in µs)
 /// and returns what the headers need, so a request costs exactly one round trip.
+///
+/// A refusal is also remembered here, until the moment Redis said the next request would be
+/// admitted: the account's stored arrival time only moves forward (admissions on any instance
+/// push it on, refusals leave it), so until then every request of that account is certainly
+/// refused too, and is answered without a round trip, with the exact wait that is left.
+/// Admissions always go to Redis, so the limit stays exact across instances.
 pub struct RedisLimits {
     connection: redis::aio::ConnectionManager,
     script: redis::Script,
     failure: RedisFailure,
+    refused: DashMap<String, Refusal, FastHash>,
+}
+
+/// What Redis said of an account's last refused request: under which limit, and until when.
+#[derive(Clone, Copy)]
+struct Refusal {
+    limit: RateLimit,
+    /// When the next request would be admitted (measured from when the refused one was sent,
+    /// so never later than Redis's own answer).
+    until: Instant,
+    /// When the burst is whole again, on the same clock.
+    reset_at: Instant,
 }
 
 /// KEYS[1]: the account's key. ARGV[1]: emission interval (µs). ARGV[2]: burst.
@@ -160,6 +178,9 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 10
 local remaining = math.floor((now - allow_at) / interval)
 return {1, remaining, 0, new_tat - now}
 "#;
+
+/// Refusals remembered before the lapsed ones are swept out.
+const MAX_REFUSALS: usize = 10_000;
 
 /// How long a Redis call may take before the failure mode applies.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -194,6 +215,7 @@ impl RedisLimits {
             connection,
             script: redis::Script::new(GCRA_SCRIPT),
             failure,
+            refused: DashMap::default(),
         })
     }
 
@@ -215,6 +237,19 @@ impl RedisLimits {
     }
 
     async fn check(&self, account_id: &str, limit: RateLimit) -> Result<Admission> {
+        let sent = Instant::now();
+        if let Some(refusal) = self.refused.get(account_id).map(|r| *r) {
+            // A changed limit is a new schedule: ask Redis.
+            if refusal.limit == limit && sent < refusal.until {
+                return Ok(Admission {
+                    limit,
+                    remaining: 0,
+                    reset: refusal.reset_at.saturating_duration_since(sent),
+                    retry_after: Some(refusal.until - sent),
+                });
+            }
+            self.refused.remove(account_id);
+        }
         let interval_us = u64::try_from(interval(limit).as_micros()).unwrap_or(u64::MAX);
         let mut connection = self.connection.clone();
         let mut invocation = self.script.key(format!("tollgate:ratelimit:{account_id}"));
@@ -230,12 +265,24 @@ impl RedisLimits {
             Err(_) => return self.unreachable(limit, "timed out"),
         };
         let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-        Ok(Admission {
+        let admission = Admission {
             limit,
             remaining: u32::try_from(values[1]).unwrap_or(0),
             reset: micros(values[3]),
             retry_after: (values[0] == 0).then(|| micros(values[2])),
-        })
+        };
+        if let Some(wait) = admission.retry_after {
+            if self.refused.len() >= MAX_REFUSALS {
+                self.refused.retain(|_, r| r.until > sent);
+            }
+            let refusal = Refusal {
+                limit,
+                until: sent + wait,
+                reset_at: sent + admission.reset,
+            };
+            self.refused.insert(account_id.to_owned(), refusal);
+        }
+        Ok(admission)
     }
 
     fn unreachable(&self, limit: RateLimit, cause: &str) -> Result<Admission> {
