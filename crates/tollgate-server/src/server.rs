@@ -123,6 +123,7 @@ impl Server {
             .collect();
         let purger = purge::spawn(Arc::clone(&self.app), stop_rx.clone());
         let expiry = purge::spawn_credit_expiry(Arc::clone(&self.app), stop_rx.clone());
+        let changes = self.app.follow_changes(stop_rx.clone());
         let sender = webhooks::spawn(self.app.outbox(listener.local_addr()?), stop_rx);
 
         let state = Arc::new(AppState::new(Arc::clone(&self.app)));
@@ -147,6 +148,9 @@ impl Server {
         }
         let _ = purger.await;
         let _ = expiry.await;
+        if let Some(changes) = changes {
+            let _ = changes.await;
+        }
         let _ = sender.await;
         tracing::info!("stopped");
         Ok(())

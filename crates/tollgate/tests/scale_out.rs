@@ -179,8 +179,26 @@ async fn three_instances_share_one_ledger_one_limit_and_one_set_of_keys() {
         204
     );
     for server in [b, c] {
-        let response = server.get(key, "/v1/account").call().await;
-        expect_error(response, "401 authentication_error invalid_api_key").await;
+        refused_within_a_second(server, key, revoked_at).await;
+    }
+}
+
+/// Asks `server` with `key` until it is refused, and checks that this came within one second
+/// of `revoked_at` (each instance learns of a revocation through the store's change feed).
+async fn refused_within_a_second(server: &TestServer, key: &str, revoked_at: Instant) {
+    loop {
+        let response = server.get(key, "/v1/models").call().await;
+        if response.status() == 401 {
+            expect_error(response, "401 authentication_error invalid_api_key").await;
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "a revoked key still served after {:?}",
+            revoked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
 }
@@ -362,4 +380,147 @@ async fn a_refusal_redis_gave_is_repeated_locally_until_its_moment_with_the_exac
     let before = script_calls(&redis.url);
     assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
     assert_eq!(script_calls(&redis.url), before + 1);
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let output = Command::new("psql")
+        .args([url, "-Atqc", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Revokes `key_id` through `server`, returning when it answered.
+async fn revoke(server: &TestServer, key_id: &str) -> Instant {
+    let path = format!("/admin/keys/{key_id}");
+    let response = server.admin(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(response.status(), 204);
+    Instant::now()
+}
+
+#[tokio::test]
+async fn revocation_reaches_instances_serving_from_their_caches_even_after_their_feed_is_cut() {
+    let Some(cluster) = Cluster::start(&[0, 0, 0], &[]) else {
+        return;
+    };
+    let [a, b, c] = [
+        &cluster.instances[0],
+        &cluster.instances[1],
+        &cluster.instances[2],
+    ];
+    let acct = a.account_with_limit(10, 100_000, 10_000).await;
+
+    // A steady load on b and c while a revokes the key.
+    let (key_id, key) = a.new_key(&acct.id).await;
+    for server in [b, c] {
+        assert_eq!(server.status(&key, "/v1/models").await, 200);
+    }
+    let load = async {
+        let revoked_at = revoke(a, &key_id).await;
+        tokio::join!(
+            refused_within_a_second(b, &key, revoked_at),
+            refused_within_a_second(c, &key, revoked_at)
+        );
+    };
+    let steady = async {
+        for _ in 0..50 {
+            assert_eq!(b.status(&acct.key, "/v1/models").await, 200);
+        }
+    };
+    tokio::join!(load, steady);
+
+    // c's notification connection is cut; a key revoked right after is still refused by c
+    // within the second, and c hears the feed again without a restart.
+    let (key_id, key) = a.new_key(&acct.id).await;
+    assert_eq!(c.status(&key, "/v1/models").await, 200);
+    let cut = psql(
+        &cluster.url,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'tollgate changes {}'",
+            c.pid()
+        ),
+    );
+    assert_eq!(cut, "1", "c's listener connection");
+    let revoked_at = revoke(a, &key_id).await;
+    refused_within_a_second(c, &key, revoked_at).await;
+    c.wait_for_log("change feed lost").await;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listening = psql(
+            &cluster.url,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tollgate changes {}'",
+                c.pid()
+            ),
+        );
+        if listening == "1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "c's feed did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (key_id, key) = a.new_key(&acct.id).await;
+    assert_eq!(c.status(&key, "/v1/models").await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let revoked_at = revoke(a, &key_id).await;
+    refused_within_a_second(c, &key, revoked_at).await;
+}
+
+/// Index and table scans PostgreSQL counted on the cluster's `table`.
+fn scans(cluster: &Cluster, table: &str) -> u64 {
+    psql(
+        &cluster.url,
+        &format!(
+            "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables \
+             WHERE schemaname = '{}' AND relname = '{table}'",
+            cluster.schema
+        ),
+    )
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn cached_keys_and_finished_tasks_are_served_without_asking_postgres() {
+    let Some(cluster) = Cluster::start(&[1, 0], &[]) else {
+        return;
+    };
+    let [a, b] = [&cluster.instances[0], &cluster.instances[1]];
+    let acct = a.account_with_limit(10, 100_000, 10_000).await;
+    let (_, done) = a
+        .generate(&acct.key, json!({"prompt": "a fox", "size": "256x256"}))
+        .await;
+    assert_eq!(done["status"], "succeeded");
+    let id = done["id"].as_str().unwrap();
+    let path = format!("/v1/tasks/{id}");
+    // b reads the finished task once from PostgreSQL, and then keeps it.
+    assert_eq!(b.status(&acct.key, &path).await, 200);
+
+    // PostgreSQL's statistics reach pg_stat_user_tables within a second of a backend going idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (keys_before, tasks_before) = (scans(&cluster, "api_keys"), scans(&cluster, "tasks"));
+    for _ in 0..300 {
+        let task: Value = b.get(&acct.key, &path).fetch().await;
+        assert_eq!(task["status"], "succeeded");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let keys = scans(&cluster, "api_keys") - keys_before;
+    let tasks = scans(&cluster, "tasks") - tasks_before;
+    // (A scan or two may be counted late: a busy server can hold a backend's statistics back.)
+    assert!(
+        keys <= 2,
+        "300 authenticated reads, and the key looked up {keys} times"
+    );
+    // The worker on a polls the queue meanwhile; 300 reads asking would be 300 scans at least.
+    assert!(
+        tasks < 30,
+        "300 reads of a finished task, and {tasks} scans of tasks"
+    );
 }

@@ -1,23 +1,29 @@
 //! In-process caches that spare the hot read paths a database round trip, exactly.
 //!
-//! [`KeyCache`]: API-key lookups without a round trip, with revocation still immediate.
+//! [`KeyCache`]: API-key lookups without a round trip, with revocation still reaching every
+//! instance within a second.
 //! [`FinishedTasks`]: tasks in a final state, which never change again (expiry is computed from
 //! `created_at` at read time, so a cached task still answers 410 once it is old enough).
 //!
 //! Every authenticated request must know its key's account and limit; reading them from the store
-//! costs a round trip (on SQLite, a hop to the connection's thread and back), more than the rest of
-//! a 401 or 429. The cache keeps the answers by key hash, known-live and known-unknown alike.
+//! costs a round trip (on SQLite, a hop to the connection's thread and back; on PostgreSQL, the
+//! network), more than the rest of a 401 or 429. The cache keeps the answers by key hash,
+//! known-live and known-unknown alike.
 //!
-//! **Why it is exact:** it is used only when the store belongs to this process alone (SQLite), and
-//! every change that could alter an answer goes through [`Tollgate`](super::service::Tollgate),
-//! which tells the cache before it returns: a revoked key is forgotten, an account whose limit
-//! changed is forgotten, a new key clears the unknown set. On a store shared by several instances
-//! (PostgreSQL) another instance could revoke a key behind our back, so there it is not used.
+//! **Why it is exact:** every change that could alter an answer is told to the cache. On a store
+//! of this process alone (SQLite) every change goes through [`Tollgate`](super::service::Tollgate),
+//! which tells the cache before it returns. On a store shared by several instances
+//! (PostgreSQL) the store's change feed tells every instance ([`SharedCaches`], the
+//! `ChangeSink`), and the key cache is used only while that feed is [`Freshness::fresh`]: heard
+//! within `store::changes::SILENCE`. A feed that broke or went quiet means changes may have been
+//! missed: the cache answers nothing until the feed is heard again, and then starts empty.
 
+use crate::store::changes::{self, Change, ChangeSink};
 use crate::store::{KeyAuth, TaskRecord};
 use dashmap::{DashMap, DashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tollgate_contract::Task;
 
 /// How many unknown key hashes are remembered before the set starts over: random keys from a
@@ -41,6 +47,48 @@ pub struct KeyCache {
     live: DashMap<KeyDigest, KeyAuth, FastHash>,
     unknown: DashSet<KeyDigest, FastHash>,
     epoch: AtomicU64,
+    /// On a shared store: whether its change feed is live; the cache is used only while it is.
+    feed: Option<Arc<Freshness>>,
+}
+
+/// Whether a shared store's change feed has been heard lately.
+pub struct Freshness {
+    origin: Instant,
+    /// When the feed was last heard, in milliseconds since `origin`, plus one; 0: not since it
+    /// was (re)started.
+    heard: AtomicU64,
+}
+
+impl Default for Freshness {
+    fn default() -> Self {
+        Freshness {
+            origin: Instant::now(),
+            heard: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Freshness {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// Heard within `changes::SILENCE`.
+    pub fn fresh(&self) -> bool {
+        let heard = self.heard.load(Ordering::Acquire);
+        let silence = u64::try_from(changes::SILENCE.as_millis()).unwrap_or(u64::MAX);
+        heard != 0 && self.now().saturating_sub(heard) < silence
+    }
+
+    fn touch(&self) {
+        self.heard.store(self.now(), Ordering::Release);
+    }
+
+    fn lose(&self) {
+        self.heard.store(0, Ordering::Release);
+    }
 }
 
 /// What the cache knows of a key hash.
@@ -52,7 +100,22 @@ pub enum Cached {
 }
 
 impl KeyCache {
+    /// A cache over a shared store, used only while `feed` is fresh.
+    pub fn following(feed: Arc<Freshness>) -> Self {
+        KeyCache {
+            feed: Some(feed),
+            ..KeyCache::default()
+        }
+    }
+
+    fn trusted(&self) -> bool {
+        self.feed.as_ref().is_none_or(|feed| feed.fresh())
+    }
+
     pub fn get(&self, key_hash: &KeyDigest) -> Cached {
+        if !self.trusted() {
+            return Cached::Miss;
+        }
         if let Some(auth) = self.live.get(key_hash) {
             return Cached::Live(auth.clone());
         }
@@ -69,7 +132,7 @@ impl KeyCache {
 
     /// Remembers what the store answered for `key_hash`, unless something changed since `epoch`.
     pub fn remember(&self, epoch: u64, key_hash: &KeyDigest, auth: Option<&KeyAuth>) {
-        if self.epoch() != epoch {
+        if self.epoch() != epoch || !self.trusted() {
             return;
         }
         match auth {
@@ -110,13 +173,51 @@ impl KeyCache {
         self.bump();
         self.unknown.clear();
     }
+
+    /// Everything: changes may have been missed.
+    pub fn forget_all(&self) {
+        self.bump();
+        self.live.clear();
+        self.unknown.clear();
+    }
+}
+
+/// The caches a shared store's change feed keeps exact (the store's `ChangeSink`).
+pub struct SharedCaches {
+    pub feed: Arc<Freshness>,
+    pub keys: Arc<KeyCache>,
+    pub tasks: Arc<FinishedTasks>,
+}
+
+impl ChangeSink for SharedCaches {
+    fn heard(&self) {
+        if !self.feed.fresh() {
+            // Back after a silence or a break: what was cached before may have changed.
+            self.keys.forget_all();
+        }
+        self.feed.touch();
+    }
+
+    fn changed(&self, change: Change) {
+        match change {
+            Change::KeyCreated => self.keys.forget_unknown(),
+            Change::KeyChanged(key_id) => self.keys.forget_key(&key_id),
+            Change::AccountChanged(account_id) => self.keys.forget_account(&account_id),
+            Change::TaskPurged(task_id) => self.tasks.forget(&[task_id]),
+        }
+    }
+
+    fn lost(&self) {
+        self.feed.lose();
+        self.keys.forget_all();
+    }
 }
 
 /// How many finished tasks are kept before the cache starts over.
 const MAX_FINISHED: usize = 20_000;
 
-/// Tasks that reached a final state, by id. Used, like [`KeyCache`], only on a store of this
-/// process alone; the purge forgets what it turns into tombstones.
+/// Tasks that reached a final state, by id. They never change again, on any instance, so this
+/// needs no feed; the purge (here, or told by the feed) forgets what it turns into tombstones.
 #[derive(Default)]
 pub struct FinishedTasks {
     tasks: DashMap<String, Arc<FinishedTask>>,
@@ -232,5 +333,53 @@ mod tests {
             cache.remember(cache.epoch(), &d(&format!("h{i}")), None);
         }
         assert!(cache.unknown.len() <= MAX_UNKNOWN);
+    }
+
+    #[test]
+    fn on_a_shared_store_the_cache_is_used_only_while_the_feed_is_heard() {
+        let feed = Arc::new(Freshness::default());
+        let caches = SharedCaches {
+            feed: Arc::clone(&feed),
+            keys: Arc::new(KeyCache::following(Arc::clone(&feed))),
+            tasks: Arc::new(FinishedTasks::default()),
+        };
+        let keys = &caches.keys;
+        // Never heard: nothing is kept or answered.
+        keys.remember(keys.epoch(), &d("k1"), Some(&auth("key_1", "a1")));
+        assert_eq!(keys.get(&d("k1")), Cached::Miss);
+
+        caches.heard();
+        keys.remember(keys.epoch(), &d("k1"), Some(&auth("key_1", "a1")));
+        keys.remember(keys.epoch(), &d("k2"), Some(&auth("key_2", "a2")));
+        assert!(matches!(keys.get(&d("k1")), Cached::Live(_)));
+
+        // A revocation another instance made.
+        caches.changed(Change::KeyChanged("key_1".into()));
+        assert_eq!(keys.get(&d("k1")), Cached::Miss);
+        assert!(matches!(keys.get(&d("k2")), Cached::Live(_)));
+
+        // The feed broke: nothing answered, and once it is heard again the cache starts empty.
+        caches.lost();
+        assert_eq!(keys.get(&d("k2")), Cached::Miss);
+        caches.heard();
+        assert_eq!(keys.get(&d("k2")), Cached::Miss);
+    }
+
+    #[test]
+    fn a_lookup_read_before_the_feed_broke_is_not_kept_after() {
+        let feed = Arc::new(Freshness::default());
+        let caches = SharedCaches {
+            feed: Arc::clone(&feed),
+            keys: Arc::new(KeyCache::following(Arc::clone(&feed))),
+            tasks: Arc::new(FinishedTasks::default()),
+        };
+        caches.heard();
+        let epoch = caches.keys.epoch();
+        caches.lost();
+        caches.heard();
+        caches
+            .keys
+            .remember(epoch, &d("k1"), Some(&auth("key_1", "a1")));
+        assert_eq!(caches.keys.get(&d("k1")), Cached::Miss);
     }
 }

@@ -203,6 +203,14 @@ pub trait Engine: Send + Sync + 'static {
         task: &super::TaskRecord,
         idempotency: Option<(&super::IdempotencyScope, &super::StoredResponse)>,
     ) -> Result<super::TaskRecord>;
+
+    /// See `Store::follow_changes`: nothing to follow unless other processes write.
+    async fn follow_changes(
+        &self,
+        _sink: std::sync::Arc<dyn super::changes::ChangeSink>,
+        _stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+    }
 }
 
 /// A connection of engine `E`, and one on loan from its pool.

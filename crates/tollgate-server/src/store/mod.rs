@@ -19,6 +19,7 @@
 //!   final state (`finish_task`, `cancel_task`), so no finished task misses its webhook; a
 //!   delivery attempt is recorded only under the claim that made it.
 
+pub mod changes;
 pub mod engine;
 mod migrations;
 pub mod money;
@@ -418,6 +419,15 @@ pub trait Store: Send + Sync + 'static {
     /// Caches of its answers are exact only when it is not.
     fn is_shared(&self) -> bool {
         false
+    }
+
+    /// Follows the changes committed to a shared store (see `changes.rs`), telling `sink`, until
+    /// `stop`. A store of this process alone has nothing to follow and returns at once.
+    async fn follow_changes(
+        &self,
+        _sink: std::sync::Arc<dyn changes::ChangeSink>,
+        _stop: tokio::sync::watch::Receiver<bool>,
+    ) {
     }
 
     /// Commits a small write (one settings row), as `/readyz` asks: `Ok` only when the store

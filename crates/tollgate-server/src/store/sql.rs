@@ -419,6 +419,14 @@ impl<E: Engine> Store for SqlStore<E> {
         E::SHARED
     }
 
+    async fn follow_changes(
+        &self,
+        sink: std::sync::Arc<dyn super::changes::ChangeSink>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        self.engine.follow_changes(sink, stop).await;
+    }
+
     async fn probe_write(&self, now: OffsetDateTime) -> Result<()> {
         let mut tx = self.begin().await?;
         q(

@@ -114,9 +114,7 @@ impl Tollgate {
         let (key, api_key) = self.new_key(&account.id, None)?;
         self.disk.ensure_headroom()?;
         let record = self.store.create_account(&account, &key).await?;
-        if let Some(cache) = &self.key_cache {
-            cache.forget_unknown();
-        }
+        self.key_cache.forget_unknown();
         Ok(CreatedAccount {
             account: self.account_view(&record),
             api_key,
@@ -150,9 +148,7 @@ impl Tollgate {
             )
             .await?
             .ok_or_else(|| no_account(id))?;
-        if let Some(cache) = &self.key_cache {
-            cache.forget_account(id);
-        }
+        self.key_cache.forget_account(id);
         Ok(self.account_view(&record))
     }
 
@@ -168,9 +164,7 @@ impl Tollgate {
         if !self.store.create_key(&key).await? {
             return Err(no_account(account_id));
         }
-        if let Some(cache) = &self.key_cache {
-            cache.forget_unknown();
-        }
+        self.key_cache.forget_unknown();
         Ok(CreatedKey {
             id: key.id,
             api_key,
@@ -241,9 +235,7 @@ impl Tollgate {
     /// Operator: revokes a key; the next request with it is refused.
     pub async fn revoke_key(&self, key_id: &str) -> Result<()> {
         if self.store.revoke_key(key_id, self.now()).await? {
-            if let Some(cache) = &self.key_cache {
-                cache.forget_key(key_id);
-            }
+            self.key_cache.forget_key(key_id);
             Ok(())
         } else {
             Err(Error::NotFound {

@@ -3,28 +3,22 @@
 use super::*;
 
 impl Tollgate {
-    /// Checks an API key. A revocation takes effect on the very next request: on a store shared
-    /// with other instances every call asks the store; on a store of this process alone the
-    /// answer may come from the key cache, which every revocation here updates first.
+    /// Checks an API key. A revocation made here takes effect on the very next request (the key
+    /// cache is told before the revocation returns); one made by another instance sharing the
+    /// store, within a second (the store's change feed tells the cache, see caches.rs).
     pub async fn authenticate(&self, api_key: Option<&str>) -> Result<Caller> {
         let key = api_key.ok_or(Error::MissingCredential { admin: false })?;
         if !key.starts_with(secrets::API_KEY_PREFIX) {
             return Err(Error::InvalidCredential { admin: false });
         }
         let digest = secrets::key_digest(key);
-        let cached = match &self.key_cache {
-            Some(cache) => cache.get(&digest),
-            None => Cached::Miss,
-        };
-        let auth = match cached {
+        let auth = match self.key_cache.get(&digest) {
             Cached::Live(auth) => auth,
             Cached::Unknown => return Err(Error::InvalidCredential { admin: false }),
             Cached::Miss => {
-                let epoch = self.key_cache.as_ref().map(KeyCache::epoch);
+                let epoch = self.key_cache.epoch();
                 let found = self.store.authenticate(&secrets::hex(&digest)).await?;
-                if let (Some(cache), Some(epoch)) = (&self.key_cache, epoch) {
-                    cache.remember(epoch, &digest, found.as_ref());
-                }
+                self.key_cache.remember(epoch, &digest, found.as_ref());
                 found.ok_or(Error::InvalidCredential { admin: false })?
             }
         };

@@ -14,7 +14,7 @@ pub(crate) use tasks::task_view;
 use crate::config::Config;
 use crate::disk::DiskSpace;
 use crate::domain::backends::{self, Backend};
-use crate::domain::caches::{Cached, FinishedTasks, KeyCache};
+use crate::domain::caches::{Cached, FinishedTasks, Freshness, KeyCache, SharedCaches};
 use crate::domain::catalogue::{Catalogue, ModelSpec};
 use crate::domain::clock::{Clock, SystemClock};
 use crate::domain::idempotency::{KEY_RETENTION, STALE_RESERVATION};
@@ -64,10 +64,12 @@ pub struct Tollgate {
     pub(in crate::domain) config: Config,
     limits: Limiter,
     admin_token_hash: String,
-    /// Past key lookups; `None` when the store is shared with other instances (see caches.rs).
-    key_cache: Option<KeyCache>,
-    /// Finished tasks; `None` when the store is shared with other instances.
-    finished_tasks: Option<FinishedTasks>,
+    /// Past key lookups (see caches.rs); on a shared store, used while its change feed is live.
+    key_cache: Arc<KeyCache>,
+    /// Finished tasks.
+    finished_tasks: Arc<FinishedTasks>,
+    /// A shared store's change feed: whether it is live (`None` on a store of this process alone).
+    feed: Option<Arc<Freshness>>,
     /// Dashboard sign-in attempts, per client address and per credential prefix.
     pub(in crate::domain) sign_in_limits: SignInLimiter,
     /// What can be sold, by model id, each with its backend and its own share of the queue.
@@ -160,8 +162,12 @@ impl Tollgate {
                 (served.spec.id.clone(), served)
             })
             .collect();
-        let key_cache = (!store.is_shared()).then(KeyCache::default);
-        let finished_tasks = (!store.is_shared()).then(FinishedTasks::default);
+        let feed = store.is_shared().then(Arc::<Freshness>::default);
+        let key_cache = Arc::new(match &feed {
+            Some(feed) => KeyCache::following(Arc::clone(feed)),
+            None => KeyCache::default(),
+        });
+        let finished_tasks = Arc::new(FinishedTasks::default());
         let waiters = Arc::new(TaskWaiters::new(store.is_shared()));
         // A key of this process alone until `with_image_link_key` gives the deployment's.
         let links = Arc::new(ImageLinks::new(
@@ -182,6 +188,7 @@ impl Tollgate {
             abandoned_reservations: dashmap::DashMap::new(),
             key_cache,
             finished_tasks,
+            feed,
             store,
             images,
             metrics: Arc::new(metrics),
@@ -234,6 +241,23 @@ impl Tollgate {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Follows a shared store's change feed into the caches until `stop` (see caches.rs); `None`
+    /// on a store of this process alone, whose changes all pass through here.
+    pub fn follow_changes(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let sink = Arc::new(SharedCaches {
+            feed: Arc::clone(self.feed.as_ref()?),
+            keys: Arc::clone(&self.key_cache),
+            tasks: Arc::clone(&self.finished_tasks),
+        });
+        let store = Arc::clone(&self.store);
+        Some(tokio::spawn(async move {
+            store.follow_changes(sink, stop).await;
+        }))
     }
 
     /// The workers' handles, one per model with how many workers it gets: the model's queue

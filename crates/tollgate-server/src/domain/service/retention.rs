@@ -22,9 +22,7 @@ impl Tollgate {
                 self.images.delete_task(id).await?;
             }
             self.store.mark_purged(&ids, self.now()).await?;
-            if let Some(cache) = &self.finished_tasks {
-                cache.forget(&ids);
-            }
+            self.finished_tasks.forget(&ids);
             purged += ids.len();
             tracing::info!(
                 batch = ids.len(),

@@ -129,7 +129,7 @@ impl Tollgate {
     /// never changes again, so its view is made once and every poll gets the same `Arc` (which
     /// lets the HTTP layer serialise it once too).
     pub async fn get_task_shared(&self, caller: &Caller, id: &str) -> Result<Arc<Task>> {
-        if let Some(entry) = self.finished_tasks.as_ref().and_then(|cache| cache.get(id)) {
+        if let Some(entry) = self.finished_tasks.get(id) {
             let record = &entry.record;
             if record.webhook_url.is_none() {
                 self.check_live(caller, id, record)?;
@@ -311,12 +311,12 @@ impl Tollgate {
 
     /// A task by id, from the finished tasks kept in memory when it is one of them.
     async fn find_task(&self, id: &str) -> Result<Option<TaskRecord>> {
-        if let Some(entry) = self.finished_tasks.as_ref().and_then(|cache| cache.get(id)) {
+        if let Some(entry) = self.finished_tasks.get(id) {
             return Ok(Some(entry.record.clone()));
         }
         let found = self.store.get_task(id).await?;
-        if let (Some(cache), Some(record)) = (&self.finished_tasks, &found) {
-            cache.remember(record);
+        if let Some(record) = &found {
+            self.finished_tasks.remember(record);
         }
         Ok(found)
     }
