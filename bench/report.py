@@ -279,6 +279,21 @@ def cluster(rows, table, chart, notes):
                 label += f"; {target}"
         table.append(["", "p50 ms", fmt(c50, 2), fmt(t50, 2), times(c50, t50), "", ""])
         table.append(["", "p99 ms", fmt(c99, 2), fmt(t99, 2), times(c99, t99), "", ""])
+        runs = [r for r in rows if r["scenario"] == key and r.get("server") == "cluster" and "rps" in r]
+        single = [r for r in rows if r["scenario"] == key and r.get("server") == "tollgate" and "rps" in r]
+        c_cpu = med([r.get("server_cpu_us_per_req") for r in runs])
+        t_cpu = med([r.get("server_cpu_us_per_req") for r in single])
+        table.append(["", "server CPU µs/req (instances + nginx)", fmt(c_cpu, 1), fmt(t_cpu, 1),
+                      times(c_cpu, t_cpu), "", ""])
+        pg_cpu = med([r.get("pg_cpu_us_per_req") for r in runs])
+        redis_cpu = med([r.get("redis_cpu_us_per_req") for r in runs])
+        if pg_cpu is not None:
+            total = (c_cpu or 0) + pg_cpu + (redis_cpu or 0)
+            table.append(["", "PostgreSQL CPU µs/req", fmt(pg_cpu, 1), "", "", "", ""])
+            table.append(["", "Redis CPU µs/req", fmt(redis_cpu, 1), "", "", "", ""])
+            table.append(["", "all processes' CPU µs/req", fmt(total, 1), fmt(t_cpu, 1), times(total, t_cpu), "", ""])
+            table.append(["", "PostgreSQL transactions/req", fmt(med([r.get("pg_xacts_per_req") for r in runs]), 3),
+                          "", "", "", ""])
         chart.append({"title": f"{title} — req/s (higher is better)", "bars": bars, "unit": "req/s",
                       "label": label, "ok": ok})
     for r in rows:
