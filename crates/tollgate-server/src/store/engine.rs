@@ -197,7 +197,8 @@ pub trait Engine: Send + Sync + 'static {
     fn writers(&self) -> &Pool<Self::Db>;
 
     /// Charges and inserts a task, durably, before it returns (see `Store::create_task`):
-    /// SQLite groups concurrent creates into one commit; PostgreSQL commits each.
+    /// both engines group concurrent creates into one commit (`group_commit.rs`), SQLite with
+    /// one writer, PostgreSQL with several.
     async fn create_task(
         &self,
         task: &super::TaskRecord,

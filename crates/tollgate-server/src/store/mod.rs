@@ -21,6 +21,7 @@
 
 pub mod changes;
 pub mod engine;
+mod group_commit;
 mod migrations;
 pub mod money;
 pub mod postgres;

@@ -5,11 +5,12 @@
 //! through single guarded `UPDATE`s (the row lock orders concurrent charges on one account),
 //! workers claim tasks with `FOR UPDATE SKIP LOCKED` (never the same task twice), and a task
 //! whose worker died is taken again once its lease runs out. What is PostgreSQL's own is here:
-//! connecting, the schema, and a task creation committed on its own.
+//! connecting, the schema's change feed, and how many group-commit writers take task creations.
 
 use super::changes;
-use super::engine::{Engine, Tx};
-use super::sql::{self, SqlStore};
+use super::engine::Engine;
+use super::group_commit::GroupCommit;
+use super::sql::SqlStore;
 use super::*;
 use crate::error::Error;
 use async_trait::async_trait;
@@ -24,7 +25,13 @@ pub type PostgresStore = SqlStore<PostgresEngine>;
 /// PostgreSQL's connections: one pool for reads and writes.
 pub struct PostgresEngine {
     pool: PgPool,
+    /// Task creations go to the group commit's writers.
+    creates: GroupCommit,
 }
+
+/// Group-commit writers of one instance: batches written side by side, each on a connection
+/// of the pool (see `group_commit.rs`).
+const CREATE_WRITERS: usize = 4;
 
 /// The change feed's triggers (see `changes.rs`): each notifies, in the transaction of its
 /// change, on the channel of the schema it is in. They fire only for what a lookup returns: a
@@ -198,23 +205,7 @@ impl Engine for PostgresEngine {
         task: &TaskRecord,
         idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
     ) -> Result<TaskRecord> {
-        let mut tx = Tx::<Self>::begin(self.pool.acquire().await?, Self::BEGIN_WRITE).await?;
-        if let Err(refused) = sql::create_one(&mut *tx, task, idempotency).await? {
-            tx.rollback().await?;
-            return Err(refused);
-        }
-        if let Err(e) = tx.commit().await {
-            // A COMMIT whose answer was lost (the connection broke) may have committed all the
-            // same. The task's id is ours, so ask on another connection: a task that is there
-            // was accepted and must be answered 202, or its retry would find a charge it never
-            // heard of.
-            let mut conn = self.pool.acquire().await?;
-            return match sql::get_task(&mut *conn, &task.id).await {
-                Ok(Some(_)) => Ok(task.clone()),
-                _ => Err(e),
-            };
-        }
-        Ok(task.clone())
+        self.creates.create(task, idempotency).await
     }
 }
 
@@ -244,7 +235,8 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         migrations::postgres().run(&pool).await?;
-        let engine = PostgresEngine { pool };
+        let creates = GroupCommit::spawn::<PostgresEngine>(pool.clone(), CREATE_WRITERS);
+        let engine = PostgresEngine { pool, creates };
         engine.install_change_feed().await?;
         Ok(SqlStore::new(engine))
     }
