@@ -8,8 +8,9 @@
 //! 1. before every attempt, the first included, it waits out a pause of the host set by another
 //!    request's 429 with `Retry-After` ([`HostPause`]), plus its own jitter;
 //! 2. it sends the attempt under the per-attempt timeout and the call's deadline;
-//! 3. a 2xx is returned; anything else is read (status, envelope `type`/`code`, `Retry-After`,
-//!    request id), recorded in the history, and handed to the policy;
+//! 3. a 2xx is returned; anything else is read (status, envelope `type`/`code`, the wait of
+//!    `retry-after-ms` or else `Retry-After`, `x-should-retry`, request id), recorded in the
+//!    history, and handed to the policy;
 //! 4. a retry happens only if its wait fits in the call's deadline and the client's
 //!    [`RetryBudget`] has a token; each retry is a `tracing` event (attempt, status or cause,
 //!    delay and its source).
@@ -206,7 +207,7 @@ impl Retrier {
             }
 
             let (result, deadline_hit) = self.attempt(call.deadline, send(number)).await;
-            let (record, outcome_failure, retry_after) = match result {
+            let (record, outcome_failure, (retry_after, should_retry)) = match result {
                 Ok(response) if (200..300).contains(&response.status) => {
                     history.push(AttemptRecord {
                         number,
@@ -232,7 +233,7 @@ impl Retrier {
                         kind: failure.kind,
                         message: failure.message,
                     });
-                    (record, kind, None)
+                    (record, kind, (None, None))
                 }
             };
             let outcome = match &outcome_failure {
@@ -241,12 +242,14 @@ impl Retrier {
                     error_type: Some(&e.error_type),
                     code: Some(&e.code),
                     retry_after,
+                    should_retry,
                 },
                 ErrorKind::Decode(e) => Outcome::Response {
                     status: e.status,
                     error_type: None,
                     code: None,
                     retry_after,
+                    should_retry,
                 },
                 _ => Outcome::Transport,
             };
@@ -380,13 +383,23 @@ fn read_error_response(
     number: u32,
     waited: Option<Delay>,
     response: &RawResponse,
-) -> (AttemptRecord, ErrorKind, Option<Duration>) {
+) -> (AttemptRecord, ErrorKind, (Option<Duration>, Option<bool>)) {
     let header_id = response.request_id();
-    let retry_after = response
-        .headers
-        .get(headers::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| tollgate_contract::retry_after::parse(v, SystemTime::now()));
+    // `retry-after-ms` when the server sent it (exact), else `Retry-After` (whole seconds or
+    // an HTTP-date, so rounded up to a second).
+    let header = |name: &str| response.headers.get(name).and_then(|v| v.to_str().ok());
+    let retry_after = header(headers::RETRY_AFTER_MS)
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .or_else(|| {
+            header(headers::RETRY_AFTER)
+                .and_then(|v| tollgate_contract::retry_after::parse(v, SystemTime::now()))
+        });
+    let should_retry = match header(headers::SHOULD_RETRY) {
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        _ => None,
+    };
     let kind = match serde_json::from_slice::<ErrorBody>(&response.body) {
         Ok(body) => {
             let e = body.error;
@@ -422,7 +435,7 @@ fn read_error_response(
         request_id,
         cause: None,
     };
-    (record, kind, retry_after)
+    (record, kind, (retry_after, should_retry))
 }
 
 #[cfg(test)]
@@ -656,6 +669,52 @@ mod tests {
             let gap = s.gaps()[0];
             assert!(gap >= waited.duration && gap <= waited.duration + Duration::from_millis(1));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_ms_is_preferred_for_its_exactness() {
+        let hinted = |status| match err(status) {
+            Step::Status(s, c, _) => Step::Status(
+                s,
+                c,
+                vec![
+                    ("retry-after", "2".into()),
+                    ("retry-after-ms", "1234".into()),
+                ],
+            ),
+            other => other,
+        };
+        let s = Script::new(vec![hinted(429), ok()]);
+        run(&retrier(RetryPolicy::default()), &s, CALL)
+            .await
+            .unwrap();
+        // The floor is 1,234 ms, not the 2 s `Retry-After` rounds to; plus a jitter under 1 s.
+        let gap = s.gaps()[0];
+        assert!(
+            gap >= Duration::from_millis(1234) && gap < Duration::from_millis(2235),
+            "{gap:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_x_should_retry_is_obeyed_both_ways() {
+        let hinted = |status, value: &str| match err(status) {
+            Step::Status(s, c, _) => Step::Status(s, c, vec![("x-should-retry", value.into())]),
+            other => other,
+        };
+        // A 503 the server says not to retry: one attempt.
+        let s = Script::new(vec![hinted(503, "false"), ok()]);
+        let e = run(&retrier(RetryPolicy::default()), &s, CALL)
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable());
+        assert_eq!(s.count(), 1);
+        // A 400 it says to retry: retried.
+        let s = Script::new(vec![hinted(400, "true"), ok()]);
+        run(&retrier(RetryPolicy::default()), &s, CALL)
+            .await
+            .unwrap();
+        assert_eq!(s.count(), 2);
     }
 
     #[tokio::test(start_paused = true)]

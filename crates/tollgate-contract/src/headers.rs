@@ -16,6 +16,10 @@ pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
 pub const RATELIMIT: &str = "ratelimit";
 /// Seconds (or an HTTP-date) before a retry may succeed.
 pub const RETRY_AFTER: &str = "retry-after";
+/// The same wait as `Retry-After`, in milliseconds (rounded up): exact where seconds round.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+/// `true` or `false`: whether the server says the request may be retried (OpenAI's SDKs obey it).
+pub const SHOULD_RETRY: &str = "x-should-retry";
 /// On a webhook delivery: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">` (see [`crate::webhook`]).
 pub const WEBHOOK_SIGNATURE: &str = "tollgate-signature";
 /// On a webhook delivery: the id of the task it reports, the same on every attempt (for deduplication).

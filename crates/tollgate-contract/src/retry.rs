@@ -21,6 +21,9 @@ pub enum Outcome<'a> {
         code: Option<&'a str>,
         /// The parsed `Retry-After`, when the response had one.
         retry_after: Option<Duration>,
+        /// The server's `x-should-retry`, when it sent one: it outranks the contract's table
+        /// (the server knows its own errors), not the caller's overrides.
+        should_retry: Option<bool>,
     },
     /// No response: connection refused or reset, or a timeout.
     Transport,
@@ -101,19 +104,33 @@ impl RetryPolicy {
                 status,
                 error_type,
                 code,
+                should_retry,
                 ..
-            } => self.classify(status, error_type, code),
+            } => self
+                .overridden(status, error_type, code)
+                .or(should_retry)
+                .unwrap_or_else(|| crate::error::is_retryable(status, code)),
         }
     }
 
     /// Whether an error response may be retried: the most specific entry of the override tables
     /// wins (code, then type, then status), and the contract's rule decides the rest.
     pub fn classify(&self, status: u16, error_type: Option<&str>, code: Option<&str>) -> bool {
+        self.overridden(status, error_type, code)
+            .unwrap_or_else(|| crate::error::is_retryable(status, code))
+    }
+
+    /// What the caller's override tables say of an error response, if anything.
+    fn overridden(
+        &self,
+        status: u16,
+        error_type: Option<&str>,
+        code: Option<&str>,
+    ) -> Option<bool> {
         code.and_then(|c| self.code_overrides.get(c))
             .or_else(|| error_type.and_then(|t| self.type_overrides.get(t)))
             .or_else(|| self.status_overrides.get(&status))
             .copied()
-            .unwrap_or_else(|| crate::error::is_retryable(status, code))
     }
 
     /// The capped exponential part of retry `k`'s wait: `min(base · 2^k, cap)`.
@@ -186,6 +203,7 @@ mod tests {
             error_type: None,
             code: None,
             retry_after: None,
+            should_retry: None,
         }
     }
 
@@ -234,6 +252,7 @@ mod tests {
             error_type: None,
             code: None,
             retry_after: Some(Duration::from_secs(3)),
+            should_retry: None,
         };
         assert_eq!(
             p.decide(4, &o, Duration::from_millis(250)),
@@ -247,6 +266,7 @@ mod tests {
             error_type: None,
             code: None,
             retry_after: Some(Duration::from_secs(61)),
+            should_retry: None,
         };
         assert_eq!(
             p.decide(0, &long, Duration::ZERO),
@@ -273,6 +293,7 @@ mod tests {
             error_type: None,
             code: Some("insufficient_credits"),
             retry_after: None,
+            should_retry: None,
         };
         assert!(p.is_retryable(&o));
         let in_use = Outcome::Response {
@@ -280,6 +301,7 @@ mod tests {
             error_type: None,
             code: Some("idempotency_key_in_use"),
             retry_after: None,
+            should_retry: None,
         };
         assert!(RetryPolicy::default().is_retryable(&in_use));
     }
@@ -301,10 +323,31 @@ mod tests {
             error_type: None,
             code: Some("internal_error"),
             retry_after: None,
+            should_retry: None,
         };
         assert_eq!(
             p.decide(0, &o, Duration::ZERO),
             Decision::GiveUp(GiveUp::NotRetryable)
         );
+    }
+
+    #[test]
+    fn the_servers_x_should_retry_outranks_the_table_and_the_callers_overrides_outrank_it() {
+        let response = |code, should_retry| Outcome::Response {
+            status: 409,
+            error_type: Some("conflict_error"),
+            code: Some(code),
+            retry_after: None,
+            should_retry,
+        };
+        let p = RetryPolicy::default();
+        assert!(!p.is_retryable(&response("task_not_cancelable", None)));
+        assert!(p.is_retryable(&response("task_not_cancelable", Some(true))));
+        assert!(!p.is_retryable(&response("idempotency_key_in_use", Some(false))));
+        let mut overridden = RetryPolicy::default();
+        overridden
+            .code_overrides
+            .insert("task_not_cancelable".into(), false);
+        assert!(!overridden.is_retryable(&response("task_not_cancelable", Some(true))));
     }
 }

@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{expect_error, free_port, skip, unique, Call, TestAccount, TestServer};
+use common::{expect_error, free_port, psql, skip, unique, Call, TestAccount, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -428,19 +428,6 @@ async fn below_the_free_space_floor_writes_wait_and_reads_go_on() {
     );
     drop(server);
     drop(disk);
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([url, "-XAtqc", sql])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test]

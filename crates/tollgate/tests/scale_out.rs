@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{expect_error, unique, Call, TestServer};
+use common::{expect_error, psql, unique, Call, TestServer};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -380,19 +380,6 @@ async fn a_refusal_redis_gave_is_repeated_locally_until_its_moment_with_the_exac
     let before = script_calls(&redis.url);
     assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
     assert_eq!(script_calls(&redis.url), before + 1);
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let output = Command::new("psql")
-        .args([url, "-Atqc", sql])
-        .output()
-        .expect("psql");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// Revokes `key_id` through `server`, returning when it answered.

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::time::Duration;
-use tollgate_contract::{retry_after, ErrorCode};
+use tollgate_contract::{headers, retry_after, ErrorCode};
 
 /// Where the 402 message sends people to top up: the dashboard's credits page.
 pub const TOP_UP_PATH: &str = "/dashboard/credits";
@@ -230,8 +230,8 @@ impl ErrorReply {
     }
 }
 
-const SHOULD_RETRY: header::HeaderName = header::HeaderName::from_static("x-should-retry");
-const RETRY_AFTER_MS: header::HeaderName = header::HeaderName::from_static("retry-after-ms");
+const SHOULD_RETRY: header::HeaderName = header::HeaderName::from_static(headers::SHOULD_RETRY);
+const RETRY_AFTER_MS: header::HeaderName = header::HeaderName::from_static(headers::RETRY_AFTER_MS);
 
 /// `wait` in whole milliseconds, rounded up.
 fn millis_ceil(wait: Duration) -> u64 {

@@ -63,6 +63,20 @@ pub fn test_python(what: &str) -> Option<PathBuf> {
 }
 
 /// Drops a PostgreSQL schema a test made for itself (best effort: a leftover harms no other test).
+/// Runs `sql` with psql on `url` and returns what it printed (unaligned, no headers), trimmed.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-XAtqc", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 pub fn drop_schema(database: &str, schema: &str) {
     let _ = Command::new("psql")
         .arg(database)
