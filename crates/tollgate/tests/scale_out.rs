@@ -391,7 +391,8 @@ async fn revoke(server: &TestServer, key_id: &str) -> Instant {
 }
 
 #[tokio::test]
-async fn revocation_reaches_instances_serving_from_their_caches_even_after_their_feed_is_cut() {
+async fn revocations_and_limit_changes_reach_instances_serving_from_their_caches_even_after_their_feed_is_cut(
+) {
     let Some(cluster) = Cluster::start(&[0, 0, 0], &[]) else {
         return;
     };
@@ -420,6 +421,37 @@ async fn revocation_reaches_instances_serving_from_their_caches_even_after_their
         }
     };
     tokio::join!(load, steady);
+
+    // A limit lowered through a reaches b, which had the old one cached with the key, within
+    // the second too.
+    let patched = a
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/accounts/{}", acct.id),
+            Some(json!({"rate_limit": {"requests_per_minute": 6, "burst": 1}})),
+        )
+        .await;
+    assert_eq!(patched.status(), 200);
+    let lowered_at = Instant::now();
+    loop {
+        let response = b.get(&acct.key, "/v1/models").call().await;
+        if response.status() == 429 {
+            let policy = response.headers()["ratelimit-policy"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert!(policy.contains(";q=1;"), "the new burst: {policy}");
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        assert!(
+            lowered_at.elapsed() < Duration::from_secs(1),
+            "the old limit still applied after {:?}",
+            lowered_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let acct = a.account_with_limit(10, 100_000, 10_000).await;
 
     // c's notification connection is cut; a key revoked right after is still refused by c
     // within the second, and c hears the feed again without a restart.
