@@ -1578,6 +1578,31 @@ async fn a_low_balance_alert_is_queued_once_per_crossing(store: Arc<dyn Store>) 
     store.add_credits(&id, 10, None, None, now()).await.unwrap();
     store.create_task(&task(&id, 12), None).await.unwrap();
     assert_eq!(store.account_events(&id, 10).await.unwrap().len(), 2);
+
+    // Creations that arrive together (written as one batch, the account charged once for
+    // them): still one event, for the task that crossed, with the balance it left.
+    let id = account(store.as_ref(), 20).await;
+    let alert = tollgate_contract::LowBalance {
+        threshold: 10,
+        notify_url: "https://hooks.example.com/low".into(),
+    };
+    store
+        .update_account(&id, None, None, Some(Some(&alert)))
+        .await
+        .unwrap()
+        .unwrap();
+    let creates = (0..15).map(|_| {
+        let store = Arc::clone(&store);
+        let t = task(&id, 1);
+        async move { store.create_task(&t, None).await.unwrap() }
+    });
+    join_all(creates).await;
+    assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 5);
+    assert_ledger_runs(store.as_ref(), &id).await;
+    let events = store.account_events(&id, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    let body: serde_json::Value = serde_json::from_str(&events[0].body).unwrap();
+    assert_eq!(body["data"]["credits"].as_i64(), Some(9));
 }
 
 macro_rules! on_every_engine {

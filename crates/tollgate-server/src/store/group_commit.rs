@@ -10,7 +10,9 @@
 //! lock), so two batches (of this instance or another) never wait on each other in a circle.
 
 use super::engine::{placeholders, q, value_rows, Engine, Tx};
-use super::sql::{self, charge, complete_idempotency, NEW_TASK_COLUMNS, NEW_TASK_WIDTH};
+use super::sql::{
+    self, charge, charge_together, complete_idempotency, NEW_TASK_COLUMNS, NEW_TASK_WIDTH,
+};
 use super::{to_millis, IdempotencyScope, StoredResponse, TaskRecord};
 use crate::error::{Error, Result};
 use sqlx::Pool;
@@ -151,9 +153,10 @@ async fn commit<E: Engine>(pool: &Pool<E::Db>, tx: Tx<E>, charged_id: Option<&st
     Err(e)
 }
 
-/// The batch in a handful of statements, whatever its size: the guarded charge of each task
-/// (one `UPDATE … RETURNING` each: it decides the 402s and gives each ledger entry its balance,
-/// in order, also when one account has several tasks in the batch), then one multi-row `INSERT`
+/// The batch in a handful of statements, whatever its size: the guarded charge of each run of
+/// one account's tasks (one `UPDATE … RETURNING` for the run when its balance covers it all,
+/// else one per task, which decides the 402s; either way each ledger entry gets the balance
+/// after its own charge, in order), then one multi-row `INSERT`
 /// of the charged tasks and one of their ledger entries, and the idempotency records. Why: on
 /// SQLite every statement is a round trip to sqlx's connection thread, and the task-by-task
 /// writer's six per task took more of the core than SQLite's own work (bench/README.md).
@@ -168,7 +171,27 @@ async fn create_batch_grouped<E: Engine>(
     // cost and the balance after their charge.
     let mut results = Vec::with_capacity(batch.len());
     let mut charged: Vec<(&CreateJob, i64, i64)> = Vec::with_capacity(batch.len());
-    for job in batch {
+    let mut rest = batch;
+    while let Some(job) = rest.first() {
+        // The run of this account's creates that no spend limit needs to count one by one.
+        let together = rest
+            .iter()
+            .take_while(|next| {
+                next.task.account_id == job.task.account_id && next.task.spend.is_none()
+            })
+            .count();
+        if together > 1 {
+            let run = &rest[..together];
+            let tasks: Vec<&TaskRecord> = run.iter().map(|job| &job.task).collect();
+            if let Some(charges) = charge_together(&mut *tx, &tasks).await? {
+                for (job, (cost, balance)) in run.iter().zip(charges) {
+                    results.push(Ok(job.task.clone()));
+                    charged.push((job, cost, balance));
+                }
+                rest = &rest[together..];
+                continue;
+            }
+        }
         match charge(&mut *tx, &job.task).await? {
             Ok((cost, balance)) => {
                 results.push(Ok(job.task.clone()));
@@ -176,6 +199,7 @@ async fn create_batch_grouped<E: Engine>(
             }
             Err(refused) => results.push(Err(refused)),
         }
+        rest = &rest[1..];
     }
     if !charged.is_empty() {
         let mut tasks = q(format!(

@@ -234,6 +234,61 @@ pub(crate) async fn charge<C: Conn>(
     Ok(Ok((cost, charged.balance)))
 }
 
+/// The guarded charge of several tasks of one account at once, none under a key's spend limit:
+/// one `UPDATE` takes their total when the balance covers it and no credits on the account
+/// expire. Each task's cost and the balance after it, in order, as [`charge`] would have given
+/// them one by one (and the low-balance alert of the one that crossed); `None`, with nothing
+/// changed, when the balance does not cover them all or the account has lots: the caller then
+/// charges them one by one, which decides which of them fit. Why: on PostgreSQL the account's
+/// row is locked from the first charge to the commit, so a batch's statements on it are the
+/// time every other writer of that account waits.
+pub(crate) async fn charge_together<C: Conn>(
+    conn: &mut C,
+    tasks: &[&TaskRecord],
+) -> Result<Option<Vec<(i64, i64)>>> {
+    let costs = tasks
+        .iter()
+        .map(|task| signed(task.cost))
+        .collect::<Result<Vec<i64>>>()?;
+    let Some(total) = costs
+        .iter()
+        .try_fold(0i64, |sum, cost| sum.checked_add(*cost))
+    else {
+        return Ok(None);
+    };
+    let Some(first) = tasks.first() else {
+        return Ok(Some(Vec::new()));
+    };
+    let row = q(
+        "UPDATE accounts SET credits = credits - $1 WHERE id = $2 AND credits >= $1 \
+         AND lot_credits = 0 RETURNING credits, low_balance_threshold, low_balance_url",
+    )
+    .bind(total)
+    .bind(&first.account_id)
+    .fetch_optional(conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let after_all = money::Charged::of(&row)?;
+    // Balances after each charge: the last one's is what is left, each earlier one's is that
+    // plus the costs charged after it.
+    let mut balances = vec![0i64; tasks.len()];
+    let mut running = after_all.balance;
+    for (i, cost) in costs.iter().enumerate().rev() {
+        balances[i] = running;
+        running += cost;
+    }
+    for ((task, cost), balance) in tasks.iter().zip(&costs).zip(&balances) {
+        let charged = money::Charged {
+            balance: *balance,
+            alert: after_all.alert.clone(),
+        };
+        money::alert_low_balance(conn, task, &charged, *cost).await?;
+    }
+    Ok(Some(costs.into_iter().zip(balances).collect()))
+}
+
 /// The decrement itself. The guarded `UPDATE` is the whole of the no-overdraft rule: it either
 /// takes the cost from a balance that covers it, or changes nothing. On PostgreSQL it takes the
 /// account's row lock: concurrent charges on one account queue and each re-checks the balance it
