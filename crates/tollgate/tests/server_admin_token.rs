@@ -21,7 +21,8 @@ fn start(dir: &std::path::Path) -> (Child, String, Vec<String>) {
         .env("TOLLGATE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Its log, for the message of a failed stop.
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -42,12 +43,17 @@ fn start(dir: &std::path::Path) -> (Child, String, Vec<String>) {
     (child, base, lines)
 }
 
-fn stop(mut child: Child) {
+fn stop(mut child: Child, dir: &std::path::Path) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    assert!(child.wait().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status} after SIGTERM; its log:\n{}",
+        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+    );
 }
 
 #[tokio::test]
@@ -68,7 +74,7 @@ async fn a_made_token_is_printed_once_and_only_its_hash_is_kept() {
     };
     assert_eq!(accounts(token.clone()).await.unwrap().status(), 200);
     assert_eq!(accounts("wrong".into()).await.unwrap().status(), 401);
-    stop(child);
+    stop(child, tmp.path());
 
     // Nowhere on disk in clear.
     for entry in std::fs::read_dir(tmp.path()).unwrap() {
@@ -96,5 +102,5 @@ async fn a_made_token_is_printed_once_and_only_its_hash_is_kept() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    stop(child);
+    stop(child, tmp.path());
 }

@@ -183,3 +183,16 @@ async fn openapi_documents_every_route_and_error_response() {
     assert!(error_body.is_object());
     assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
 }
+
+/// A SIGTERM sent the moment the server says it listens (as a supervisor may) drains it and it
+/// exits 0: its signal handlers are in place before it prints the address. (They were once
+/// installed on the first poll of the shutdown future, and such a SIGTERM killed the process.)
+#[tokio::test]
+async fn a_sigterm_right_after_the_listening_line_is_a_clean_shutdown() {
+    for _ in 0..20 {
+        let (_tmp, mut server) = TestServer::start(&[]);
+        server.terminate();
+        let status = server.wait(std::time::Duration::from_secs(10));
+        assert!(status.success(), "{status}: {}", server.logs());
+    }
+}
