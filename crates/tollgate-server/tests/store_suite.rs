@@ -1522,10 +1522,11 @@ async fn paid_sessions_credit_once_and_refunds_take_back(store: Arc<dyn Store>) 
     assert_eq!(store.get_account(&id).await.unwrap().unwrap().credits, 20);
 }
 
-async fn a_low_balance_alert_is_queued_once_per_crossing(store: Arc<dyn Store>) {
-    let id = account(store.as_ref(), 8).await;
+/// An account with `credits` and a low-balance alert at `threshold`.
+async fn alerted_account(store: &dyn Store, credits: u64, threshold: u64) -> String {
+    let id = account(store, credits).await;
     let alert = tollgate_contract::LowBalance {
-        threshold: 5,
+        threshold,
         notify_url: "https://hooks.example.com/low".into(),
     };
     store
@@ -1533,6 +1534,11 @@ async fn a_low_balance_alert_is_queued_once_per_crossing(store: Arc<dyn Store>) 
         .await
         .unwrap()
         .unwrap();
+    id
+}
+
+async fn a_low_balance_alert_is_queued_once_per_crossing(store: Arc<dyn Store>) {
+    let id = alerted_account(store.as_ref(), 8, 5).await;
     for _ in 0..6 {
         store.create_task(&task(&id, 1), None).await.unwrap();
     }
@@ -1581,16 +1587,7 @@ async fn a_low_balance_alert_is_queued_once_per_crossing(store: Arc<dyn Store>) 
 
     // Creations that arrive together (written as one batch, the account charged once for
     // them): still one event, for the task that crossed, with the balance it left.
-    let id = account(store.as_ref(), 20).await;
-    let alert = tollgate_contract::LowBalance {
-        threshold: 10,
-        notify_url: "https://hooks.example.com/low".into(),
-    };
-    store
-        .update_account(&id, None, None, Some(Some(&alert)))
-        .await
-        .unwrap()
-        .unwrap();
+    let id = alerted_account(store.as_ref(), 20, 10).await;
     let creates = (0..15).map(|_| {
         let store = Arc::clone(&store);
         let t = task(&id, 1);
