@@ -382,14 +382,7 @@ async fn a_refusal_redis_gave_is_repeated_locally_until_its_moment_with_the_exac
 
     // A limit raised by the operator applies at once: the remembered refusal was for the old
     // one, so Redis is asked again (and its schedule, 20 s ahead, is within the new burst of 100 s).
-    let patched = server
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/admin/accounts/{}", acct.id),
-            Some(json!({"rate_limit": {"requests_per_minute": 600, "burst": 1000}})),
-        )
-        .await;
-    assert_eq!(patched.status(), 200);
+    server.set_rate_limit(&acct.id, 600, 1000).await;
     let before = script_calls(&redis.url);
     assert_eq!(server.status(&acct.key, "/v1/account").await, 200);
     assert_eq!(script_calls(&redis.url), before + 1);
@@ -437,14 +430,7 @@ async fn revocations_and_limit_changes_reach_instances_serving_from_their_caches
 
     // A limit lowered through a reaches b, which had the old one cached with the key, within
     // the second too.
-    let patched = a
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/admin/accounts/{}", acct.id),
-            Some(json!({"rate_limit": {"requests_per_minute": 6, "burst": 1}})),
-        )
-        .await;
-    assert_eq!(patched.status(), 200);
+    a.set_rate_limit(&acct.id, 6, 1).await;
     let lowered_at = Instant::now();
     let refused = answered_within_a_second(b, &acct.key, 429, lowered_at).await;
     let policy = refused.headers()["ratelimit-policy"].to_str().unwrap();

@@ -544,15 +544,7 @@ async fn row_429_limits_are_set_by_the_operator_and_apply_at_once() {
     assert_eq!(server.status(&key, "/v1/account").await, 200);
     assert_eq!(server.status(&key, "/v1/account").await, 429);
 
-    let patch = json!({"rate_limit": {"requests_per_minute": 6000, "burst": 50}});
-    let response = server
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/admin/accounts/{id}"),
-            Some(patch),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
+    server.set_rate_limit(&id, 6000, 50).await;
     for _ in 0..20 {
         assert_eq!(server.status(&key, "/v1/account").await, 200);
     }

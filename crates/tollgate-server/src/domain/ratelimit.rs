@@ -274,6 +274,11 @@ impl RedisLimits {
         if let Some(wait) = admission.retry_after {
             if self.refused.len() >= MAX_REFUSALS {
                 self.refused.retain(|_, r| r.until > sent);
+                if self.refused.len() >= MAX_REFUSALS {
+                    // All still running: forgetting them only costs their next Redis round trip,
+                    // where sweeping again at every refusal would cost a scan each.
+                    self.refused.clear();
+                }
             }
             let refusal = Refusal {
                 limit,

@@ -196,14 +196,8 @@ pub trait Engine: Send + Sync + 'static {
     /// Where writes get a connection.
     fn writers(&self) -> &Pool<Self::Db>;
 
-    /// Charges and inserts a task, durably, before it returns (see `Store::create_task`):
-    /// both engines group concurrent creates into one commit (`group_commit.rs`), SQLite with
-    /// one writer, PostgreSQL with several.
-    async fn create_task(
-        &self,
-        task: &super::TaskRecord,
-        idempotency: Option<(&super::IdempotencyScope, &super::StoredResponse)>,
-    ) -> Result<super::TaskRecord>;
+    /// Group-commit writers taking task creations side by side (`group_commit.rs`).
+    const CREATE_WRITERS: usize;
 
     /// See `Store::follow_changes`: nothing to follow unless other processes write.
     async fn follow_changes(

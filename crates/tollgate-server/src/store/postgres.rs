@@ -9,7 +9,6 @@
 
 use super::changes;
 use super::engine::Engine;
-use super::group_commit::GroupCommit;
 use super::sql::SqlStore;
 use super::*;
 use crate::error::Error;
@@ -25,15 +24,7 @@ pub type PostgresStore = SqlStore<PostgresEngine>;
 /// PostgreSQL's connections: one pool for reads and writes.
 pub struct PostgresEngine {
     pool: PgPool,
-    /// Task creations go to the group commit's writers.
-    creates: GroupCommit,
 }
-
-/// Group-commit writers of one instance: batches written side by side, each on a connection
-/// of the pool (see `group_commit.rs`). Two: while one commits, the other fills its batch.
-/// More writers make smaller batches, which queue on a busy account's row lock one commit each
-/// (bench/run, three instances on one account: 4 writers 3,802 writes/s, 2 writers 5,563).
-const CREATE_WRITERS: usize = 2;
 
 /// The change feed's triggers (see `changes.rs`): each notifies, in the transaction of its
 /// change, on the channel of the schema it is in. They fire only for what a lookup returns: a
@@ -153,6 +144,11 @@ impl Engine for PostgresEngine {
     // Claimers of several instances take disjoint rows without waiting for each other.
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const FOR_UPDATE: &'static str = " FOR UPDATE";
+    // Group-commit writers of one instance: batches written side by side, each on a connection
+    // of the pool (see `group_commit.rs`). Two: while one commits, the other fills its batch.
+    // More writers make smaller batches, which queue on a busy account's row lock one commit each
+    // (bench/run, three instances on one account: 4 writers 3,802 writes/s, 2 writers 5,563).
+    const CREATE_WRITERS: usize = 2;
 
     fn readers(&self) -> &PgPool {
         &self.pool
@@ -201,14 +197,6 @@ impl Engine for PostgresEngine {
             }
         }
     }
-
-    async fn create_task(
-        &self,
-        task: &TaskRecord,
-        idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
-    ) -> Result<TaskRecord> {
-        self.creates.create(task, idempotency).await
-    }
 }
 
 impl PostgresStore {
@@ -237,8 +225,7 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         migrations::postgres().run(&pool).await?;
-        let creates = GroupCommit::spawn::<PostgresEngine>(pool.clone(), CREATE_WRITERS);
-        let engine = PostgresEngine { pool, creates };
+        let engine = PostgresEngine { pool };
         engine.install_change_feed().await?;
         Ok(SqlStore::new(engine))
     }

@@ -7,6 +7,7 @@
 //! creation is committed (SQLite's group commit in `sqlite.rs`).
 
 use super::engine::{placeholders, q, value_rows, Conn, ConnOf, Engine, Pooled, Stmt, Tx};
+use super::group_commit::GroupCommit;
 use super::money;
 use super::rows::{
     self, account_columns, account_event_columns, attempt_columns, delivery_columns, key_columns,
@@ -22,11 +23,14 @@ pub(crate) type Row<E> = <ConnOf<E> as Conn>::Row;
 /// The [`Store`] on an SQL engine.
 pub struct SqlStore<E: Engine> {
     engine: E,
+    /// Task creations go to the group commit's writers (`group_commit.rs`).
+    creates: GroupCommit,
 }
 
 impl<E: Engine> SqlStore<E> {
     pub(crate) fn new(engine: E) -> Self {
-        SqlStore { engine }
+        let creates = GroupCommit::spawn::<E>(engine.writers().clone(), E::CREATE_WRITERS);
+        SqlStore { engine, creates }
     }
 
     async fn reader(&self) -> Result<Pooled<E>> {
@@ -809,7 +813,7 @@ impl<E: Engine> Store for SqlStore<E> {
         task: &TaskRecord,
         idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
     ) -> Result<TaskRecord> {
-        self.engine.create_task(task, idempotency).await
+        self.creates.create(task, idempotency).await
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {

@@ -9,7 +9,6 @@
 //! (`group_commit.rs`) with one writer; what is SQLite's own is here: connecting and pragmas.
 
 use super::engine::Engine;
-use super::group_commit::GroupCommit;
 use super::sql::SqlStore;
 use super::*;
 use async_trait::async_trait;
@@ -27,8 +26,6 @@ pub type SqliteStore = SqlStore<SqliteEngine>;
 pub struct SqliteEngine {
     write: SqlitePool,
     read: SqlitePool,
-    /// Task creations go to the group-commit writer.
-    creates: GroupCommit,
 }
 
 #[async_trait]
@@ -43,6 +40,8 @@ impl Engine for SqliteEngine {
     const BEGIN_SNAPSHOT: &'static str = "BEGIN";
     const SKIP_LOCKED: &'static str = "";
     const FOR_UPDATE: &'static str = "";
+    // One writer: SQLite has one write connection anyway.
+    const CREATE_WRITERS: usize = 1;
 
     fn readers(&self) -> &SqlitePool {
         &self.read
@@ -50,14 +49,6 @@ impl Engine for SqliteEngine {
 
     fn writers(&self) -> &SqlitePool {
         &self.write
-    }
-
-    async fn create_task(
-        &self,
-        task: &TaskRecord,
-        idempotency: Option<(&IdempotencyScope, &StoredResponse)>,
-    ) -> Result<TaskRecord> {
-        self.creates.create(task, idempotency).await
     }
 }
 
@@ -88,12 +79,6 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.read_only(true))
             .await?;
-        // One writer: SQLite has one write connection anyway.
-        let creates = GroupCommit::spawn::<SqliteEngine>(write.clone(), 1);
-        Ok(SqlStore::new(SqliteEngine {
-            write,
-            read,
-            creates,
-        }))
+        Ok(SqlStore::new(SqliteEngine { write, read }))
     }
 }

@@ -427,6 +427,18 @@ impl TestServer {
     }
 
     /// Another key for the account (asserting 201): its id and the key.
+    /// The operator sets the account's rate limit (asserting 200).
+    pub async fn set_rate_limit(&self, account_id: &str, rpm: u32, burst: u32) {
+        let response = self
+            .admin(
+                reqwest::Method::PATCH,
+                &format!("/admin/accounts/{account_id}"),
+                Some(json!({"rate_limit": {"requests_per_minute": rpm, "burst": burst}})),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+
     pub async fn new_key(&self, account_id: &str) -> (String, String) {
         let path = format!("/admin/accounts/{account_id}/keys");
         let response = self.admin(reqwest::Method::POST, &path, None).await;
